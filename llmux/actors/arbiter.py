@@ -1,0 +1,352 @@
+"""GpuArbiter: one per device; owns its memory ledger; nobody else loads anything.
+
+It answers each ``Acquire`` with ``Granted`` or ``Refused``, asks victims to
+``Evict``, and keeps the ledger equal to what is on the device: estimates while a
+model loads, measured footprints once ``Loaded``, and a released model's bytes
+until the device shows them free (on probes that can tell). Loads are serialised
+per device, so a used-memory delta during a load is that model's.
+
+The decisions come from the pure ``placement.plan``; this module only applies
+them, records events, and keeps time.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+import anyio
+import attrs
+
+from llmux.actors.base import Actor, Clock
+from llmux.actors.devices import DeviceProbe
+from llmux.actors.events import EventLog
+from llmux.actors.footprints import FootprintStore
+from llmux.actors.messages import (
+    Acquire,
+    Evict,
+    Granted,
+    Loaded,
+    LoadFailed,
+    Message,
+    Refused,
+    ReleaseConfirmed,
+    Released,
+    Releasing,
+    Usage,
+    Withdraw,
+)
+from llmux.actors.placement import (
+    DeviceView,
+    Grant,
+    Refuse,
+    Residency,
+    Resident,
+    Rules,
+    Wait,
+    Want,
+    gb,
+    plan,
+)
+from llmux.actors.placement import Evict as EvictPlan
+
+log = logging.getLogger(__name__)
+
+MAILBOX_SIZE = 4096
+REPLAN_INTERVAL_S = 0.25
+RELEASE_TIMEOUT_S = 10.0
+RELEASED_FRACTION = 0.9  # share of a footprint that must show up free to count as released
+
+
+class Mailbox(Protocol):
+    def post(self, message: Any) -> None: ...
+
+
+@attrs.frozen(kw_only=True)
+class ModelSpec:
+    """What the arbiter knows of a model from the config."""
+
+    model: str
+    klass: str
+    priority: int
+    estimate: int
+    group: str | None = None
+    pinned: bool = False
+
+
+@attrs.define(kw_only=True)
+class _Entry:
+    spec: ModelSpec
+    bytes: int
+    measured: bool
+    residency: Residency
+    loaded_at: float
+    last_used: float
+    busy: bool = False
+    queued: int = 0
+    used_baseline: int = 0  # device usage while the model still held its memory
+
+
+@attrs.define(kw_only=True)
+class _Pending:
+    model: str
+    deadline: float
+    seq: int
+    reason: str = "planning"
+
+
+class GpuArbiter(Actor[Message]):
+    def __init__(
+        self,
+        *,
+        device: str,
+        capacity: int | None,
+        safety_margin: int,
+        probe: DeviceProbe,
+        rules: Rules,
+        models: Mapping[str, ModelSpec],
+        footprints: FootprintStore,
+        events: EventLog,
+        clock: Clock,
+        release_timeout_s: float = RELEASE_TIMEOUT_S,
+    ) -> None:
+        super().__init__(f"arbiter[{device}]", mailbox_size=MAILBOX_SIZE, clock=clock)
+        self.device = device
+        self._capacity = capacity
+        self._margin = safety_margin
+        self._probe = probe
+        self._rules = rules
+        self._models = dict(models)
+        self._footprints = footprints
+        self._events = events
+        self._release_timeout_s = release_timeout_s
+        self._actors: dict[str, Mailbox] = {}
+        self._ledger: dict[str, _Entry] = {}
+        self._pending: list[_Pending] = []
+        self._seq = 0
+        self._loading: str | None = None
+
+    def connect(self, actors: Mapping[str, Mailbox]) -> None:
+        """Where to send Granted, Refused and Evict (the model actors' mailboxes)."""
+        self._actors = dict(actors)
+
+    # -- the ledger ----------------------------------------------------------------------
+
+    def footprint(self, model: str) -> tuple[int, bool]:
+        """Bytes the model takes (or would take) here, and whether that was measured."""
+        entry = self._ledger.get(model)
+        if entry is not None:
+            return entry.bytes, entry.measured
+        measured = self._footprints.get(model, self.device)
+        if measured is not None:
+            return measured, True
+        return self._models[model].estimate, False
+
+    def usable(self) -> int:
+        """Capacity for planning: budget or total, minus margin, minus foreign use."""
+        if self._capacity is not None:
+            return self._capacity - self._margin
+        ours = sum(e.bytes for e in self._ledger.values())
+        foreign = max(0, self._probe.used_bytes() - ours)
+        return self._probe.total_bytes() - self._margin - foreign
+
+    def view(self) -> DeviceView:
+        residents = tuple(
+            Resident(
+                model=m,
+                klass=e.spec.klass,
+                priority=e.spec.priority,
+                bytes=e.bytes,
+                group=e.spec.group,
+                pinned=e.spec.pinned,
+                residency=e.residency,
+                busy=e.busy,
+                queued=e.queued,
+                loaded_at=e.loaded_at,
+                last_used=e.last_used,
+            )
+            for m, e in self._ledger.items()
+        )
+        return DeviceView(device=self.device, capacity=self.usable(), residents=residents)
+
+    # -- messages ------------------------------------------------------------------------
+
+    def handle(self, message: Message) -> None:
+        match message:
+            case Acquire(model=model, deadline=deadline):
+                self._acquire(model, deadline)
+            case Withdraw(model=model):
+                self._pending = [p for p in self._pending if p.model != model]
+            case Loaded(model=model, pid=pid, reported_bytes=reported):
+                self._loaded(model, pid, reported)
+            case LoadFailed(model=model, reason=reason):
+                self._ledger.pop(model, None)
+                self._finish_loading(model)
+            case Releasing(model=model):
+                if (entry := self._ledger.get(model)) is not None:
+                    entry.used_baseline = self._probe.used_bytes()
+            case Released(model=model, reason=reason):
+                self._released(model, reason)
+            case ReleaseConfirmed(model=model, verified=verified):
+                self._ledger.pop(model, None)
+                if not verified:
+                    self._events.record(
+                        model, "release_unverified",
+                        f"{self.device} did not show the memory of {model} free "
+                        f"within {self._release_timeout_s:.0f} s",
+                    )
+            case Usage(model=model, busy=busy, queued=queued, last_used=last_used):
+                if (entry := self._ledger.get(model)) is not None:
+                    entry.busy, entry.queued, entry.last_used = busy, queued, last_used
+            case _:
+                log.error("%s: unexpected message %r", self.name, message)
+        self._replan()
+
+    def _acquire(self, model: str, deadline: float) -> None:
+        for pending in self._pending:
+            if pending.model == model:
+                pending.deadline = max(pending.deadline, deadline)
+                return
+        self._seq += 1
+        self._pending.append(_Pending(model=model, deadline=deadline, seq=self._seq))
+        self._pending.sort(key=lambda p: (-self._models[p.model].priority, p.seq))
+
+    def _loaded(self, model: str, pid: int, reported: int | None) -> None:
+        entry = self._ledger.get(model)
+        if entry is None:
+            return
+        measured = self._probe.footprint(pid, entry.used_baseline) or reported or entry.bytes
+        self._events.record(
+            model, "measure",
+            f"footprint on {self.device}: {gb(measured)} measured "
+            f"(was {gb(entry.bytes)} {'measured' if entry.measured else 'estimated'})",
+        )
+        entry.bytes, entry.measured = measured, True
+        entry.residency = Residency.LOADED
+        entry.loaded_at = entry.last_used = self.clock()
+        entry.used_baseline = self._probe.used_bytes()
+        self._footprints.put(model, self.device, measured)
+        self._finish_loading(model)
+
+    def _finish_loading(self, model: str) -> None:
+        if self._loading == model:
+            self._loading = None
+
+    def _released(self, model: str, reason: str) -> None:
+        self._finish_loading(model)
+        entry = self._ledger.get(model)
+        if entry is None:
+            return
+        if not self._probe.verify_release:
+            del self._ledger[model]
+            return
+        entry.residency = Residency.RELEASING
+        baseline, freed = entry.used_baseline, entry.bytes
+        self.spawn(lambda: self._confirm_release(model, baseline, freed), f"release:{model}")
+
+    async def _confirm_release(self, model: str, baseline: int, freed: int) -> None:
+        """Poll the device until the freed bytes show up, bounded by the timeout."""
+        verified = False
+        with anyio.move_on_after(self._release_timeout_s):
+            # NOTE: polling, not an event: only the device can say the memory is back.
+            while self._probe.used_bytes() > baseline - freed * RELEASED_FRACTION:  # noqa: ASYNC110
+                await anyio.sleep(REPLAN_INTERVAL_S)
+            verified = True
+        self.post(ReleaseConfirmed(model, verified))
+
+    # -- planning ------------------------------------------------------------------------
+
+    def _replan(self) -> None:
+        now = self.clock()
+        for pending in [p for p in self._pending if p.deadline <= now]:
+            self._pending.remove(pending)
+            self._tell(pending.model, Refused(
+                pending.model, f"timed out waiting for memory on {self.device}: "
+                f"{pending.reason}", permanent=False,
+            ))
+        while self._pending and self._loading is None:
+            head = self._pending[0]
+            spec = self._models[head.model]
+            size, _ = self.footprint(head.model)
+            want = Want(model=spec.model, klass=spec.klass, priority=spec.priority,
+                        bytes=size, group=spec.group)
+            decision = plan(self.view(), want, self._rules, now)
+            match decision:
+                case Grant():
+                    self._grant(head, size)
+                case EvictPlan(victims=victims, reasons=reasons):
+                    head.reason = "; ".join(reasons)
+                    for victim, reason in zip(victims, reasons, strict=True):
+                        entry = self._ledger[victim]
+                        entry.residency = Residency.EVICTING
+                        entry.used_baseline = self._probe.used_bytes()
+                        self._events.record(victim, "evict", reason)
+                        self._tell(victim, Evict(reason))
+                    return
+                case Wait(reason=reason):
+                    head.reason = reason
+                    return
+                case Refuse(reason=reason):
+                    self._pending.pop(0)
+                    self._events.record(head.model, "refuse", reason)
+                    self._tell(head.model, Refused(head.model, reason, permanent=True))
+
+    def _grant(self, head: _Pending, size: int) -> None:
+        self._pending.pop(0)
+        now = self.clock()
+        _, measured = self.footprint(head.model)
+        self._ledger[head.model] = _Entry(
+            spec=self._models[head.model], bytes=size, measured=measured,
+            residency=Residency.LOADING, loaded_at=now, last_used=now,
+            used_baseline=self._probe.used_bytes(),
+        )
+        self._loading = head.model
+        self._tell(head.model, Granted(head.model))
+
+    def _tell(self, model: str, message: Message) -> None:
+        self._actors[model].post(message)
+
+    def next_wakeup(self) -> float:
+        if not self._pending:
+            return math.inf
+        soonest = min(p.deadline for p in self._pending)
+        return min(soonest, self.clock() + REPLAN_INTERVAL_S)
+
+    def on_timer(self) -> None:
+        self._replan()
+
+    # -- observation -------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        """The device as ``/admin/state`` shows it."""
+        used = sum(e.bytes for e in self._ledger.values() if e.residency is Residency.LOADED)
+        reserved = sum(
+            e.bytes for e in self._ledger.values() if e.residency is not Residency.LOADED
+        )
+        capacity = self.usable()
+        return {
+            "id": self.device,
+            "capacity_bytes": capacity,
+            "capacity_source": "budget" if self._capacity is not None else "measured",
+            "safety_margin_bytes": self._margin,
+            "used_bytes": used,
+            "reserved_bytes": reserved,
+            "free_bytes": capacity - used - reserved,
+            "loading": self._loading,
+            "ledger": [
+                {
+                    "model": m,
+                    "bytes": e.bytes,
+                    "measured": e.measured,
+                    "residency": e.residency.value,
+                    "busy": e.busy,
+                    "queued": e.queued,
+                }
+                for m, e in self._ledger.items()
+            ],
+            "pending": [
+                {"model": p.model, "reason": p.reason} for p in self._pending
+            ],
+        }

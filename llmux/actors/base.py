@@ -1,0 +1,99 @@
+"""A small actor runtime on anyio.
+
+An actor owns private state, a bounded mailbox and one task that takes messages
+one at a time. ``handle()`` never awaits: anything slow (a worker load, a stream
+of tokens, an unload) runs as a child task in the actor's own task group and
+reports back by posting a fact to the mailbox. So the loop is never blocked and
+messages need no locks.
+
+Lifetime is structured: ``await tg.start(actor.run)`` returns once the actor can
+receive; cancelling the enclosing task group stops it, and ``cleanup()`` runs
+shielded with its own time bound.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+import anyio
+from anyio.abc import TaskGroup, TaskStatus
+
+M = TypeVar("M")
+Clock = Callable[[], float]
+
+log = logging.getLogger(__name__)
+
+CLEANUP_TIMEOUT_S = 15.0
+
+
+class Actor(Generic[M]):
+    """Base of ``ModelActor`` and ``GpuArbiter``."""
+
+    def __init__(self, name: str, *, mailbox_size: int, clock: Clock) -> None:
+        self.name = name
+        self.clock = clock
+        self._inbox_send, self._inbox = anyio.create_memory_object_stream[M](mailbox_size)
+        self._tg: TaskGroup | None = None
+
+    # -- sending ---------------------------------------------------------------------
+
+    def tell(self, message: M) -> None:
+        """Post a message without waiting.
+
+        Raises:
+            anyio.WouldBlock: the mailbox is full (the caller answers 429/503).
+        """
+        self._inbox_send.send_nowait(message)
+
+    def post(self, message: M) -> None:
+        """Post an internal fact. Mailboxes are sized well above any internal traffic,
+        so a full one here is a bug: it is logged, never silently dropped."""
+        try:
+            self._inbox_send.send_nowait(message)
+        except anyio.WouldBlock:
+            log.error("%s: mailbox full, lost internal message %r", self.name, message)
+        except anyio.ClosedResourceError:
+            log.debug("%s: stopped, dropped %r", self.name, message)
+
+    # -- running ---------------------------------------------------------------------
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Take messages until cancelled, waking at ``next_wakeup()`` for timers."""
+        try:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                task_status.started()
+                async with self._inbox:
+                    while True:
+                        delay = self.next_wakeup() - self.clock()
+                        with anyio.move_on_after(max(delay, 0.0)):
+                            message = await self._inbox.receive()
+                            self.handle(message)
+                            continue
+                        self.on_timer()
+        finally:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_TIMEOUT_S):
+                await self.cleanup()
+
+    def spawn(self, fn: Callable[[], object], name: str) -> None:
+        """Start a child task in this actor's task group."""
+        assert self._tg is not None, f"{self.name} is not running"
+        self._tg.start_soon(fn, name=f"{self.name}:{name}")  # type: ignore[arg-type]
+
+    # -- to override -------------------------------------------------------------------
+
+    def handle(self, message: M) -> None:
+        raise NotImplementedError
+
+    def next_wakeup(self) -> float:
+        """Absolute clock time of the next timer; ``math.inf`` for none."""
+        return math.inf
+
+    def on_timer(self) -> None:
+        """Called when ``next_wakeup()`` passes with no message."""
+
+    async def cleanup(self) -> None:
+        """Shielded and time-bounded: release what the actor owns."""

@@ -1,0 +1,104 @@
+"""Device probes: how much memory a device has, uses, and a worker holds.
+
+The arbiter gets a probe per device in its constructor (a seam: tests script one).
+``CpuProbe`` reads RSS with psutil; ``NvmlProbe`` reads NVML and is imported only
+when a CUDA device is configured, so a CPU-only server never loads NVML.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import psutil
+
+
+class DeviceProbe(Protocol):
+    """Readings of one device. Calls are quick and synchronous."""
+
+    #: whether freed memory must be seen on the device before the next grant
+    verify_release: bool
+
+    def total_bytes(self) -> int: ...
+
+    def used_bytes(self) -> int: ...
+
+    def footprint(self, pid: int, used_at_grant: int) -> int:
+        """Bytes held by the worker ``pid`` (and its children) on this device;
+        ``used_at_grant`` is ``used_bytes()`` read when its load was granted, for
+        probes that can only measure by difference."""
+        ...
+
+
+def process_tree_rss(pid: int) -> int:
+    """Resident memory of a process and its children; 0 if it is gone."""
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return 0
+    total = 0
+    for proc in procs:
+        try:
+            total += proc.memory_info().rss
+        except psutil.Error:
+            continue
+    return total
+
+
+class CpuProbe:
+    """Host memory: a worker's footprint is its process tree's RSS."""
+
+    verify_release = False  # RSS is gone when the process is reaped
+
+    def total_bytes(self) -> int:
+        return int(psutil.virtual_memory().total)
+
+    def used_bytes(self) -> int:
+        vm = psutil.virtual_memory()
+        return int(vm.total - vm.available)
+
+    def footprint(self, pid: int, used_at_grant: int) -> int:
+        return process_tree_rss(pid)
+
+
+class NvmlProbe:
+    """One CUDA device through NVML (nvidia-ml-py, the ``cuda`` extra).
+
+    Per-process memory where the worker's PID is visible; inside a container NVML
+    reports host PIDs, so the fallback is the device's used-memory delta since the
+    grant (the arbiter serialises loads per device, so the delta is this model's).
+    """
+
+    verify_release = True
+
+    def __init__(self, index: int) -> None:
+        import pynvml  # only with a CUDA device configured
+
+        pynvml.nvmlInit()
+        self._nvml: Any = pynvml
+        self._handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+
+    def total_bytes(self) -> int:
+        return int(self._nvml.nvmlDeviceGetMemoryInfo(self._handle).total)
+
+    def used_bytes(self) -> int:
+        return int(self._nvml.nvmlDeviceGetMemoryInfo(self._handle).used)
+
+    def footprint(self, pid: int, used_at_grant: int) -> int:
+        pids = {pid}
+        try:
+            pids |= {p.pid for p in psutil.Process(pid).children(recursive=True)}
+        except psutil.Error:
+            pass
+        procs = self._nvml.nvmlDeviceGetComputeRunningProcesses(self._handle)
+        mine = [p.usedGpuMemory for p in procs if p.pid in pids and p.usedGpuMemory]
+        if mine:
+            return int(sum(mine))
+        return max(0, self.used_bytes() - used_at_grant)
+
+
+def probe_for(device_id: str) -> DeviceProbe:
+    """The real probe for a configured device id (``cpu`` or ``cuda:N``)."""
+    if device_id == "cpu":
+        return CpuProbe()
+    return NvmlProbe(int(device_id.split(":", 1)[1]))

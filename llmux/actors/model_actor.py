@@ -1,0 +1,512 @@
+"""ModelActor: one per physical model; owns its queue and, while loaded, its worker.
+
+The lifecycle is the table below and nothing else sets the state. Requests wait
+in a bounded queue with deadlines; the actor asks its device's arbiter for room
+(``Acquire``), loads when ``Granted``, serves one job at a time, and on ``Evict``
+finishes the running job, unloads, and reports ``Released``. Slow work (loading,
+reading the worker's frames, stopping it) runs in the actor's own tasks, which
+report back through the mailbox; the worker's frames for the running job go
+straight to that job's reply stream.
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Final
+
+import anyio
+import attrs
+
+from llmux.actors.arbiter import Mailbox
+from llmux.actors.base import Actor, Clock
+from llmux.actors.events import EventLog
+from llmux.actors.messages import (
+    Acquire,
+    CancelJob,
+    Evict,
+    Failure,
+    Finished,
+    Granted,
+    Job,
+    JobFinished,
+    Loaded,
+    LoadFailed,
+    LoadProgress,
+    Message,
+    Piece,
+    Refused,
+    Released,
+    Releasing,
+    Reply,
+    RequestLoad,
+    RequestUnload,
+    Started,
+    Status,
+    Submit,
+    Usage,
+    Withdraw,
+    WorkerExited,
+    WorkerLoadFailed,
+    WorkerReady,
+    WorkerStopped,
+)
+from llmux.errors import (
+    DeadlineExceeded,
+    InternalError,
+    LlmuxError,
+    LoadRefused,
+    ModelFailed,
+    QueueFull,
+    ShuttingDown,
+)
+from llmux.workers import protocol as wp
+from llmux.workers.handle import WorkerDied, WorkerHandle
+
+log = logging.getLogger(__name__)
+
+
+class State(enum.Enum):
+    UNLOADED = "unloaded"
+    LOADING = "loading"
+    READY = "ready"
+    BUSY = "busy"
+    DRAINING = "draining"
+    UNLOADING = "unloading"
+    FAILED = "failed"
+
+
+TRANSITIONS: Final[Mapping[State, frozenset[State]]] = {
+    State.UNLOADED: frozenset({State.LOADING}),
+    State.LOADING: frozenset({State.READY, State.FAILED}),
+    State.READY: frozenset({State.BUSY, State.UNLOADING, State.FAILED}),
+    State.BUSY: frozenset({State.READY, State.DRAINING, State.FAILED}),
+    State.DRAINING: frozenset({State.UNLOADING, State.FAILED}),
+    State.UNLOADING: frozenset({State.UNLOADED}),
+    State.FAILED: frozenset({State.LOADING}),
+}
+
+MAX_BACKOFF_S = 60.0
+CANCEL_GRACE_S = 5.0  # a running job past its deadline gets this long to honour Cancel
+STOP_GRACE_S = 5.0
+
+
+@attrs.frozen(kw_only=True)
+class ModelSettings:
+    """What a model actor needs from the config."""
+
+    model: str
+    device: str
+    python: str
+    load_spec: dict[str, Any]
+    load_timeout_s: float
+    idle_timeout_s: float | None
+    max_queue: int
+
+
+SpawnWorker = Callable[..., Awaitable[WorkerHandle]]
+
+
+class ModelActor(Actor[Message]):
+    def __init__(
+        self,
+        settings: ModelSettings,
+        *,
+        arbiter: Mailbox,
+        events: EventLog,
+        clock: Clock,
+        spawn_worker: SpawnWorker = WorkerHandle.spawn,
+    ) -> None:
+        super().__init__(settings.model, mailbox_size=settings.max_queue * 2 + 64, clock=clock)
+        self.settings = settings
+        self._arbiter = arbiter
+        self._events = events
+        self._spawn_worker = spawn_worker
+        self._state = State.UNLOADED
+        self._queue: collections.deque[Job] = collections.deque()
+        self._current: Job | None = None
+        self._worker: WorkerHandle | None = None
+        self._starting: WorkerHandle | None = None  # set by the load task for cleanup
+        self._acquiring = False
+        self._failures = 0
+        self._retry_at = 0.0
+        self._last_error: str | None = None
+        self._progress: tuple[float, str] | None = None
+        self._load_count = 0
+        self._last_used = clock()
+        self._last_used_wall: float | None = None
+        self._reported = (False, 0)
+
+    @property
+    def state(self) -> State:
+        return self._state
+
+    # -- the one place the state changes ---------------------------------------------------
+
+    def _transition(self, to: State, reason: str) -> None:
+        if to not in TRANSITIONS[self._state]:
+            raise AssertionError(f"{self.name}: illegal transition {self._state} -> {to}")
+        self._events.record(
+            self.name, "transition", reason, from_state=self._state.value, to_state=to.value
+        )
+        self._state = to
+
+    # -- messages ----------------------------------------------------------------------------
+
+    def handle(self, message: Message) -> None:
+        match message:
+            case Submit(job=job):
+                self._submit(job)
+            case CancelJob(job_id=job_id):
+                self._cancel(job_id)
+            case RequestLoad():
+                if self._state in (State.UNLOADED, State.FAILED) and not self._acquiring:
+                    self._acquire(self.clock() + self.settings.load_timeout_s * 2)
+            case Granted():
+                self._acquiring = False
+                self._transition(State.LOADING, "granted by the arbiter")
+                self._progress = (0.0, "starting worker")
+                self.spawn(self._load_worker, "load")
+            case Refused(reason=reason, permanent=permanent):
+                self._acquiring = False
+                self._refused(reason, permanent)
+            case Evict(reason=reason) | RequestUnload(reason=reason):
+                self._unload(reason)
+            case LoadProgress(fraction=fraction, text=text):
+                self._progress = (fraction, text)
+                self._tell_waiting(Status(f"loading {self.name} ({fraction:.0%}) {text}".strip()))
+            case WorkerReady(worker=worker, reported_bytes=reported):
+                self._ready(worker, reported)
+            case WorkerLoadFailed(reason=reason):
+                self._load_failed(reason)
+            case JobFinished(job_id=job_id):
+                self._job_finished(job_id)
+            case WorkerExited(worker=worker, reason=reason):
+                self._worker_exited(worker, reason)
+            case WorkerStopped():
+                self._transition(State.UNLOADED, "worker exited")
+                self._arbiter.post(Released(self.name, "unloaded"))
+            case _:
+                log.error("%s: unexpected message %r in state %s", self.name, message, self._state)
+        self._pump()
+
+    def _submit(self, job: Job) -> None:
+        now = self.clock()
+        if self._state is State.FAILED and now < self._retry_at and not self._acquiring:
+            wait = self._retry_at - now
+            self._reply_error(job, ModelFailed(
+                f"{self.name} failed: {self._last_error}; next attempt in {wait:.0f} s",
+                retry_after_s=wait,
+            ))
+            return
+        if len(self._queue) >= self.settings.max_queue:
+            self._reply_error(job, QueueFull(
+                f"{self.name} has {len(self._queue)} requests waiting, the most it queues; "
+                "retry shortly", retry_after_s=2.0,
+            ))
+            return
+        self._queue.append(job)
+        if self._state is State.LOADING and self._progress is not None:
+            fraction, text = self._progress
+            self._send(job, Status(f"loading {self.name} ({fraction:.0%}) {text}".strip()))
+
+    def _cancel(self, job_id: int) -> None:
+        for job in self._queue:
+            if job.id == job_id:
+                self._queue.remove(job)
+                job.reply.close()
+                return
+        current = self._current
+        if current is not None and current.id == job_id and not current.cancelled:
+            current.cancelled = True
+            self._send_to_worker(wp.Cancel(job_id))
+
+    def _refused(self, reason: str, permanent: bool) -> None:
+        if not permanent:
+            return  # the timer expires jobs one by one; the rest re-acquire
+        while self._queue:
+            self._reply_error(self._queue.popleft(), LoadRefused(reason))
+
+    def _unload(self, reason: str) -> None:
+        if self._state is State.READY:
+            self._stop_worker(reason)
+        elif self._state is State.BUSY:
+            self._transition(State.DRAINING, f"{reason}; finishing the running request")
+        else:
+            log.info("%s: unload (%s) ignored in state %s", self.name, reason, self._state.value)
+
+    def _ready(self, worker: WorkerHandle, reported: int | None) -> None:
+        self._starting = None
+        self._worker = worker
+        self._failures = 0
+        self._load_count += 1
+        self._progress = None
+        self._last_used = self.clock()
+        self._transition(State.READY, f"worker {worker.pid} loaded and warmed up")
+        self._arbiter.post(Loaded(self.name, worker.pid, reported))
+        self.spawn(lambda: self._read_worker(worker), "read")
+
+    def _load_failed(self, reason: str) -> None:
+        self._starting = None
+        self._failures += 1
+        self._progress = None
+        backoff = min(MAX_BACKOFF_S, 2.0 ** (self._failures - 1))
+        self._retry_at = self.clock() + backoff
+        self._last_error = reason
+        self._transition(State.FAILED, f"load failed: {reason}; retry in {backoff:.0f} s")
+        self._arbiter.post(LoadFailed(self.name, reason))
+        while self._queue:
+            self._reply_error(self._queue.popleft(), ModelFailed(
+                f"{self.name} failed to load: {reason}", retry_after_s=backoff
+            ))
+
+    def _job_finished(self, job_id: int) -> None:
+        if self._current is None or self._current.id != job_id:
+            return
+        self._current = None
+        self._last_used = self.clock()
+        self._last_used_wall = time.time()
+        if self._state is State.BUSY:
+            self._transition(State.READY, "request finished")
+        elif self._state is State.DRAINING:
+            self._stop_worker("drained")
+
+    def _worker_exited(self, worker: WorkerHandle, reason: str) -> None:
+        if worker is not self._worker:
+            return  # a worker we are already stopping
+        self._worker = None
+        self._current = None
+        self._last_error = f"worker died: {reason}"
+        self._retry_at = self.clock()  # a crash is retried at once; load failures back off
+        self._transition(State.FAILED, self._last_error)
+        self._arbiter.post(Released(self.name, self._last_error))
+
+    # -- scheduling --------------------------------------------------------------------------
+
+    def _pump(self) -> None:
+        """Start what the current state allows; then tell the arbiter our load."""
+        if self._state is State.READY and self._queue:
+            self._start(self._queue.popleft())
+        elif (
+            self._state in (State.UNLOADED, State.FAILED)
+            and self._queue
+            and not self._acquiring
+            and self.clock() >= self._retry_at
+        ):
+            self._acquire(max(job.deadline for job in self._queue))
+        report = (self._current is not None, len(self._queue))
+        if report != self._reported:
+            self._reported = report
+            self._arbiter.post(Usage(self.name, report[0], report[1], self._last_used))
+
+    def _acquire(self, deadline: float) -> None:
+        self._acquiring = True
+        self._arbiter.post(Acquire(self.name, deadline))
+
+    def _start(self, job: Job) -> None:
+        self._current = job
+        self._transition(State.BUSY, f"request {job.id} ({job.op})")
+        self._send(job, Started())
+        self._send_to_worker(wp.Infer(job.id, job.op, job.payload))
+
+    def _stop_worker(self, reason: str) -> None:
+        worker, self._worker = self._worker, None
+        self._transition(State.UNLOADING, reason)
+        self._arbiter.post(Releasing(self.name))
+
+        async def stop() -> None:
+            if worker is not None:
+                await worker.stop(STOP_GRACE_S)
+            self.post(WorkerStopped(worker))
+
+        self.spawn(stop, "stop")
+
+    # -- timers ------------------------------------------------------------------------------
+
+    def next_wakeup(self) -> float:
+        times = [job.deadline for job in self._queue]
+        if self._current is not None:
+            grace = CANCEL_GRACE_S if self._current.cancelled else 0.0
+            times.append(self._current.deadline + grace)
+        if self._state is State.READY and self.settings.idle_timeout_s is not None:
+            times.append(self._last_used + self.settings.idle_timeout_s)
+        if self._state is State.FAILED and self._queue:
+            times.append(self._retry_at)
+        return min(times, default=math.inf)
+
+    def on_timer(self) -> None:
+        now = self.clock()
+        for job in [j for j in self._queue if j.deadline <= now]:
+            self._queue.remove(job)
+            self._reply_error(job, DeadlineExceeded(
+                f"waited {now - job.enqueued_at:.0f} s for {self.name} "
+                f"({self._state.value}) and reached the request deadline",
+                retry_after_s=5.0,
+            ))
+        if self._acquiring and not self._queue and self._state is not State.LOADING:
+            self._acquiring = False
+            self._arbiter.post(Withdraw(self.name))
+        current = self._current
+        if current is not None and current.deadline <= now:
+            if not current.cancelled:
+                current.cancelled = True
+                self._send(current, Failure(DeadlineExceeded(
+                    f"{self.name} did not finish within the request deadline"
+                )))
+                current.reply.close()
+                self._send_to_worker(wp.Cancel(current.id))
+            elif current.deadline + CANCEL_GRACE_S <= now and self._worker is not None:
+                log.warning("%s: worker ignores cancel; killing it", self.name)
+                self._worker.kill()
+        idle = self.settings.idle_timeout_s
+        if self._state is State.READY and idle is not None and now - self._last_used >= idle:
+            self._stop_worker(f"idle for {idle:.0f} s")
+        self._pump()
+
+    # -- worker I/O (the actor's own tasks) -----------------------------------------------------
+
+    async def _load_worker(self) -> None:
+        """Spawn, load and warm up a worker; report WorkerReady or WorkerLoadFailed.
+        The load completes even if every client that wanted it has left."""
+        worker: WorkerHandle | None = None
+        try:
+            with anyio.fail_after(self.settings.load_timeout_s):
+                worker = await self._spawn_worker(
+                    python=self.settings.python, model_id=self.name
+                )
+                self._starting = worker
+                await worker.send(wp.Load(self.settings.load_spec))
+                while True:
+                    frame = await worker.receive()
+                    match frame:
+                        case wp.Progress(fraction=fraction, message=text):
+                            self.post(LoadProgress(fraction, text))
+                        case wp.Loaded(reported_bytes=reported, info=info):
+                            self.post(WorkerReady(worker, reported, dict(info)))
+                            return
+                        case wp.LoadFailed(message=text):
+                            raise _LoadError(text)
+                        case _:
+                            raise _LoadError(f"unexpected frame during load: {frame!r}")
+        except TimeoutError:
+            reason = f"load did not finish within {self.settings.load_timeout_s:.0f} s"
+        except (WorkerDied, _LoadError) as exc:
+            reason = str(exc)
+        except BaseException:
+            if worker is not None:
+                worker.kill()
+            raise
+        if worker is not None:
+            await worker.stop(grace_s=1.0)
+        self.post(WorkerLoadFailed(reason))
+
+    async def _read_worker(self, worker: WorkerHandle) -> None:
+        """Route the worker's frames to the running job until the worker exits."""
+        try:
+            while True:
+                frame = await worker.receive()
+                job = self._current
+                if job is None or getattr(frame, "id", None) != job.id:
+                    continue  # late frames of a job already given up
+                match frame:
+                    case wp.Chunk(data=data):
+                        await self._forward(worker, job, Piece(dict(data)))
+                    case wp.Done(data=data):
+                        await self._finish(job, Finished(dict(data)))
+                    case wp.Failed(message=text):
+                        await self._finish(job, Failure(InternalError(
+                            f"{self.name} could not complete the request: {text}"
+                        )))
+        except WorkerDied as exc:
+            job = self._current
+            if job is not None and not job.cancelled:
+                await self._finish(job, Failure(ModelFailed(
+                    f"the worker of {self.name} died while serving this request ({exc}); "
+                    "retry the request", retry_after_s=1.0,
+                )), post=False)
+            self.post(WorkerExited(worker, str(exc)))
+
+    async def _forward(self, worker: WorkerHandle, job: Job, reply: Reply) -> None:
+        if job.cancelled:
+            return
+        try:
+            await job.reply.send(reply)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            job.cancelled = True  # the client left: stop generating within one token
+            self._send_to_worker(wp.Cancel(job.id))
+
+    async def _finish(self, job: Job, reply: Reply, *, post: bool = True) -> None:
+        await self._forward_final(job, reply)
+        if post:
+            self.post(JobFinished(job.id))
+
+    async def _forward_final(self, job: Job, reply: Reply) -> None:
+        if not job.cancelled:
+            try:
+                await job.reply.send(reply)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                pass
+        job.reply.close()
+
+    def _send_to_worker(self, frame: wp.Frame) -> None:
+        worker = self._worker
+        if worker is None:
+            return
+
+        async def send() -> None:
+            try:
+                await worker.send(frame)
+            except WorkerDied:
+                pass  # the reader task reports the death
+
+        self.spawn(send, "send")
+
+    # -- replies -----------------------------------------------------------------------------
+
+    def _send(self, job: Job, reply: Reply) -> None:
+        try:
+            job.reply.send_nowait(reply)
+        except (anyio.WouldBlock, anyio.BrokenResourceError, anyio.ClosedResourceError):
+            pass  # status lines are best effort; a gone client is cancelled separately
+
+    def _reply_error(self, job: Job, error: LlmuxError) -> None:
+        self._send(job, Failure(error))
+        job.reply.close()
+
+    def _tell_waiting(self, reply: Reply) -> None:
+        for job in self._queue:
+            self._send(job, reply)
+
+    # -- lifetime ----------------------------------------------------------------------------
+
+    async def cleanup(self) -> None:
+        """On shutdown: refuse what waits, stop the worker (graceful, then killed)."""
+        for job in [*self._queue, *([self._current] if self._current else [])]:
+            self._reply_error(job, ShuttingDown("llmux is shutting down", retry_after_s=5.0))
+        self._queue.clear()
+        async with anyio.create_task_group() as tg:
+            for worker in {w for w in (self._worker, self._starting) if w is not None}:
+                tg.start_soon(worker.stop, 2.0)
+
+    def snapshot(self) -> dict[str, Any]:
+        worker = self._worker or self._starting
+        return {
+            "id": self.name,
+            "state": self._state.value,
+            "device": self.settings.device,
+            "pid": worker.pid if worker is not None else None,
+            "queue_depth": len(self._queue),
+            "in_flight": 1 if self._current is not None else 0,
+            "last_used": self._last_used_wall,
+            "load_count": self._load_count,
+            "load_progress": self._progress[0] if self._progress else None,
+            "last_error": self._last_error,
+        }
+
+
+class _LoadError(Exception):
+    """The worker reported that loading failed."""

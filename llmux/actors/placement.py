@@ -1,0 +1,215 @@
+"""Placement policy: the arbiter's pure core.
+
+``plan(view, want, rules, now)`` decides, for one device, whether a model that
+wants to load may load now (``Grant``), must first have others unloaded
+(``Evict``), has to wait for busy or fresh models (``Wait``), or can never fit as
+configured (``Refuse``). It does no I/O, reads no clock and logs nothing, so it is
+tested exhaustively; the arbiter applies its decisions.
+
+Rules (DESIGN.md, "Placement policy"):
+- an exclusive group holds at most one loaded model: members of the wanted model's
+  group are always victims;
+- evict the lowest priority class first, least recently used first within a class;
+  higher classes only as a last resort, and never under ``strict_priority``;
+- pinned models are never evicted;
+- busy models, models still loading, and models within their minimum residency
+  that still have queued work are not evicted *now*: the requester waits;
+- a model that could only fit by evicting what may never be evicted, or that is
+  bigger than the device, is refused at once, with the reason.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+
+import attrs
+
+
+class Residency(enum.Enum):
+    """Where a resident stands in the ledger."""
+
+    LOADING = "loading"  # granted, worker starting; counted at its estimate
+    LOADED = "loaded"  # serving or idle
+    EVICTING = "evicting"  # told to unload; its bytes come back soon
+    RELEASING = "releasing"  # worker gone; waiting for the device to show the bytes free
+
+
+@attrs.frozen(kw_only=True)
+class Resident:
+    """A model that holds (or is about to hold, or still holds) memory on the device."""
+
+    model: str
+    klass: str  # priority class name, for explanations
+    priority: int  # bigger is more important
+    bytes: int
+    group: str | None = None
+    pinned: bool = False
+    residency: Residency = Residency.LOADED
+    busy: bool = False  # a request is in flight
+    queued: int = 0  # requests waiting for it
+    loaded_at: float = 0.0
+    last_used: float = 0.0
+
+
+@attrs.frozen(kw_only=True)
+class Want:
+    """A model asking to load."""
+
+    model: str
+    klass: str
+    priority: int
+    bytes: int
+    group: str | None = None
+
+
+@attrs.frozen(kw_only=True)
+class Rules:
+    strict_priority: bool = False
+    min_residency_s: float = 0.0
+
+
+@attrs.frozen(kw_only=True)
+class DeviceView:
+    """The ledger of one device as the planner sees it. ``capacity`` is what llmux
+    may use: total minus the safety margin minus foreign use."""
+
+    device: str
+    capacity: int
+    residents: tuple[Resident, ...] = ()
+
+    @property
+    def used(self) -> int:
+        return sum(r.bytes for r in self.residents)
+
+    @property
+    def free(self) -> int:
+        return self.capacity - self.used
+
+
+@attrs.frozen
+class Grant:
+    model: str
+
+
+@attrs.frozen
+class Evict:
+    victims: tuple[str, ...]
+    reasons: tuple[str, ...]  # one sentence per victim, same order
+
+
+@attrs.frozen
+class Wait:
+    reason: str
+
+
+@attrs.frozen
+class Refuse:
+    reason: str
+
+
+Decision = Grant | Evict | Wait | Refuse
+
+
+def gb(n: int) -> str:
+    """Bytes as the GB figure people read in explanations."""
+    return f"{n / 1e9:.1f} GB"
+
+
+def may_ever_evict(resident: Resident, want: Want, rules: Rules) -> bool:
+    """Whether policy allows evicting ``resident`` for ``want`` at all."""
+    if resident.pinned:
+        return False
+    return not (rules.strict_priority and resident.priority > want.priority)
+
+
+def may_evict_now(resident: Resident, rules: Rules, now: float) -> bool:
+    """Whether ``resident`` can be told to unload right now."""
+    if resident.residency is not Residency.LOADED or resident.busy:
+        return False
+    fresh = now - resident.loaded_at < rules.min_residency_s
+    return not (fresh and resident.queued > 0)
+
+
+def _why_not_now(resident: Resident, rules: Rules, now: float) -> str:
+    if resident.residency is Residency.LOADING:
+        return f"{resident.model} is still loading"
+    if resident.busy:
+        return f"{resident.model} is busy"
+    left = rules.min_residency_s - (now - resident.loaded_at)
+    return f"{resident.model} has queued work within its minimum residency ({left:.1f} s left)"
+
+
+def _refusal(view: DeviceView, want: Want, keep: Sequence[Resident]) -> str:
+    held = ", ".join(
+        f"{r.model} ({'pinned' if r.pinned else r.klass}, {gb(r.bytes)})" for r in keep
+    )
+    return (
+        f"{want.model} ({want.klass}) needs {gb(want.bytes)} but {view.device} can only "
+        f"ever offer {gb(view.capacity - sum(r.bytes for r in keep))}: "
+        f"{held} may not be evicted for it"
+    )
+
+
+def eviction_order(candidates: Sequence[Resident], want: Want) -> list[Resident]:
+    """Victim order: lower classes before higher ones, idle-now before busy within a
+    class, least recently used first."""
+    return sorted(
+        candidates,
+        key=lambda r: (r.priority > want.priority, r.priority, r.busy, r.last_used, r.model),
+    )
+
+
+def plan(view: DeviceView, want: Want, rules: Rules, now: float) -> Decision:
+    """Decide what loading ``want`` on this device takes. Pure."""
+    if want.bytes > view.capacity:
+        return Refuse(
+            f"{want.model} ({want.klass}) needs {gb(want.bytes)} but {view.device} "
+            f"offers at most {gb(view.capacity)}"
+        )
+    if any(r.model == want.model for r in view.residents):
+        return Wait(f"{want.model} is still in the ledger")
+
+    active = [r for r in view.residents if r.residency in (Residency.LOADING, Residency.LOADED)]
+    leaving = sum(r.bytes for r in view.residents if r not in active)
+    for r in view.residents:
+        if r not in active and want.group is not None and r.group == want.group:
+            return Wait(f"waiting for {r.model} to leave exclusive group {want.group!r}")
+    conflicts = [r for r in active if want.group is not None and r.group == want.group]
+    keep = [r for r in active if not may_ever_evict(r, want, rules)]
+    if any(r in keep for r in conflicts):
+        blocker = next(r for r in conflicts if r in keep)
+        return Refuse(
+            f"{want.model} shares exclusive group {want.group!r} with {blocker.model}, "
+            f"which may not be evicted for it"
+        )
+    if sum(r.bytes for r in keep) + want.bytes > view.capacity:
+        return Refuse(_refusal(view, want, keep))
+
+    victims = list(conflicts)
+    shortfall = want.bytes - view.free - leaving - sum(v.bytes for v in victims)
+    for candidate in eviction_order([r for r in active if r not in keep], want):
+        if shortfall <= 0:
+            break
+        if candidate not in victims:
+            victims.append(candidate)
+            shortfall -= candidate.bytes
+
+    if not victims:
+        if want.bytes > view.free:
+            return Wait(f"waiting for {gb(leaving)} to be released on {view.device}")
+        return Grant(want.model)
+    blocked = [v for v in victims if not may_evict_now(v, rules, now)]
+    if blocked:
+        return Wait("; ".join(_why_not_now(v, rules, now) for v in blocked))
+    free_text = gb(max(view.free, 0))
+    reasons = tuple(
+        f"evicted {v.model} ({v.klass}) for {want.model} ({want.klass}): "
+        + (
+            f"exclusive group {want.group!r}"
+            if v in conflicts
+            else f"needed {gb(want.bytes)}, free {free_text}"
+        )
+        for v in victims
+    )
+    return Evict(tuple(v.model for v in victims), reasons)

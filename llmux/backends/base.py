@@ -1,0 +1,44 @@
+"""The one interface every model runtime implements; it runs only inside a worker."""
+
+from __future__ import annotations
+
+import abc
+import threading
+from collections.abc import Callable, Generator, Mapping
+from typing import Any
+
+ProgressFn = Callable[[float, str], None]
+"""``progress(fraction 0..1, message)``: becomes a Progress frame to the server."""
+
+
+class Backend(abc.ABC):
+    """One loaded model. The worker calls ``load``, ``warmup``, then ``infer`` one
+    request at a time from its main thread, and ``unload`` before it exits."""
+
+    def __init__(self, spec: Mapping[str, Any]) -> None:
+        """``spec``: model_id, type, backend, model_path, files, options, device."""
+        self.spec = spec
+        self.model_id: str = str(spec.get("model_id", ""))
+        self.options: Mapping[str, Any] = spec.get("options") or {}
+
+    @abc.abstractmethod
+    def load(self, progress: ProgressFn) -> dict[str, Any]:
+        """Load weights; return info for the server (context_length, voices, ...)."""
+
+    def warmup(self) -> None:  # noqa: B027 - optional hook, no-op by default
+        """One token or one short clip, so READY means the model answered."""
+
+    @abc.abstractmethod
+    def infer(
+        self, op: str, payload: Mapping[str, Any], cancelled: threading.Event
+    ) -> Generator[dict[str, Any], None, dict[str, Any]]:
+        """Yield chunk data, return done data. Check ``cancelled`` between tokens and
+        then return ``{"finish_reason": "cancelled", ...}``. Raise for a bad request
+        (unknown op included): the worker reports Failed and stays usable."""
+
+    def footprint_bytes(self) -> int | None:
+        """What the runtime knows of its own memory use (None: unknown)."""
+        return None
+
+    def unload(self) -> None:  # noqa: B027 - optional hook, no-op by default
+        """Release what process exit would not (the worker exits right after)."""

@@ -1,0 +1,164 @@
+"""``llmux serve | check-config | state``.
+
+``serve`` owns the root task group: the runtime's actors start in it, Hypercorn
+serves inside it, and a signal or Hypercorn's exit cancels it, so every actor's
+cleanup stops its worker before the process exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from llmux.config import Config, ConfigError, load_config
+from llmux.config_report import format_bytes, render_summary
+
+log = logging.getLogger("llmux")
+
+DEFAULT_CONFIG = "config/llmux.yaml"
+
+
+def state_dir(config: Config) -> Path:
+    if config.server.state_dir:
+        return Path(config.server.state_dir)
+    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return Path(base) / "llmux"
+
+
+async def serve(config: Config, host: str, port: int) -> None:
+    from hypercorn.asyncio import serve as hypercorn_serve
+    from hypercorn.config import Config as HypercornConfig
+
+    from llmux.http.app import create_app
+    from llmux.runtime import Runtime
+
+    runtime = Runtime(config, state_dir=state_dir(config))
+    hconfig = HypercornConfig()
+    hconfig.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+    hconfig.graceful_timeout = 5.0
+    hconfig.accesslog = logging.getLogger("llmux.access")
+    hconfig.errorlog = logging.getLogger("llmux.hypercorn")
+    shutdown = anyio.Event()
+
+    async def watch_signals() -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.info("received %s: shutting down", signal.Signals(signum).name)
+                shutdown.set()
+                return
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(watch_signals)
+        await tg.start(runtime.run)
+        log.info("llmux serving %d virtual models on http://%s:%d",
+                 len(config.virtual_models), host, port)
+        await hypercorn_serve(create_app(runtime), hconfig,  # type: ignore[arg-type]
+                              shutdown_trigger=shutdown.wait)
+        tg.cancel_scope.cancel()
+    log.info("llmux stopped")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print_problems(args.config, exc)
+        return 1
+    host = args.host or config.server.host
+    port = args.port if args.port is not None else config.server.port
+    anyio.run(serve, config, host, port, backend="asyncio")
+    return 0
+
+
+def print_problems(path: str, exc: ConfigError) -> None:
+    print(f"{path}: {len(exc.problems)} problem(s)", file=sys.stderr)
+    for problem in exc.problems:
+        print(f"  {problem}", file=sys.stderr)
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.file)
+    except ConfigError as exc:
+        print_problems(args.file, exc)
+        return 1
+    print(render_summary(config))
+    return 0
+
+
+def fetch_state(url: str, api_key: str | None) -> dict[str, Any]:
+    request = urllib.request.Request(url.rstrip("/") + "/admin/state")
+    if api_key:
+        request.add_header("Authorization", f"Bearer {api_key}")
+    with urllib.request.urlopen(request, timeout=10) as response:
+        data: dict[str, Any] = json.load(response)
+    return data
+
+
+def render_state(state: dict[str, Any]) -> str:
+    lines = ["devices:"]
+    for d in state["devices"]:
+        lines.append(f"  {d['id']:<8} capacity {format_bytes(d['capacity_bytes']):>9}  "
+                     f"used {format_bytes(d['used_bytes']):>9}  "
+                     f"reserved {format_bytes(d['reserved_bytes']):>9}")
+    lines.append("models:")
+    for m in state["models"]:
+        lines.append(f"  {m['id']:<28} {m['state']:<10} {m['device']:<7} "
+                     f"{format_bytes(m['footprint_bytes']):>9} {m['footprint_source']:<9} "
+                     f"pid {m['pid'] or '-':<7} queued {m['queue_depth']} "
+                     f"in-flight {m['in_flight']} loads {m['load_count']}")
+    lines.append("recent events:")
+    for e in state["events"][-20:]:
+        lines.append(f"  {e['model']:<28} {e['kind']:<10} {e['reason']}")
+    return "\n".join(lines)
+
+
+def cmd_state(args: argparse.Namespace) -> int:
+    try:
+        state = fetch_state(args.url, args.api_key or os.environ.get("LLMUX_API_KEY"))
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        print(f"cannot read state from {args.url}: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(state, indent=2) if args.json else render_state(state))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llmux", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("serve", help="run the server")
+    p.add_argument("--config", default=os.environ.get("LLMUX_CONFIG", DEFAULT_CONFIG))
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.set_defaults(func=cmd_serve)
+    p = sub.add_parser("check-config", help="validate a config file and summarise it")
+    p.add_argument("file")
+    p.set_defaults(func=cmd_check_config)
+    p = sub.add_parser("state", help="print a running server's state")
+    p.add_argument("--url", default=os.environ.get("LLMUX_URL", "http://127.0.0.1:8081"))
+    p.add_argument("--api-key")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_state)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=os.environ.get("LLMUX_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""Reading and checking JSON bodies: size-limited, any content type, a clear 400.
+
+Fields are checked where they are read, with the field's name as ``param``, so a
+client learns exactly which field to fix. Unknown fields are tolerated (SDKs send
+extras).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, TypeVar
+
+import falcon.asgi
+
+from llmux.errors import BadRequest, PayloadTooLarge
+
+T = TypeVar("T")
+
+_TYPE_NAMES = {str: "a string", bool: "a boolean", int: "an integer", float: "a number",
+               list: "an array", dict: "an object"}
+
+
+async def read_json(req: falcon.asgi.Request, limit: int) -> dict[str, Any]:
+    """The request body as a JSON object.
+
+    Raises:
+        PayloadTooLarge: the body exceeds ``limit`` bytes.
+        BadRequest: the body is not a JSON object.
+    """
+    if req.content_length is not None and req.content_length > limit:
+        raise PayloadTooLarge(f"The request body has {req.content_length} bytes; "
+                              f"the limit is {limit}.")
+    raw = await req.stream.read(limit + 1)
+    if len(raw) > limit:
+        raise PayloadTooLarge(f"The request body exceeds the limit of {limit} bytes.")
+    if not raw:
+        raise BadRequest("The request body is empty; send a JSON object.")
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"The request body is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise BadRequest("The request body must be a JSON object.")
+    return data
+
+
+def field(body: dict[str, Any], name: str, kind: type[T], *, required: bool = False,
+          default: T | None = None) -> T | None:
+    """``body[name]`` if it has the type ``kind``; None/default when absent or null.
+
+    Raises:
+        BadRequest: present with another type, or absent while required.
+    """
+    value = body.get(name)
+    if value is None:
+        if required:
+            raise BadRequest(f"'{name}' is required.", param=name)
+        return default
+    ok = isinstance(value, kind) and not (kind in (int, float) and isinstance(value, bool))
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value, ok = float(value), True
+    if kind is float and ok and not math.isfinite(value):
+        ok = False
+    if not ok:
+        raise BadRequest(f"'{name}' must be {_TYPE_NAMES.get(kind, kind.__name__)}, "
+                         f"got {json.dumps(value)[:80]}.", param=name)
+    return value  # type: ignore[return-value]
+
+
+def number_in(body: dict[str, Any], name: str, low: float, high: float) -> float | None:
+    """An optional number within ``[low, high]``."""
+    value = field(body, name, float)
+    if value is not None and not low <= value <= high:
+        raise BadRequest(f"'{name}' must be between {low:g} and {high:g}, got {value:g}.",
+                         param=name)
+    return value

@@ -1,0 +1,71 @@
+"""Notices a client going away, at once, for every HTTP request.
+
+Falcon only looks for ``http.disconnect`` between SSE events, and not at all for
+plain responses. This ASGI wrapper reads the request's ``receive`` channel in a
+side task, passes messages on to the app, and calls the callbacks a resource
+registered (``on_disconnect(req, ticket.cancel)``) the moment the client leaves,
+so a queued job leaves its queue and a running one stops within a token.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+import anyio
+
+log = logging.getLogger(__name__)
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+CALLBACKS_KEY = "llmux.on_disconnect"
+
+
+def on_disconnect(scope: Scope, callback: Callable[[], None]) -> None:
+    """Run ``callback`` if the client disconnects before the response ends."""
+    scope.setdefault(CALLBACKS_KEY, []).append(callback)
+
+
+class DisconnectWatcher:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        scope[CALLBACKS_KEY] = []
+        forward, inbox = anyio.create_memory_object_stream[Message](16)
+
+        async def pump() -> None:
+            async with forward:
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        for callback in scope[CALLBACKS_KEY]:
+                            try:
+                                callback()
+                            except Exception:
+                                log.exception("disconnect callback failed")
+                        await forward.send(message)
+                        return
+                    await forward.send(message)
+
+        async def app_receive() -> Message:
+            try:
+                return await inbox.receive()
+            except anyio.EndOfStream:
+                return {"type": "http.disconnect"}
+
+        async with anyio.create_task_group() as tg, inbox:
+            tg.start_soon(pump)
+            try:
+                await self.app(scope, app_receive, send)
+            finally:
+                scope[CALLBACKS_KEY] = []
+                tg.cancel_scope.cancel()

@@ -1,0 +1,53 @@
+"""``GET /health`` and ``GET /v1/models``: what is served, loaded or not."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import falcon.asgi
+
+from llmux.runtime import Runtime
+
+
+class Health:
+    """Unauthenticated liveness/readiness: the server answers, and what is loaded."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+
+    async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        resp.media = self.runtime.health()
+
+
+class Models:
+    """Every virtual model in OpenAI's list format, with llmux's own fields."""
+
+    def __init__(self, runtime: Runtime, created: int) -> None:
+        self.runtime = runtime
+        self.created = created
+
+    def describe(self, name: str) -> dict[str, Any]:
+        _, physical = self.runtime.resolve(name)
+        return {
+            "id": name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "llmux",
+            "llmux": {
+                "type": physical.type,
+                "physical_model": physical.id,
+                "backend": physical.backend,
+                "loaded": self.runtime.is_loaded(physical.id),
+                "capabilities": list(physical.capabilities),
+            },
+        }
+
+    async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        resp.media = {
+            "object": "list",
+            "data": [self.describe(name) for name in self.runtime.config.virtual_models],
+        }
+
+    async def on_get_one(self, req: falcon.asgi.Request, resp: falcon.asgi.Response,
+                         model_id: str) -> None:
+        resp.media = self.describe(model_id)

@@ -1,0 +1,268 @@
+"""The runtime: everything behind the HTTP layer, built from a config.
+
+One ``GpuArbiter`` per device, one ``ModelActor`` per physical model, one event
+log. ``run()`` starts them in a task group (structured: cancelling it stops every
+actor, and each actor's cleanup stops its worker). Resources talk to it through
+``resolve()``, ``submit()`` and ``snapshot()`` only.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import anyio
+from anyio.streams.memory import MemoryObjectReceiveStream
+
+from llmux.actors.arbiter import GpuArbiter, ModelSpec
+from llmux.actors.base import Clock
+from llmux.actors.devices import DeviceProbe, probe_for
+from llmux.actors.events import EventLog
+from llmux.actors.footprints import FootprintStore
+from llmux.actors.messages import (
+    CancelJob,
+    Failure,
+    Finished,
+    Job,
+    Piece,
+    Reply,
+    RequestLoad,
+    RequestUnload,
+    Submit,
+)
+from llmux.actors.model_actor import ModelActor, ModelSettings, SpawnWorker, State
+from llmux.actors.placement import Rules
+from llmux.config import Config, PhysicalModel, VirtualModel
+from llmux.errors import ModelNotFound, QueueFull, ShuttingDown
+from llmux.workers.handle import WorkerHandle
+
+log = logging.getLogger(__name__)
+
+REPLY_BUFFER = 64
+LOADED_STATES = frozenset({State.READY, State.BUSY, State.DRAINING})
+
+
+class Ticket:
+    """A client's handle on one submitted job: iterate its replies, or cancel it.
+
+    Cancelling removes a queued job at once and stops a running one within a token;
+    it is safe to call more than once and after the job ended.
+    """
+
+    def __init__(self, job_id: int, actor: ModelActor, replies: MemoryObjectReceiveStream[Reply]):
+        self.job_id = job_id
+        self._actor = actor
+        self._replies = replies
+        self.ended = False
+
+    async def next(self, timeout_s: float = math.inf) -> Reply | None:
+        """The next reply; None when the job's stream has ended.
+
+        Raises:
+            TimeoutError: nothing arrived within ``timeout_s`` (nothing is lost).
+        """
+        with anyio.fail_after(timeout_s):
+            try:
+                reply = await self._replies.receive()
+            except (anyio.EndOfStream, anyio.ClosedResourceError):
+                self.ended = True
+                return None
+        if isinstance(reply, Finished | Failure):
+            self.ended = True
+        return reply
+
+    async def collect(self) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """Wait for the whole reply (non-streaming): the pieces and the final data.
+
+        Raises:
+            LlmuxError: the job failed, or its stream ended without an answer.
+        """
+        pieces: list[dict[str, Any]] = []
+        while (reply := await self.next()) is not None:
+            match reply:
+                case Piece(data=data):
+                    pieces.append(data)
+                case Finished(data=data):
+                    return pieces, data
+                case Failure(error=error):
+                    raise error
+        raise ShuttingDown("the request ended without an answer", retry_after_s=1.0)
+
+    def cancel(self) -> None:
+        self._replies.close()
+        if self.ended:
+            return
+        self.ended = True
+        try:
+            self._actor.tell(CancelJob(self.job_id))
+        except (anyio.WouldBlock, anyio.ClosedResourceError, anyio.BrokenResourceError):
+            pass  # a full or stopped mailbox: the closed stream cancels it on the next send
+
+
+def load_spec(model: PhysicalModel, device: str) -> dict[str, Any]:
+    """What the worker needs to load a model."""
+    return {
+        "model_id": model.id,
+        "type": model.type,
+        "backend": model.backend,
+        "model_path": model.model_path,
+        "files": dict(model.files),
+        "options": dict(model.options),
+        "device": device,
+    }
+
+
+class Runtime:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        probes: Mapping[str, DeviceProbe] | None = None,
+        clock: Clock = anyio.current_time,
+        spawn_worker: SpawnWorker = WorkerHandle.spawn,
+        state_dir: Path | None = None,
+    ) -> None:
+        self.config = config
+        self.events = EventLog()
+        self._clock = clock
+        self._ids = itertools.count(1)
+        footprints = FootprintStore(state_dir / "footprints.json" if state_dir else None)
+        policy = config.policy
+        rules = Rules(strict_priority=policy.strict_priority,
+                      min_residency_s=policy.min_residency_s)
+        self.arbiters: dict[str, GpuArbiter] = {}
+        for device_id, device in config.devices.items():
+            on_device = [m for m in config.physical_models.values()
+                         if config.device_of(m) == device_id]
+            self.arbiters[device_id] = GpuArbiter(
+                device=device_id,
+                capacity=device.capacity,
+                safety_margin=device.safety_margin,
+                probe=(probes or {}).get(device_id) or probe_for(device_id),
+                rules=rules,
+                models={m.id: ModelSpec(
+                    model=m.id, klass=m.priority_class or m.type, priority=m.priority(policy),
+                    estimate=m.estimated_vram, group=m.exclusive_group, pinned=m.pinned,
+                ) for m in on_device},
+                footprints=footprints,
+                events=self.events,
+                clock=clock,
+            )
+        self.actors: dict[str, ModelActor] = {}
+        for model in config.physical_models.values():
+            device_id = config.device_of(model)
+            self.actors[model.id] = ModelActor(
+                ModelSettings(
+                    model=model.id,
+                    device=device_id,
+                    python=model.python or sys.executable,
+                    load_spec=load_spec(model, device_id),
+                    load_timeout_s=model.load_timeout_s,
+                    idle_timeout_s=model.idle_timeout_s,
+                    max_queue=policy.max_queue_per_model,
+                ),
+                arbiter=self.arbiters[device_id],
+                events=self.events,
+                clock=clock,
+                spawn_worker=spawn_worker,
+            )
+        for device_id, arbiter in self.arbiters.items():
+            arbiter.connect({m: a for m, a in self.actors.items()
+                             if a.settings.device == device_id})
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+                  ) -> None:
+        """Run every actor until cancelled; preload models once all are up."""
+        async with anyio.create_task_group() as tg:
+            for arbiter in self.arbiters.values():
+                await tg.start(arbiter.run)
+            for actor in self.actors.values():
+                await tg.start(actor.run)
+            for model in self.config.physical_models.values():
+                if model.preload or model.pinned:
+                    self.actors[model.id].tell(RequestLoad())
+            log.info("runtime started: %d devices, %d models (pid %d)",
+                     len(self.arbiters), len(self.actors), os.getpid())
+            task_status.started()
+            await anyio.sleep(math.inf)
+
+    # -- what resources use -------------------------------------------------------------
+
+    def resolve(self, name: str) -> tuple[VirtualModel, PhysicalModel]:
+        """The virtual model a client named, and its physical model.
+
+        Raises:
+            ModelNotFound: no such virtual model; the message lists the valid names.
+        """
+        virtual = self.config.virtual_models.get(name)
+        if virtual is None:
+            names = ", ".join(sorted(self.config.virtual_models))
+            raise ModelNotFound(f"The model '{name}' does not exist. Available models: {names}",
+                                param="model")
+        return virtual, self.config.physical_models[virtual.physical]
+
+    def submit(self, model: str, op: str, payload: dict[str, Any], *,
+               timeout_s: float | None = None) -> Ticket:
+        """Queue a job on a physical model; replies arrive on the returned ticket.
+
+        Raises:
+            QueueFull: the model's mailbox is full.
+            ShuttingDown: the actor has stopped.
+        """
+        actor = self.actors[model]
+        now = self._clock()
+        send, receive = anyio.create_memory_object_stream[Reply](REPLY_BUFFER)
+        job = Job(id=next(self._ids), op=op, payload=payload, reply=send, enqueued_at=now,
+                  deadline=now + (timeout_s or self.config.policy.request_deadline_s))
+        try:
+            actor.tell(Submit(job))
+        except anyio.WouldBlock:
+            send.close()
+            receive.close()
+            raise QueueFull(f"{model} is saturated; retry shortly", retry_after_s=2.0) from None
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+            raise ShuttingDown("llmux is shutting down", retry_after_s=5.0) from None
+        return Ticket(job.id, actor, receive)
+
+    def load(self, model: str) -> None:
+        self.actors[model].tell(RequestLoad())
+
+    def unload(self, model: str, reason: str = "unloaded by an admin") -> None:
+        self.actors[model].tell(RequestUnload(reason))
+
+    def is_loaded(self, model: str) -> bool:
+        return self.actors[model].state in LOADED_STATES
+
+    def health(self) -> dict[str, Any]:
+        loaded = [m for m in self.actors if self.is_loaded(m)]
+        failed = [m for m, a in self.actors.items() if a.state is State.FAILED]
+        return {"status": "ok", "loaded": loaded, "failed": failed}
+
+    def snapshot(self) -> dict[str, Any]:
+        """The whole state dump of ``/admin/state``."""
+        virtuals: dict[str, list[str]] = {}
+        for name, virtual in self.config.virtual_models.items():
+            virtuals.setdefault(virtual.physical, []).append(name)
+        models = []
+        for model_id, actor in self.actors.items():
+            physical = self.config.physical_models[model_id]
+            footprint, measured = self.arbiters[actor.settings.device].footprint(model_id)
+            models.append({
+                **actor.snapshot(),
+                "type": physical.type,
+                "backend": physical.backend,
+                "footprint_bytes": footprint,
+                "footprint_source": "measured" if measured else "estimated",
+                "virtual_models": virtuals.get(model_id, []),
+            })
+        return {
+            "devices": [arbiter.snapshot() for arbiter in self.arbiters.values()],
+            "models": models,
+            "events": [event.to_dict() for event in self.events.recent()],
+        }

@@ -1,0 +1,267 @@
+"""The server's side of one worker process: spawn, frames in and out, stop, kill.
+
+The worker leads its own process group, so signals reach whatever it started too
+(guarantee 4). Stopping is ``Unload``, a grace period, SIGTERM to the group, a grace
+period, SIGKILL to the group; the process is always reaped. A dead pipe, a bad frame
+or a vanished process all surface as one exception, ``WorkerDied``, whose message
+says how the worker ended.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+from collections import deque
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Final
+
+import anyio
+import anyio.abc
+
+from llmux.workers.protocol import Frame, FrameDecoder, Hello, ProtocolError, Unload, encode
+
+__all__ = ["WorkerDied", "WorkerHandle"]
+
+log = logging.getLogger(__name__)
+
+_PACKAGE_ROOT: Final = str(Path(__file__).resolve().parents[2])
+_EXIT_AFTER_EOF_S: Final = 1.0  # how long a worker that closed its pipe gets to exit
+_REAP_TIMEOUT_S: Final = 5.0  # bound on waiting for a SIGKILLed process to be reaped
+_PIPE_ERRORS: Final = (anyio.EndOfStream, anyio.ClosedResourceError, anyio.BrokenResourceError)
+
+
+class WorkerDied(Exception):
+    """The worker is gone or unusable: its pipe closed, it sent a bad frame, or it
+    exited. ``returncode`` is its exit status when known (negative: a signal)."""
+
+    def __init__(self, message: str, *, returncode: int | None = None) -> None:
+        super().__init__(message)
+        self.returncode = returncode
+
+
+def describe_exit(returncode: int | None) -> str:
+    """``exited with code 3`` / ``was killed by SIGKILL`` / ``is still running``."""
+    if returncode is None:
+        return "is still running"
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return f"was killed by {name}"
+    return f"exited with code {returncode}"
+
+
+def _child_env(extra: Mapping[str, str] | None) -> dict[str, str]:
+    """The server's environment plus ``extra``, with llmux importable even from
+    another interpreter's virtualenv."""
+    env = dict(os.environ)
+    env.update(extra or {})
+    path = env.get("PYTHONPATH")
+    env["PYTHONPATH"] = _PACKAGE_ROOT + (os.pathsep + path if path else "")
+    return env
+
+
+class WorkerHandle:
+    """One running worker process. Create with ``spawn``.
+
+    Only one task may ``receive`` at a time (the model actor's session task); ``send``
+    may be called from any task (frames are written whole, in call order).
+    """
+
+    def __init__(self, process: anyio.abc.Process, model_id: str) -> None:
+        self._process = process
+        self.model_id = model_id
+        self.pid: int = process.pid
+        self._decoder = FrameDecoder()
+        self._pending: deque[Frame] = deque()
+        self._send_lock = anyio.Lock()
+        self._receiving = False
+        self._stopped = False
+
+    def __repr__(self) -> str:
+        return f"<WorkerHandle {self.model_id} pid={self.pid} {describe_exit(self.returncode)}>"
+
+    @classmethod
+    async def spawn(
+        cls,
+        *,
+        python: str,
+        model_id: str,
+        env: Mapping[str, str] | None = None,
+        start_timeout_s: float = 30.0,
+    ) -> WorkerHandle:
+        """Start ``python -m llmux.worker`` and wait for its Hello.
+
+        ``env`` is added to the server's environment. The worker's stderr is the
+        server's stderr, so its logs land in the server log.
+
+        Raises:
+            WorkerDied: the interpreter cannot start, the worker died or sent
+                something else first, or no Hello within ``start_timeout_s``. The
+                process group is killed and reaped before raising, and also when the
+                caller is cancelled (cancellation then propagates).
+        """
+        command = [python, "-m", "llmux.worker", "--model-id", model_id]
+        try:
+            process = await anyio.open_process(
+                command,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=None,
+                env=_child_env(env),
+                start_new_session=True,
+            )
+        except OSError as exc:
+            raise WorkerDied(f"cannot start worker {model_id} with {python}: {exc}") from exc
+        handle = cls(process, model_id)
+        try:
+            with anyio.fail_after(start_timeout_s):
+                frame = await handle.receive()
+            if not isinstance(frame, Hello):
+                raise WorkerDied(f"{handle._name} sent {frame.tag!r} before hello")
+        except TimeoutError as exc:
+            await handle._abort()
+            raise WorkerDied(
+                f"{handle._name} did not say hello within {start_timeout_s} s"
+            ) from exc
+        except BaseException:
+            await handle._abort()
+            raise
+        log.info("started worker %s (pid %d) with %s", model_id, handle.pid, python)
+        return handle
+
+    @property
+    def _name(self) -> str:
+        return f"worker {self.model_id} (pid {self.pid})"
+
+    @property
+    def returncode(self) -> int | None:
+        """Exit status once the process was reaped (negative: killed by a signal)."""
+        return self._process.returncode
+
+    async def send(self, frame: Frame) -> None:
+        """Write one frame. Cancel-safe: a frame is written whole or not at all.
+
+        Raises:
+            WorkerDied: the pipe is closed (the worker exited or is exiting).
+            ProtocolError: the frame cannot be encoded (too big, odd values); the
+                worker is unaffected.
+        """
+        data = encode(frame)
+        stdin = self._process.stdin
+        assert stdin is not None
+        async with self._send_lock:
+            try:
+                await stdin.send(data)
+            except (*_PIPE_ERRORS, OSError) as exc:
+                raise WorkerDied(
+                    f"{self._name} cannot take frames: {describe_exit(self.returncode)}",
+                    returncode=self.returncode,
+                ) from exc
+
+    async def receive(self) -> Frame:
+        """The next frame from the worker. Cancel-safe: no frame is lost.
+
+        Raises:
+            WorkerDied: the pipe reached EOF or carried a bad frame. The process
+                group has been killed and reaped; the message says how it ended.
+        """
+        stdout = self._process.stdout
+        assert stdout is not None
+        while not self._pending:
+            self._receiving = True
+            try:
+                data = await stdout.receive()
+            except _PIPE_ERRORS as exc:
+                raise await self._died("closed its pipe") from exc
+            finally:
+                self._receiving = False
+            try:
+                self._pending.extend(self._decoder.feed(data))
+            except ProtocolError as exc:
+                raise await self._died(f"sent a bad frame ({exc})") from exc
+        return self._pending.popleft()
+
+    async def _died(self, what: str) -> WorkerDied:
+        """Give the worker a moment to exit, then make sure it and its group are gone."""
+        try:
+            with anyio.move_on_after(_EXIT_AFTER_EOF_S):
+                await self._process.wait()
+        finally:
+            await self._abort()
+        code = self.returncode
+        return WorkerDied(f"{self._name} {what} and {describe_exit(code)}", returncode=code)
+
+    async def stop(self, grace_s: float = 5.0) -> int | None:
+        """Stop the worker and reap it; return its exit status (None: unreapable).
+
+        Unload, up to ``grace_s`` to exit, SIGTERM to the group, up to ``grace_s``,
+        SIGKILL to the group. Shielded from cancellation (the worker must not outlive
+        a cancelled caller) and bounded by about ``2 * grace_s + 5`` s. Idempotent;
+        requests still running in the worker are cancelled by the Unload.
+        """
+        if self._stopped:
+            return self.returncode
+        with anyio.CancelScope(shield=True):
+            with anyio.move_on_after(grace_s):  # Unload and the exit share one grace
+                if self.returncode is None:
+                    with contextlib.suppress(WorkerDied):
+                        await self.send(Unload())
+                await self._wait_draining()
+            if self.returncode is None:
+                log.warning("%s ignored unload for %s s: SIGTERM", self._name, grace_s)
+                self._signal_group(signal.SIGTERM)
+                with anyio.move_on_after(grace_s):
+                    await self._wait_draining()
+            if self.returncode is None:
+                log.warning("%s ignored SIGTERM for %s s: SIGKILL", self._name, grace_s)
+            await self._abort()
+            log.info("%s %s", self._name, describe_exit(self.returncode))
+        return self.returncode
+
+    async def _wait_draining(self) -> None:
+        """Wait for exit while discarding the worker's output, so a worker blocked
+        writing a chunk nobody reads can still see Unload and leave."""
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._discard_output)
+            await self._process.wait()
+            tg.cancel_scope.cancel()
+
+    async def _discard_output(self) -> None:
+        stdout = self._process.stdout
+        if stdout is None or self._receiving:
+            return  # someone else is reading; two readers on one pipe is an error
+        try:
+            while True:
+                await stdout.receive()
+        except _PIPE_ERRORS:
+            return
+
+    async def _abort(self) -> None:
+        """SIGKILL the group, reap the process and close the pipes; shielded, bounded."""
+        with anyio.CancelScope(shield=True):
+            self.kill()
+            with anyio.move_on_after(_REAP_TIMEOUT_S):
+                await self._process.aclose()
+                self._stopped = True
+            if not self._stopped:
+                log.error("%s did not exit %s s after SIGKILL", self._name, _REAP_TIMEOUT_S)
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group now. Safe to repeat and after exit (it then
+        still reaches processes the worker left in its group)."""
+        self._signal_group(signal.SIGKILL)
+
+    def _signal_group(self, sig: signal.Signals) -> None:
+        # ESRCH: the group is empty, everything already exited.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, sig)
+
+    async def wait(self) -> int:
+        """Wait until the worker exits; return its exit status."""
+        return await self._process.wait()

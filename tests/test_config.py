@@ -1,0 +1,572 @@
+"""The config loader: shipped files load, sizes parse, every mistake is named by path."""
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from llmux.config import (
+    Config,
+    ConfigError,
+    Device,
+    PhysicalModel,
+    Policy,
+    VirtualModel,
+    load_config,
+    parse_config,
+    parse_size,
+    problems,
+)
+from llmux.config_report import format_bytes, render_summary
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
+SHIPPED = sorted(p for p in CONFIG_DIR.glob("*.yaml") if not p.name.startswith("api_keys"))
+
+MINIMAL: dict[str, Any] = {
+    "devices": {"cuda:0": {"capacity": "16GB", "safety_margin": "512MiB"}},
+    "physical_models": {
+        "qwen3.5-4b": {"type": "llm", "backend": "transformers", "estimated_vram": "4GB"},
+    },
+    "virtual_models": {"Qwen": {"physical": "qwen3.5-4b"}},
+}
+
+
+def doc(**sections: Any) -> dict[str, Any]:
+    """MINIMAL with some sections replaced (a deep copy: tests may nest into it)."""
+    data = copy.deepcopy(MINIMAL)
+    data.update(copy.deepcopy(sections))
+    return data
+
+
+def model(**fields: Any) -> dict[str, Any]:
+    """A valid physical model entry with ``fields`` changed."""
+    return {"type": "llm", "backend": "transformers", "estimated_vram": "4GB", **fields}
+
+
+def problems_of(data: object) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(data)
+    return caught.value.problems
+
+
+# --- shipped configurations -------------------------------------------------------------
+
+
+def test_there_are_three_shipped_configs() -> None:
+    assert [p.name for p in SHIPPED] == ["kischdle-5070ti.yaml", "llmux.yaml", "p40.yaml"]
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_every_shipped_config_loads(path: Path) -> None:
+    config = load_config(path)
+    assert config.source == str(path)
+    assert config.virtual_models and config.physical_models
+
+
+def test_default_config_runs_fake_models_on_a_cpu_budget() -> None:
+    config = load_config(CONFIG_DIR / "llmux.yaml")
+    assert config.devices == {"cpu": Device(id="cpu", capacity=10**9, safety_margin=0)}
+    assert {m.backend for m in config.physical_models.values()} == {"fake"}
+    assert {n: v.physical for n, v in config.virtual_models.items()} == {
+        "chat": "fake-chat",
+        "chat-thinking": "fake-chat",
+        "whisper": "fake-asr",
+        "tts": "fake-tts",
+        "embed": "fake-embed",
+    }
+    assert config.virtual_models["chat-thinking"].enable_thinking is True
+    for m in config.physical_models.values():
+        assert parse_size(m.options["footprint"]) < m.estimated_vram
+
+
+def test_kischdle_offers_exactly_the_sixteen_virtual_models() -> None:
+    config = load_config(CONFIG_DIR / "kischdle-5070ti.yaml")
+    qwen = ["Qwen3.5-9B-FP8", "Qwen3.5-9B-FP8-Uncensored", "Qwen3.5-4B"]
+    gpt = ["GPT-OSS-20B", "GPT-OSS-20B-Uncensored"]
+    expected = {f"{q}-{mode}" for q in qwen for mode in ("Thinking", "Instruct")}
+    expected |= {f"{g}-{effort}" for g in gpt for effort in ("Low", "Medium", "High")}
+    expected |= {"cohere-transcribe", "Chatterbox-Turbo", "Chatterbox-Multilingual", "Chatterbox"}
+    assert len(expected) == 16
+    assert set(config.virtual_models) == expected
+    assert config.virtual_models["GPT-OSS-20B-Uncensored-High"].system_prompt_prefix == (
+        "Reasoning: high"
+    )
+    assert config.virtual_models["Qwen3.5-4B-Instruct"].enable_thinking is False
+
+
+def test_kischdle_has_nine_physical_models_in_two_exclusive_groups() -> None:
+    config = load_config(CONFIG_DIR / "kischdle-5070ti.yaml")
+    groups: dict[str | None, set[str]] = {}
+    for m in config.physical_models.values():
+        groups.setdefault(m.exclusive_group, set()).add(m.id)
+    assert groups == {
+        "llm": {
+            "qwen3.5-9b-fp8",
+            "qwen3.5-9b-fp8-uncensored",
+            "qwen3.5-4b",
+            "gpt-oss-20b",
+            "gpt-oss-20b-uncensored",
+        },
+        "tts": {"chatterbox-turbo", "chatterbox-multilingual", "chatterbox"},
+        None: {"cohere-transcribe"},
+    }
+    ranks = {m.type: m.priority(config.policy) for m in config.physical_models.values()}
+    assert ranks["asr"] > ranks["tts"] > ranks["llm"]
+    assert all(m.idle_timeout_s is None for m in config.physical_models.values())
+    assert config.physical_models["chatterbox"].python == "/opt/chatterbox-venv/bin/python"
+    assert config.devices["cuda:0"] == Device(id="cuda:0", capacity=None, safety_margin=2**29)
+
+
+def test_p40_unloads_every_model_after_five_idle_minutes() -> None:
+    config = load_config(CONFIG_DIR / "p40.yaml")
+    assert config.server.port == 8088
+    assert {m.type for m in config.physical_models.values()} == {"llm", "vlm", "asr", "forecast"}
+    assert all(m.idle_timeout_s == 300 for m in config.physical_models.values())
+
+
+# --- sizes ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("9GB", 9_000_000_000),
+        ("9 GB", 9_000_000_000),
+        ("9gb", 9_000_000_000),
+        ("512MiB", 536_870_912),
+        ("512 mib", 536_870_912),
+        ("1.5 GiB", 1_610_612_736),
+        ("300MB", 300_000_000),
+        ("2KB", 2000),
+        ("2KiB", 2048),
+        ("1TB", 10**12),
+        ("1TiB", 2**40),
+        ("100B", 100),
+        ("100", 100),
+        (1024, 1024),
+        (0, 0),
+        (2048.0, 2048),
+    ],
+)
+def test_parse_size_accepts(text: object, expected: int) -> None:
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "9 gigs",
+        "9G",
+        "GB",
+        "",
+        "-1GB",
+        "9e9",
+        "1,5GB",
+        "nan",
+        True,
+        False,
+        -1,
+        float("nan"),
+        float("inf"),
+        1.5,
+        None,
+        [9],
+        "9 GB GB",
+    ],
+)
+def test_parse_size_rejects(value: object) -> None:
+    with pytest.raises(ValueError) as caught:
+        parse_size(value)
+    assert str(caught.value) == f"{value!r} is not a size"
+
+
+@given(st.integers(min_value=0, max_value=2**62))
+def test_parse_size_round_trips_integers(n: int) -> None:
+    assert parse_size(n) == n
+    assert parse_size(str(n)) == n
+    assert parse_size(f"{n}B") == n
+    assert parse_size(f"{n} KiB") == n * 1024
+
+
+@pytest.mark.parametrize(
+    ("n", "text"),
+    [
+        (9_000_000_000, "9.0 GB"),
+        (512_000_000, "512.0 MB"),
+        (536_870_912, "536.9 MB"),
+        (999_960_000, "1.0 GB"),
+        (1500, "1.5 KB"),
+        (999, "999 B"),
+        (0, "0 B"),
+        (13 * 10**12, "13.0 TB"),
+    ],
+)
+def test_format_bytes_uses_decimal_units(n: int, text: str) -> None:
+    assert format_bytes(n) == text
+
+
+# --- structural problems: exact messages ------------------------------------------------
+
+
+def test_a_bad_size_names_the_path() -> None:
+    data = doc(physical_models={"qwen3.5-4b": model(estimated_vram="9 gigs")})
+    assert problems_of(data) == [
+        'physical_models.qwen3.5-4b.estimated_vram: "9 gigs" is not a size'
+    ]
+
+
+@pytest.mark.parametrize(
+    ("section", "value", "message"),
+    [
+        ({"server": {"port": "8081"}}, None, 'server.port: expected an integer, got "8081"'),
+        ({"server": {"port": 80.0}}, None, "server.port: expected an integer, got 80.0"),
+        ({"server": {"port": True}}, None, "server.port: expected an integer, got true"),
+        ({"server": {"host": 127}}, None, "server.host: expected a string, got 127"),
+        (
+            {"policy": {"strict_priority": 1}},
+            None,
+            "policy.strict_priority: expected a boolean, got 1",
+        ),
+        (
+            {"policy": {"strict_priority": "no"}},
+            None,
+            'policy.strict_priority: expected a boolean, got "no"',
+        ),
+        (
+            {"policy": {"min_residency_s": "10"}},
+            None,
+            'policy.min_residency_s: expected a number, got "10"',
+        ),
+        (
+            {"policy": {"min_residency_s": False}},
+            None,
+            "policy.min_residency_s: expected a number, got false",
+        ),
+        (
+            {"policy": {"priority_classes": {"llm": "10"}}},
+            None,
+            'policy.priority_classes.llm: expected an integer, got "10"',
+        ),
+        (
+            {"policy": {"priority_classes": [1]}},
+            None,
+            "policy.priority_classes: expected a mapping, got a list",
+        ),
+        (
+            {"devices": {"cpu": {"capacity": "lots"}}},
+            None,
+            'devices.cpu.capacity: "lots" is not a size or "auto"',
+        ),
+    ],
+)
+def test_wrong_scalar_types_are_errors(section: dict[str, Any], value: None, message: str) -> None:
+    assert problems_of(doc(**section)) == [message]
+
+
+def test_yes_is_not_a_boolean() -> None:
+    data = doc(physical_models={"x": model(pinned="yes")}, virtual_models={"v": {"physical": "x"}})
+    assert problems_of(data) == ['physical_models.x.pinned: expected a boolean, got "yes"']
+
+
+def test_a_string_is_not_a_list_of_capabilities() -> None:
+    data = doc(physical_models={"qwen3.5-4b": model(capabilities="vision")})
+    assert problems_of(data) == [
+        'physical_models.qwen3.5-4b.capabilities: expected a list, got "vision"'
+    ]
+
+
+def test_unknown_keys_are_errors_at_every_depth() -> None:
+    data = doc(
+        bogus=1,
+        policy={"bogus": 2},
+        devices={"cuda:0": {"capcity": "16GB"}},
+        physical_models={"qwen3.5-4b": model(pined=True)},
+        virtual_models={"Qwen": {"physical": "qwen3.5-4b", "sampling": {"temprature": 0.5}}},
+    )
+    assert problems_of(data) == [
+        "devices.cuda:0.capcity: unknown key",
+        "physical_models.qwen3.5-4b.pined: unknown key",
+        "virtual_models.Qwen.sampling.temprature: unknown key",
+        "bogus: unknown key",
+        "policy.bogus: unknown key",
+    ]
+
+
+def test_the_name_comes_from_the_mapping_key_not_an_id_field() -> None:
+    data = doc(physical_models={"qwen3.5-4b": model(id="other")})
+    assert problems_of(data) == ["physical_models.qwen3.5-4b.id: unknown key"]
+
+
+def test_a_missing_required_field_is_named() -> None:
+    data = doc(virtual_models={"Foo": {"enable_thinking": True}})
+    assert problems_of(data) == ["virtual_models.Foo.physical: required"]
+
+
+def test_missing_sections_are_named() -> None:
+    assert problems_of({"server": {}}) == [
+        "physical_models: required",
+        "virtual_models: required",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("data", "got"),
+    [
+        (None, "the configuration is empty"),
+        ({}, "the configuration is empty"),
+        ([], "got a list"),
+        ("text", 'got "text"'),
+    ],
+)
+def test_a_document_that_is_not_a_mapping_is_refused(data: object, got: str) -> None:
+    assert problems_of(data) == [f"(top level): expected a mapping of sections, {got}"]
+
+
+# --- cross-field problems ---------------------------------------------------------------
+
+
+def test_an_unknown_physical_model_is_named() -> None:
+    data = doc(virtual_models={"Qwen": {"physical": "qwen3.5-9b"}})
+    assert problems_of(data) == [
+        'virtual_models.Qwen.physical: unknown physical model "qwen3.5-9b"'
+    ]
+
+
+def test_an_unknown_device_is_named() -> None:
+    data = doc(physical_models={"qwen3.5-4b": model(device="cuda:1")})
+    assert problems_of(data) == ['physical_models.qwen3.5-4b.device: unknown device "cuda:1"']
+
+
+def test_a_device_id_must_be_cpu_or_cuda_index() -> None:
+    data = doc(devices={"gpu0": {}, "cuda:01": {}, "cpu": {}})
+    assert problems_of(data) == [
+        'devices.gpu0: a device id is "cpu" or "cuda:<N>"',
+        'devices.cuda:01: a device id is "cpu" or "cuda:<N>"',
+    ]
+
+
+def test_a_model_bigger_than_its_device_is_refused() -> None:
+    data = doc(physical_models={"qwen3.5-4b": model(estimated_vram="16GB")})
+    assert problems_of(data) == [
+        "physical_models.qwen3.5-4b.estimated_vram: 16.0 GB does not fit on cuda:0 "
+        "(15.5 GB usable: capacity minus safety margin)"
+    ]
+
+
+def test_pinned_models_must_fit_their_device_together() -> None:
+    data = doc(
+        physical_models={
+            "a": model(estimated_vram="9GB", pinned=True),
+            "b": model(estimated_vram="9GB", pinned=True),
+        },
+        virtual_models={},
+    )
+    assert problems_of(data) == [
+        "devices.cuda:0: pinned models need 18.0 GB but only 15.5 GB is usable"
+    ]
+
+
+def test_out_of_range_numbers_and_unknown_names_are_named() -> None:
+    data = doc(
+        server={"port": 0},
+        physical_models={
+            "qwen3.5-4b": model(
+                type="chat",
+                backend="vllm",
+                capabilities=["tools", "fly"],
+                load_timeout_s=0,
+                idle_timeout_s=-1,
+                max_concurrency=0,
+                priority_class="urgent",
+            )
+        },
+    )
+    assert problems_of(data) == [
+        'physical_models.qwen3.5-4b.type: unknown type "chat" '
+        "(expected one of llm, vlm, asr, tts, embedding, forecast)",
+        'physical_models.qwen3.5-4b.backend: unknown backend "vllm" (expected one of fake, '
+        "llama_cpp, transformers, faster_whisper, piper, chatterbox, rapidocr)",
+        'physical_models.qwen3.5-4b.capabilities[1]: unknown capability "fly" '
+        "(expected one of vision, tools, reasoning, translate)",
+        "physical_models.qwen3.5-4b.load_timeout_s: must be positive",
+        "physical_models.qwen3.5-4b.idle_timeout_s: must not be negative",
+        "physical_models.qwen3.5-4b.max_concurrency: must be at least 1",
+        'physical_models.qwen3.5-4b.priority_class: unknown priority class "urgent" '
+        "(not in policy.priority_classes)",
+        "server.port: must be between 1 and 65535",  # doc() appends server: document order
+    ]
+
+
+def test_all_problems_are_reported_at_once_in_document_order() -> None:
+    data = {
+        "server": {"port": "8081"},
+        "devices": {"cuda:0": {"capacity": "16GB"}},
+        "physical_models": {
+            "qwen3.5-4b": model(estimated_vram="9 gigs", pinned="yes"),
+            "gpt-oss-20b": model(device="cuda:1"),
+        },
+        "virtual_models": {
+            "Foo": {},
+            "Bar": {"physical": "nothing"},
+            "Qwen": {"physical": "qwen3.5-4b"},
+        },
+        "policy": {"bogus": 1},
+    }
+    assert problems_of(data) == [
+        'server.port: expected an integer, got "8081"',
+        'physical_models.qwen3.5-4b.estimated_vram: "9 gigs" is not a size',
+        'physical_models.qwen3.5-4b.pinned: expected a boolean, got "yes"',
+        'physical_models.gpt-oss-20b.device: unknown device "cuda:1"',
+        "virtual_models.Foo.physical: required",
+        'virtual_models.Bar.physical: unknown physical model "nothing"',
+        "policy.bogus: unknown key",
+    ]
+
+
+def test_problems_is_pure_and_takes_a_built_config() -> None:
+    config = Config(
+        devices={"cpu": Device(id="cpu", capacity=10**9)},
+        physical_models={
+            "m": PhysicalModel(id="m", type="llm", backend="fake", estimated_vram=2 * 10**9)
+        },
+        virtual_models={"v": VirtualModel(name="v", physical="gone")},
+    )
+    assert problems(config) == [
+        "physical_models.m.estimated_vram: 2.0 GB does not fit on cpu "
+        "(1.0 GB usable: capacity minus safety margin)",
+        'virtual_models.v.physical: unknown physical model "gone"',
+    ]
+
+
+# --- defaults and derived values --------------------------------------------------------
+
+
+def test_devices_default_to_one_cpu_with_auto_capacity() -> None:
+    data = doc()
+    del data["devices"]
+    config = parse_config(data)
+    assert config.devices == {"cpu": Device(id="cpu", capacity=None, safety_margin=0)}
+    assert config.device_of(config.physical_models["qwen3.5-4b"]) == "cpu"
+
+
+def test_an_empty_devices_mapping_is_refused() -> None:
+    assert problems_of(doc(devices={})) == ["devices: at least one device is required"]
+
+
+def test_priority_defaults_to_the_model_type() -> None:
+    policy = Policy()
+    asr = PhysicalModel(id="a", type="asr", backend="fake", estimated_vram=1)
+    pinned_low = PhysicalModel(
+        id="b", type="asr", backend="fake", estimated_vram=1, priority_class="llm"
+    )
+    assert (asr.priority(policy), pinned_low.priority(policy)) == (30, 10)
+
+
+def test_relative_paths_resolve_against_the_config_directory(tmp_path: Path) -> None:
+    (tmp_path / "etc").mkdir()
+    path = tmp_path / "etc" / "llmux.yaml"
+    path.write_text(
+        "server: {api_keys_file: keys/api_keys.yaml, state_dir: state}\n"
+        "physical_models: {}\nvirtual_models: {}\n"
+    )
+    server = load_config(path).server
+    assert server.api_keys_file == str(tmp_path / "etc" / "keys" / "api_keys.yaml")
+    assert server.state_dir == str(tmp_path / "etc" / "state")
+    assert server.resolved_state_dir() == tmp_path / "etc" / "state"
+
+
+def test_absolute_paths_are_kept(tmp_path: Path) -> None:
+    data = doc(server={"api_keys_file": "/etc/llmux/keys.yaml"})
+    assert parse_config(data, base_dir=tmp_path).server.api_keys_file == "/etc/llmux/keys.yaml"
+
+
+def test_state_dir_defaults_to_xdg_state_home() -> None:
+    server = parse_config(doc()).server
+    assert server.state_dir is None
+    assert server.resolved_state_dir({"XDG_STATE_HOME": "/var/state"}) == Path("/var/state/llmux")
+    assert server.resolved_state_dir({}) == Path.home() / ".local" / "state" / "llmux"
+
+
+# --- files ------------------------------------------------------------------------------
+
+
+def test_a_missing_file_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert caught.value.problems == [f"{path}: No such file or directory"]
+
+
+def test_a_yaml_syntax_error_names_line_and_column(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("server:\n  port: [8081\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    (message,) = caught.value.problems
+    assert message.startswith(f"{path}:3:1: ")
+
+
+def test_a_duplicate_key_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "dup.yaml"
+    path.write_text("server:\n  port: 1\n  port: 2\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert caught.value.problems == [f"{path}:3:3: duplicate key 'port'"]
+
+
+def test_an_empty_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "empty.yaml"
+    path.write_text("# nothing here\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert caught.value.problems == [
+        "(top level): expected a mapping of sections, the configuration is empty"
+    ]
+    assert str(path) in str(caught.value)
+
+
+def test_unquoted_yes_in_a_file_is_a_string_not_a_boolean(tmp_path: Path) -> None:
+    path = tmp_path / "yes.yaml"
+    path.write_text("policy: {strict_priority: yes}\nphysical_models: {}\nvirtual_models: {}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert caught.value.problems == ['policy.strict_priority: expected a boolean, got "yes"']
+
+
+# --- summary ----------------------------------------------------------------------------
+
+
+def test_summary_lists_devices_physical_and_virtual_models() -> None:
+    config = load_config(CONFIG_DIR / "kischdle-5070ti.yaml")
+    text = render_summary(config)
+    assert [line for line in text.splitlines() if line.endswith("models") or line == "Devices"] == [
+        "Devices",
+        "Physical models",
+        "Virtual models",
+    ]
+    assert "cuda:0  auto      536.9 MB" in text
+    gpt = next(line for line in text.splitlines() if line.startswith("gpt-oss-20b "))
+    assert gpt.split() == [
+        "gpt-oss-20b",
+        "llm",
+        "transformers",
+        "cuda:0",
+        "13.0",
+        "GB",
+        "llm",
+        "(10)",
+        "llm",
+        "-",
+        "never",
+    ]
+
+
+def test_summary_truncates_long_system_prompt_prefixes() -> None:
+    data = doc(
+        virtual_models={"Qwen": {"physical": "qwen3.5-4b", "system_prompt_prefix": "x" * 80}}
+    )
+    text = render_summary(parse_config(data))
+    assert ("x" * 37 + "...") in text and ("x" * 41) not in text

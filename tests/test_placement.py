@@ -1,0 +1,221 @@
+"""The placement policy on the seed deployment (kischdle-5070ti.yaml), with its
+estimates on a 16 GB budget: one test per scenario, exact decisions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from llmux.actors.placement import (
+    DeviceView,
+    Evict,
+    Grant,
+    Refuse,
+    Residency,
+    Resident,
+    Rules,
+    Wait,
+    Want,
+    eviction_order,
+    plan,
+)
+from llmux.config import Config, load_config
+
+CONFIG = Path(__file__).parent.parent / "config" / "kischdle-5070ti.yaml"
+BUDGET = 16_000_000_000
+NOW = 1000.0
+
+
+@pytest.fixture(scope="module")
+def seed() -> Config:
+    return load_config(CONFIG)
+
+
+def want(seed: Config, model: str) -> Want:
+    m = seed.physical_models[model]
+    return Want(model=model, klass=m.priority_class or m.type, priority=m.priority(seed.policy),
+                bytes=m.estimated_vram, group=m.exclusive_group)
+
+
+def resident(seed: Config, model: str, **kw: object) -> Resident:
+    m = seed.physical_models[model]
+    fields: dict[str, object] = dict(
+        model=model, klass=m.priority_class or m.type, priority=m.priority(seed.policy),
+        bytes=m.estimated_vram, group=m.exclusive_group, pinned=m.pinned,
+        loaded_at=0.0, last_used=0.0,
+    )
+    fields.update(kw)
+    return Resident(**fields)  # type: ignore[arg-type]
+
+
+def view(seed: Config, *residents: Resident, capacity: int = BUDGET) -> DeviceView:
+    return DeviceView(device="cuda:0", capacity=capacity, residents=residents)
+
+
+RULES = Rules(strict_priority=False, min_residency_s=10.0)
+STRICT = Rules(strict_priority=True, min_residency_s=10.0)
+
+
+# --- typical scenarios of the seed deployment ------------------------------------------
+
+
+def test_cold_start_chat_is_granted(seed: Config) -> None:
+    assert plan(view(seed), want(seed, "qwen3.5-9b-fp8"), RULES, NOW) == Grant("qwen3.5-9b-fp8")
+
+
+def test_dictation_loads_beside_a_9b_chat_model(seed: Config) -> None:
+    decision = plan(view(seed, resident(seed, "qwen3.5-9b-fp8")),
+                    want(seed, "cohere-transcribe"), RULES, NOW)
+    assert decision == Grant("cohere-transcribe")
+
+
+def test_read_aloud_loads_beside_chat_and_dictation(seed: Config) -> None:
+    v = view(seed, resident(seed, "qwen3.5-9b-fp8"), resident(seed, "cohere-transcribe"))
+    assert plan(v, want(seed, "chatterbox-turbo"), RULES, NOW) == Grant("chatterbox-turbo")
+
+
+def test_switching_llm_evicts_the_other_llm_by_exclusive_group(seed: Config) -> None:
+    v = view(seed, resident(seed, "qwen3.5-9b-fp8"), resident(seed, "cohere-transcribe"),
+             resident(seed, "chatterbox-turbo"))
+    decision = plan(v, want(seed, "qwen3.5-4b"), RULES, NOW)
+    assert decision == Evict(
+        ("qwen3.5-9b-fp8",),
+        ("evicted qwen3.5-9b-fp8 (llm) for qwen3.5-4b (llm): exclusive group 'llm'",),
+    )
+
+
+def test_switching_tts_variant_evicts_the_other_tts(seed: Config) -> None:
+    v = view(seed, resident(seed, "chatterbox-turbo"))
+    decision = plan(v, want(seed, "chatterbox-multilingual"), RULES, NOW)
+    assert isinstance(decision, Evict)
+    assert decision.victims == ("chatterbox-turbo",)
+
+
+def test_gpt_oss_evicts_llm_then_tts_then_asr_as_last_resort(seed: Config) -> None:
+    v = view(seed, resident(seed, "qwen3.5-9b-fp8", last_used=5.0),
+             resident(seed, "cohere-transcribe", last_used=1.0),
+             resident(seed, "chatterbox-turbo", last_used=2.0))
+    decision = plan(v, want(seed, "gpt-oss-20b"), RULES, NOW)
+    assert isinstance(decision, Evict)
+    assert decision.victims == ("qwen3.5-9b-fp8", "chatterbox-turbo", "cohere-transcribe")
+
+
+def test_gpt_oss_with_tts_fits_after_evicting_the_llm_only(seed: Config) -> None:
+    v = view(seed, resident(seed, "qwen3.5-4b"), resident(seed, "chatterbox"))
+    decision = plan(v, want(seed, "gpt-oss-20b"), RULES, NOW)
+    assert isinstance(decision, Evict)
+    assert decision.victims == ("qwen3.5-4b",)
+
+
+def test_strict_priority_refuses_gpt_oss_beside_asr_at_once(seed: Config) -> None:
+    v = view(seed, resident(seed, "cohere-transcribe"))
+    decision = plan(v, want(seed, "gpt-oss-20b"), STRICT, NOW)
+    assert decision == Refuse(
+        "gpt-oss-20b (llm) needs 13.0 GB but cuda:0 can only ever offer 12.0 GB: "
+        "cohere-transcribe (asr, 4.0 GB) may not be evicted for it"
+    )
+
+
+def test_asr_evicts_the_llm_before_the_tts(seed: Config) -> None:
+    v = view(seed, resident(seed, "gpt-oss-20b", last_used=9.0),
+             resident(seed, "chatterbox", last_used=1.0))
+    decision = plan(v, want(seed, "cohere-transcribe"), RULES, NOW)
+    assert decision == Evict(
+        ("gpt-oss-20b",),
+        ("evicted gpt-oss-20b (llm) for cohere-transcribe (asr): needed 4.0 GB, free 1.0 GB",),
+    )
+
+
+def test_busy_model_is_not_evicted_the_requester_waits(seed: Config) -> None:
+    v = view(seed, resident(seed, "gpt-oss-20b", busy=True), resident(seed, "chatterbox"))
+    decision = plan(v, want(seed, "cohere-transcribe"), RULES, NOW)
+    assert decision == Wait("gpt-oss-20b is busy")
+
+
+def test_an_idle_victim_of_the_same_class_is_preferred_to_a_busy_one(seed: Config) -> None:
+    v = view(seed, resident(seed, "qwen3.5-9b-fp8", busy=True, last_used=0.0),
+             resident(seed, "chatterbox", last_used=5.0), capacity=12_000_000_000)
+    decision = plan(v, want(seed, "chatterbox-turbo"), RULES, NOW)
+    assert isinstance(decision, Evict) and decision.victims == ("chatterbox",)
+
+
+def test_fresh_model_with_queued_work_keeps_its_residency(seed: Config) -> None:
+    v = view(seed, resident(seed, "qwen3.5-9b-fp8", loaded_at=NOW - 3, queued=2))
+    decision = plan(v, want(seed, "gpt-oss-20b"), RULES, NOW)
+    assert decision == Wait(
+        "qwen3.5-9b-fp8 has queued work within its minimum residency (7.0 s left)"
+    )
+
+
+def test_fresh_model_without_queued_work_may_be_evicted(seed: Config) -> None:
+    v = view(seed, resident(seed, "qwen3.5-9b-fp8", loaded_at=NOW - 3, queued=0))
+    assert isinstance(plan(v, want(seed, "gpt-oss-20b"), RULES, NOW), Evict)
+
+
+def test_model_bigger_than_the_device_is_refused(seed: Config) -> None:
+    decision = plan(view(seed, capacity=8_000_000_000), want(seed, "qwen3.5-9b-fp8"), RULES, NOW)
+    assert decision == Refuse("qwen3.5-9b-fp8 (llm) needs 9.0 GB but cuda:0 offers at most 8.0 GB")
+
+
+def test_pinned_model_is_never_evicted(seed: Config) -> None:
+    v = view(seed, resident(seed, "qwen3.5-9b-fp8", pinned=True),
+             resident(seed, "cohere-transcribe"))
+    decision = plan(v, want(seed, "gpt-oss-20b"), RULES, NOW)
+    assert isinstance(decision, Refuse)
+    assert "qwen3.5-9b-fp8" in decision.reason
+
+
+def test_pinned_group_member_refuses_its_rival(seed: Config) -> None:
+    v = view(seed, resident(seed, "qwen3.5-4b", pinned=True))
+    decision = plan(v, want(seed, "qwen3.5-9b-fp8"), RULES, NOW)
+    assert decision == Refuse(
+        "qwen3.5-9b-fp8 shares exclusive group 'llm' with qwen3.5-4b, "
+        "which may not be evicted for it"
+    )
+
+
+def test_memory_being_released_is_waited_for_not_evicted_again(seed: Config) -> None:
+    v = view(seed, resident(seed, "gpt-oss-20b", residency=Residency.EVICTING),
+             resident(seed, "chatterbox"))
+    decision = plan(v, want(seed, "cohere-transcribe"), RULES, NOW)
+    assert decision == Wait("waiting for 13.0 GB to be released on cuda:0")
+
+
+def test_a_loading_model_is_not_evicted(seed: Config) -> None:
+    v = view(seed, resident(seed, "gpt-oss-20b", residency=Residency.LOADING))
+    decision = plan(v, want(seed, "cohere-transcribe"), RULES, NOW)
+    assert decision == Wait("gpt-oss-20b is still loading")
+
+
+# --- VRAM accounting ---------------------------------------------------------------------
+
+
+def test_all_tts_and_asr_and_a_small_llm_fit_together(seed: Config) -> None:
+    v = view(seed, resident(seed, "qwen3.5-4b"), resident(seed, "cohere-transcribe"))
+    assert plan(v, want(seed, "chatterbox"), RULES, NOW) == Grant("chatterbox")
+
+
+def test_measured_footprint_decides_not_the_estimate(seed: Config) -> None:
+    v = view(seed, resident(seed, "qwen3.5-9b-fp8", bytes=11_500_000_000),
+             resident(seed, "cohere-transcribe"))
+    decision = plan(v, want(seed, "chatterbox"), RULES, NOW)
+    assert isinstance(decision, Evict) and decision.victims == ("qwen3.5-9b-fp8",)
+
+
+def test_a_safety_margin_shrinks_what_fits(seed: Config) -> None:
+    residents = (resident(seed, "qwen3.5-9b-fp8"), resident(seed, "cohere-transcribe"))
+    tight = DeviceView(device="cuda:0", capacity=BUDGET - 1_536_000_000, residents=residents)
+    decision = plan(tight, want(seed, "chatterbox"), RULES, NOW)
+    assert isinstance(decision, Evict) and decision.victims == ("qwen3.5-9b-fp8",)
+
+
+def test_eviction_order_is_class_then_least_recently_used(seed: Config) -> None:
+    order = eviction_order([
+        resident(seed, "chatterbox", last_used=1.0),
+        resident(seed, "qwen3.5-4b", last_used=9.0),
+        resident(seed, "cohere-transcribe", last_used=0.0),
+        resident(seed, "qwen3.5-9b-fp8", last_used=3.0),
+    ], want(seed, "chatterbox-turbo"))
+    assert [r.model for r in order] == [
+        "qwen3.5-9b-fp8", "qwen3.5-4b", "chatterbox", "cohere-transcribe"]

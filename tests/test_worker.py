@@ -1,0 +1,336 @@
+"""Real worker subprocesses running the fake backend, driven through WorkerHandle."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import psutil
+import pytest
+
+from llmux.workers.handle import WorkerDied, WorkerHandle
+from llmux.workers.protocol import (
+    Cancel,
+    Chunk,
+    Done,
+    Failed,
+    Frame,
+    FrameDecoder,
+    Hello,
+    Infer,
+    Load,
+    Loaded,
+    LoadFailed,
+    Progress,
+)
+
+pytestmark = pytest.mark.anyio
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def spec(**options: Any) -> dict[str, Any]:
+    return {"model_id": "fake-1", "type": "llm", "backend": "fake", "model_path": None,
+            "files": [], "options": options, "device": "cpu"}
+
+
+def chat_payload(text: str = "hello there world", **extra: Any) -> dict[str, Any]:
+    return {"messages": [{"role": "user", "content": text}], **extra}
+
+
+def live_group_members(pgid: int) -> list[int]:
+    """Processes of group ``pgid`` that are not zombies (PID 1 here may not reap)."""
+    members = []
+    for proc in psutil.process_iter():
+        try:
+            if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
+                members.append(proc.pid)
+        except (ProcessLookupError, psutil.Error):
+            continue
+    return members
+
+
+def live_processes_named(cmdline: list[str]) -> list[int]:
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.cmdline() == cmdline and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc.pid)
+        except psutil.Error:
+            continue
+    return found
+
+
+def is_gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def poll_until(condition: Any, timeout_s: float) -> bool:
+    """Poll ``condition()`` until true or the deadline; signal delivery is async."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def assert_group_gone(pgid: int) -> None:
+    assert poll_until(lambda: not live_group_members(pgid), 2.0), live_group_members(pgid)
+
+
+@contextlib.asynccontextmanager
+async def running_worker() -> AsyncIterator[WorkerHandle]:
+    handle = await WorkerHandle.spawn(python=sys.executable, model_id="fake-1")
+    try:
+        yield handle
+    finally:
+        await handle.stop(grace_s=1.0)
+        assert_group_gone(handle.pid)
+
+
+async def load(handle: WorkerHandle, **options: Any) -> list[Frame]:
+    await handle.send(Load(spec(**options)))
+    frames = []
+    with anyio.fail_after(10):
+        while not isinstance(frame := await handle.receive(), Loaded | LoadFailed):
+            frames.append(frame)
+    return [*frames, frame]
+
+
+async def collect(handle: WorkerHandle, request_id: int) -> list[Frame]:
+    frames = []
+    with anyio.fail_after(10):
+        while not isinstance(frame := await handle.receive(), Done | Failed):
+            frames.append(frame)
+    assert all(isinstance(f, Chunk) and f.id == request_id for f in frames)
+    return [*frames, frame]
+
+
+async def test_spawned_worker_says_hello_and_stops_cleanly() -> None:
+    async with running_worker() as handle:
+        assert psutil.Process(handle.pid).cmdline()[1:] == [
+            "-m", "llmux.worker", "--model-id", "fake-1"]
+        assert os.getpgid(handle.pid) == handle.pid
+        assert handle.returncode is None
+        assert await handle.stop() == 0
+        assert await handle.stop() == 0
+        assert await handle.wait() == 0
+
+
+async def test_load_reports_progress_then_loaded_and_really_uses_the_memory() -> None:
+    async with running_worker() as handle:
+        rss_before = psutil.Process(handle.pid).memory_info().rss
+        frames = await load(handle, footprint="64MiB", load_time_s=0.05)
+        growth = psutil.Process(handle.pid).memory_info().rss - rss_before
+        *progress, loaded = frames
+        assert len(progress) == 11 and all(isinstance(f, Progress) for f in progress)
+        assert isinstance(loaded, Loaded)
+        assert loaded.reported_bytes == 64 * MiB
+        assert loaded.info["context_length"] == 4096
+        assert growth >= 0.95 * 64 * MiB
+
+
+async def test_chat_streams_tokens_then_done_with_usage() -> None:
+    async with running_worker() as handle:
+        await load(handle)
+        await handle.send(Infer(id=1, op="chat", payload=chat_payload()))
+        *chunks, done = await collect(handle, 1)
+        assert [c.data for c in chunks if isinstance(c, Chunk)] == [
+            {"text": "echo: "}, {"text": "hello "}, {"text": "there "}, {"text": "world"}]
+        usage = {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
+        assert done == Done(id=1, data={"finish_reason": "stop", "usage": usage})
+
+
+async def test_cancel_mid_stream_stops_within_one_token() -> None:
+    async with running_worker() as handle:
+        await load(handle, tokens_per_s=100, reply="word " * 500)
+        await handle.send(Infer(id=7, op="chat", payload=chat_payload()))
+        assert isinstance(await handle.receive(), Chunk)
+        await handle.send(Cancel(id=7))
+        *late_chunks, done = await collect(handle, 7)
+        assert len(late_chunks) <= 1
+        assert isinstance(done, Done)
+        assert done.data["finish_reason"] == "cancelled"
+        assert done.data["usage"]["completion_tokens"] <= 2
+
+
+async def test_failed_request_leaves_the_worker_usable() -> None:
+    async with running_worker() as handle:
+        await load(handle)
+        await handle.send(Infer(id=1, op="draw", payload={}))
+        assert await collect(handle, 1) == [
+            Failed(id=1, message="ValueError: fake backend does not support op 'draw'")]
+        await handle.send(Infer(id=2, op="chat", payload=chat_payload()))
+        assert isinstance((await collect(handle, 2))[-1], Done)
+
+
+async def test_audio_bytes_cross_the_pipe_as_bytes() -> None:
+    async with running_worker() as handle:
+        await load(handle)
+        samples = bytes(4 * 16000)  # one second of float32 silence
+        await handle.send(Infer(id=1, op="transcribe", payload={"samples": samples}))
+        (done,) = await collect(handle, 1)
+        assert isinstance(done, Done) and done.data["duration"] == 1.0
+        await handle.send(Infer(id=2, op="speech", payload={"text": "hi there"}))
+        *chunks, done = await collect(handle, 2)
+        assert [type(c.data["pcm"]) for c in chunks if isinstance(c, Chunk)] == [bytes, bytes]
+
+
+async def test_stdout_noise_from_the_backend_does_not_corrupt_the_protocol() -> None:
+    async with running_worker() as handle:
+        assert isinstance((await load(handle, print_noise=True))[-1], Loaded)
+        await handle.send(Infer(id=1, op="chat", payload=chat_payload("hi")))
+        *chunks, done = await collect(handle, 1)
+        assert "".join(c.data["text"] for c in chunks if isinstance(c, Chunk)) == "echo: hi"
+        assert isinstance(done, Done)
+
+
+async def test_crash_mid_stream_raises_worker_died_with_the_exit_code() -> None:
+    async with running_worker() as handle:
+        await load(handle, crash_after_tokens=2)  # the warm-up does not count
+        await handle.send(Infer(id=1, op="chat", payload=chat_payload()))
+        assert isinstance(await handle.receive(), Chunk)
+        assert isinstance(await handle.receive(), Chunk)
+        with pytest.raises(WorkerDied, match=r"closed its pipe and exited with code 3$"):
+            await handle.receive()
+        assert handle.returncode == 3
+        with pytest.raises(WorkerDied, match="cannot take frames: exited with code 3"):
+            await handle.send(Infer(id=2, op="chat", payload=chat_payload()))
+
+
+async def test_fail_on_load_sends_load_failed_then_exits() -> None:
+    async with running_worker() as handle:
+        frames = await load(handle, fail_on_load="disk on fire")
+        assert frames[-1] == LoadFailed(message="RuntimeError: disk on fire")
+        with pytest.raises(WorkerDied, match="exited with code 1"):
+            await handle.receive()
+
+
+@pytest.mark.parametrize(
+    ("options", "signum"),
+    [({}, signal.SIGTERM), ({"ignore_sigterm": True}, signal.SIGKILL)],
+    ids=["sigterm", "sigkill"],
+)
+async def test_stop_of_a_hung_worker_escalates_and_leaves_no_process(
+    options: dict[str, Any], signum: signal.Signals
+) -> None:
+    async with running_worker() as handle:
+        await load(handle, hang_after_tokens=1, spawn_child=True, **options)
+        members = live_group_members(handle.pid)
+        assert len(members) == 2  # the worker and the child it started
+        await handle.send(Infer(id=1, op="chat", payload=chat_payload()))
+        assert isinstance(await handle.receive(), Chunk)
+        await handle.send(Cancel(id=1))  # ignored: the backend hangs
+        started = time.monotonic()
+        assert await handle.stop(grace_s=0.3) == -signum
+        assert time.monotonic() - started < 0.3 * 2 + 1.0
+        assert_group_gone(handle.pid)
+        assert all(is_gone(pid) for pid in members)
+
+
+async def test_stop_during_a_generation_cancels_it_and_exits_cleanly() -> None:
+    async with running_worker() as handle:
+        await load(handle, tokens_per_s=20, reply="word " * 500)
+        await handle.send(Infer(id=1, op="chat", payload=chat_payload()))
+        assert isinstance(await handle.receive(), Chunk)
+        started = time.monotonic()
+        assert await handle.stop(grace_s=5.0) == 0
+        assert time.monotonic() - started < 1.0
+
+
+async def test_stop_completes_even_when_the_caller_is_cancelled() -> None:
+    async with running_worker() as handle:
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            assert await handle.stop(grace_s=1.0) == 0
+        assert handle.returncode == 0
+
+
+async def test_receive_after_kill_reports_the_signal() -> None:
+    async with running_worker() as handle:
+        handle.kill()
+        handle.kill()
+        with pytest.raises(WorkerDied, match="closed its pipe and was killed by SIGKILL"):
+            await handle.receive()
+        handle.kill()
+        assert await handle.stop() == -signal.SIGKILL
+
+
+async def test_spawn_with_a_missing_interpreter_raises_worker_died() -> None:
+    with pytest.raises(WorkerDied, match="cannot start worker fake-1 with /nonexistent/python"):
+        await WorkerHandle.spawn(python="/nonexistent/python", model_id="fake-1")
+
+
+async def test_spawn_of_something_that_is_not_a_worker_raises_worker_died() -> None:
+    with pytest.raises(WorkerDied, match="closed its pipe and exited with code 1"):
+        await WorkerHandle.spawn(python="/bin/false", model_id="fake-1")
+
+
+async def test_spawn_times_out_and_kills_a_silent_interpreter(tmp_path: Path) -> None:
+    silent = tmp_path / "python"
+    silent.write_text("#!/bin/sh\nexec sleep 60\n")
+    silent.chmod(0o755)
+    with pytest.raises(WorkerDied, match=r"did not say hello within 0.3 s") as caught:
+        await WorkerHandle.spawn(python=str(silent), model_id="fake-1", start_timeout_s=0.3)
+    assert isinstance(caught.value.__cause__, TimeoutError)
+    assert poll_until(lambda: not live_processes_named(["sleep", "60"]), 2.0)
+
+
+def test_worker_exits_when_its_stdin_closes() -> None:
+    """Pipe EOF alone (no parent death) ends the worker: the portable safety net."""
+    worker = subprocess.Popen([sys.executable, "-m", "llmux.worker", "--model-id", "eof"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert worker.stdin is not None and worker.stdout is not None
+    decoder = FrameDecoder()
+    frames: list[Frame] = []
+    while not frames:
+        frames = decoder.feed(os.read(worker.stdout.fileno(), 4096))
+    assert isinstance(frames[0], Hello) and frames[0].pid == worker.pid
+    worker.stdin.close()
+    assert worker.wait(timeout=5) == 0
+    worker.stdout.close()
+
+
+INTERMEDIATE = textwrap.dedent("""
+    import sys, anyio
+    from llmux.workers.handle import WorkerHandle
+
+    async def main():
+        handle = await WorkerHandle.spawn(python=sys.executable, model_id="orphan")
+        print(handle.pid, flush=True)
+        await anyio.sleep(600)
+
+    anyio.run(main)
+""")
+
+
+def test_worker_dies_when_its_parent_is_killed() -> None:
+    parent = subprocess.Popen([sys.executable, "-c", INTERMEDIATE], stdout=subprocess.PIPE,
+                              text=True)
+    assert parent.stdout is not None
+    try:
+        worker_pid = int(parent.stdout.readline())
+        assert not is_gone(worker_pid)
+    finally:
+        parent.kill()
+        parent.wait()
+        parent.stdout.close()
+    assert poll_until(lambda: is_gone(worker_pid), 2.0)
