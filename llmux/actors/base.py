@@ -27,6 +27,7 @@ Clock = Callable[[], float]
 log = logging.getLogger(__name__)
 
 CLEANUP_TIMEOUT_S = 15.0
+MIN_WAIT_S = 0.005
 
 
 class Actor(Generic[M]):
@@ -68,8 +69,15 @@ class Actor(Generic[M]):
                 task_status.started()
                 async with self._inbox:
                     while True:
+                        # NOTE: messages first; a timer already due still leaves
+                        # MIN_WAIT_S for them, so an overdue timer cannot starve them.
+                        try:
+                            self.handle(self._inbox.receive_nowait())
+                            continue
+                        except anyio.WouldBlock:
+                            pass
                         delay = self.next_wakeup() - self.clock()
-                        with anyio.move_on_after(max(delay, 0.0)):
+                        with anyio.move_on_after(max(delay, MIN_WAIT_S)):
                             message = await self._inbox.receive()
                             self.handle(message)
                             continue

@@ -178,7 +178,7 @@ class ModelActor(Actor[Message]):
                 self._unload(reason)
             case LoadProgress(fraction=fraction, text=text):
                 self._progress = (fraction, text)
-                self._tell_waiting(Status(f"loading {self.name} ({fraction:.0%}) {text}".strip()))
+                self._tell_waiting(self._loading_status())
             case WorkerReady(worker=worker, reported_bytes=reported):
                 self._ready(worker, reported)
             case WorkerLoadFailed(reason=reason):
@@ -210,9 +210,8 @@ class ModelActor(Actor[Message]):
             ))
             return
         self._queue.append(job)
-        if self._state is State.LOADING and self._progress is not None:
-            fraction, text = self._progress
-            self._send(job, Status(f"loading {self.name} ({fraction:.0%}) {text}".strip()))
+        if self._state is State.LOADING:
+            self._send(job, self._loading_status())
 
     def _cancel(self, job_id: int) -> None:
         for job in self._queue:
@@ -334,7 +333,7 @@ class ModelActor(Actor[Message]):
             times.append(self._current.deadline + grace)
         if self._state is State.READY and self.settings.idle_timeout_s is not None:
             times.append(self._last_used + self.settings.idle_timeout_s)
-        if self._state is State.FAILED and self._queue:
+        if self._state is State.FAILED and self._queue and not self._acquiring:
             times.append(self._retry_at)
         return min(times, default=math.inf)
 
@@ -476,6 +475,10 @@ class ModelActor(Actor[Message]):
     def _reply_error(self, job: Job, error: LlmuxError) -> None:
         self._send(job, Failure(error))
         job.reply.close()
+
+    def _loading_status(self) -> Status:
+        fraction = self._progress[0] if self._progress else 0.0
+        return Status(f"loading {self.name} ({fraction:.0%})")
 
     def _tell_waiting(self, reply: Reply) -> None:
         for job in self._queue:

@@ -1,0 +1,124 @@
+"""Shared fixtures: a real llmux server in a subprocess on a free port."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+import yaml
+
+ROOT = Path(__file__).parent.parent
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(autouse=True)
+def _clean_llmux_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith("LLMUX_"):
+            monkeypatch.delenv(name)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def workers_of(pid: int) -> list[psutil.Process]:
+    """Live llmux worker processes started by the server ``pid`` (or orphaned by it)."""
+    found = []
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        try:
+            cmd = proc.info["cmdline"] or []
+            if "llmux.worker" in cmd and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found
+
+
+def wait_until(predicate: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+class Server:
+    """A running ``llmux serve`` subprocess."""
+
+    def __init__(self, config: dict[str, Any], tmp: Path) -> None:
+        self.port = free_port()
+        config.setdefault("server", {}).update(port=self.port, state_dir=str(tmp / "state"))
+        self.config_path = tmp / "llmux.yaml"
+        self.config_path.write_text(yaml.safe_dump(config))
+        self.log = (tmp / "server.log").open("w+")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "llmux.cli", "serve", "--config", str(self.config_path)],
+            stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT,
+        )
+        self.url = f"http://127.0.0.1:{self.port}"
+        wait_until(self._healthy, 20, "the server to answer /health")
+
+    def _healthy(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"server exited: {self.logs()}")
+        try:
+            return httpx.get(f"{self.url}/health", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def logs(self) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()
+
+    def state(self) -> dict[str, Any]:
+        data: dict[str, Any] = httpx.get(f"{self.url}/admin/state", timeout=5).json()
+        return data
+
+    def model(self, model_id: str) -> dict[str, Any]:
+        return next(m for m in self.state()["models"] if m["id"] == model_id)
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(timeout=30)
+        self.log.close()
+
+
+def fake_model(**options: Any) -> dict[str, Any]:
+    return {"type": "llm", "backend": "fake", "estimated_vram": "200MB",
+            "options": {"load_time_s": 0.2, "footprint": "150MB", "tokens_per_s": 200,
+                        **options}}
+
+
+@pytest.fixture
+def start_server(tmp_path: Path) -> Iterator[Any]:
+    servers: list[Server] = []
+
+    def start(config: dict[str, Any]) -> Server:
+        server = Server(config, tmp_path)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+    wait_until(lambda: not any(workers_of(s.proc.pid) for s in servers), 10, "workers to exit")

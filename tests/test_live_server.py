@@ -1,0 +1,116 @@
+"""The whole request path on a real server: Hypercorn on a free port, real worker
+processes with the fake backend, the openai SDK and httpx as clients."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from typing import Any
+
+import anyio
+import httpx
+import openai
+import pytest
+
+from tests.conftest import ROOT, fake_model, wait_until, workers_of
+
+pytestmark = pytest.mark.anyio
+
+THREE_MODELS_BUDGET_FOR_TWO: dict[str, Any] = {
+    "devices": {"cpu": {"capacity": "400MB"}},
+    "policy": {"min_residency_s": 0.2, "request_deadline_s": 60},
+    "physical_models": {name: fake_model() for name in ("m-a", "m-b", "m-c")},
+    "virtual_models": {name.upper(): {"physical": name} for name in ("m-a", "m-b", "m-c")},
+}
+
+
+async def test_concurrent_streams_across_swapping_models_get_their_own_replies(
+    start_server: Any,
+) -> None:
+    server = start_server(THREE_MODELS_BUDGET_FOR_TWO)
+    client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    replies: dict[str, str] = {}
+
+    async def ask(i: int) -> None:
+        model = ["M-A", "M-B", "M-C"][i % 3]
+        marker = f"marker-{i}-{model}"
+        stream = await client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": f"say {marker}"}], stream=True)
+        text = "".join([chunk.choices[0].delta.content or "" async for chunk in stream
+                        if chunk.choices])
+        replies[marker] = text
+
+    with anyio.fail_after(90):
+        async with anyio.create_task_group() as tg:
+            for i in range(24):
+                tg.start_soon(ask, i)
+    assert replies == {marker: f"echo: say {marker}" for marker in replies}
+    assert len(replies) == 24
+    state = server.state()
+    evictions = [e for e in state["events"] if e["kind"] == "evict"]
+    assert evictions, "three models on a budget for two must swap"
+    assert all(e["reason"].startswith(f"evicted {e['model']} (llm) for m-") for e in evictions)
+    device = state["devices"][0]
+    assert device["used_bytes"] + device["reserved_bytes"] <= device["capacity_bytes"]
+    loaded = [m for m in state["models"] if m["state"] == "ready"]
+    assert sum(m["load_count"] for m in state["models"]) - len(evictions) == len(loaded)
+    assert {m["id"] for m in loaded} == {e["model"] for e in device["ledger"]}
+
+
+async def test_worker_killed_mid_stream_fails_that_client_and_the_next_request_reloads(
+    start_server: Any,
+) -> None:
+    server = start_server({
+        "devices": {"cpu": {"capacity": "1GB"}},
+        "physical_models": {"slow": fake_model(tokens_per_s=20, reply="word " * 200)},
+        "virtual_models": {"slow": {"physical": "slow"}},
+    })
+    client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    stream = await client.chat.completions.create(
+        model="slow", messages=[{"role": "user", "content": "go"}], stream=True)
+    got = 0
+    with pytest.raises(openai.APIError, match="worker of slow died"):
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                got += 1
+                if got == 3:
+                    os.kill(server.model("slow")["pid"], signal.SIGKILL)
+    assert got >= 3
+    reply = await client.chat.completions.create(
+        model="slow", messages=[{"role": "user", "content": "again"}], max_tokens=3)
+    assert reply.choices[0].message.content == "word word word "
+    assert reply.choices[0].finish_reason == "length"
+    model = server.model("slow")
+    assert model["load_count"] == 2 and model["state"] == "ready"
+    ledger = server.state()["devices"][0]["ledger"]
+    assert [entry["model"] for entry in ledger] == ["slow"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+def test_no_worker_survives_the_server(start_server: Any, sig: int) -> None:
+    server = start_server({
+        "physical_models": {"a": fake_model(), "b": fake_model()},
+        "virtual_models": {"a": {"physical": "a"}, "b": {"physical": "b"}},
+    })
+    for model in ("a", "b"):
+        reply = httpx.post(f"{server.url}/v1/chat/completions", timeout=30, json={
+            "model": model, "messages": [{"role": "user", "content": "hi"}]})
+        assert reply.status_code == 200
+    pids = {m["pid"] for m in server.state()["models"]}
+    assert len(pids) == 2 and None not in pids
+    server.stop(sig)
+    wait_until(lambda: not workers_of(server.proc.pid), 5, "every worker to exit")
+
+
+def test_the_server_process_never_imports_a_model_runtime() -> None:
+    code = (
+        "import sys, llmux.cli, llmux.runtime, llmux.http.app, llmux.workers.handle\n"
+        "bad = {'torch', 'transformers', 'llama_cpp', 'faster_whisper', 'piper', "
+        "'chatterbox', 'ctranslate2', 'onnxruntime', 'numpy', 'pynvml'}\n"
+        "print(sorted(bad & set(sys.modules)))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                         text=True, check=True)
+    assert out.stdout.strip() == "[]"
