@@ -15,7 +15,6 @@ import signal
 import sys
 import urllib.error
 import urllib.request
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -28,13 +27,6 @@ log = logging.getLogger("llmux")
 DEFAULT_CONFIG = "config/llmux.yaml"
 
 
-def state_dir(config: Config) -> Path:
-    if config.server.state_dir:
-        return Path(config.server.state_dir)
-    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
-    return Path(base) / "llmux"
-
-
 async def serve(config: Config, host: str, port: int) -> None:
     from hypercorn.asyncio import serve as hypercorn_serve
     from hypercorn.config import Config as HypercornConfig
@@ -42,7 +34,7 @@ async def serve(config: Config, host: str, port: int) -> None:
     from llmux.http.app import create_app
     from llmux.runtime import Runtime
 
-    runtime = Runtime(config, state_dir=state_dir(config))
+    runtime = Runtime(config, state_dir=config.server.resolved_state_dir())
     hconfig = HypercornConfig()
     hconfig.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     hconfig.graceful_timeout = 5.0

@@ -114,3 +114,53 @@ def test_the_server_process_never_imports_a_model_runtime() -> None:
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                          text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_llmux_state_prints_the_running_servers_state(start_server: Any) -> None:
+    server = start_server({
+        "physical_models": {"a": fake_model()}, "virtual_models": {"a": {"physical": "a"}}})
+    out = subprocess.run([sys.executable, "-m", "llmux.cli", "state", "--url", server.url],
+                         cwd=ROOT, capture_output=True, text=True, check=True)
+    assert "devices:" in out.stdout
+    assert "a " in out.stdout and "unloaded" in out.stdout
+
+
+@pytest.mark.parametrize("name", ["llmux.yaml", "kischdle-5070ti.yaml", "p40.yaml"])
+def test_check_config_accepts_every_shipped_config(name: str) -> None:
+    out = subprocess.run([sys.executable, "-m", "llmux.cli", "check-config",
+                          str(ROOT / "config" / name)], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "physical models" in out.stdout.lower()
+
+
+def test_check_config_lists_every_problem_and_fails(tmp_path: Any) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "physical_models:\n"
+        "  qwen3.5-4b: {type: llm, backend: fake, estimated_vram: 9 gigs, pinned: yes}\n"
+        "virtual_models:\n"
+        "  Q: {physical: nope}\n"
+    )
+    out = subprocess.run([sys.executable, "-m", "llmux.cli", "check-config", str(bad)],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 1
+    assert 'physical_models.qwen3.5-4b.estimated_vram: "9 gigs" is not a size' in out.stderr
+    assert 'physical_models.qwen3.5-4b.pinned: expected a boolean, got "yes"' in out.stderr
+    assert "virtual_models.Q.physical" in out.stderr
+
+
+def test_client_leaving_mid_stream_stops_generation(start_server: Any) -> None:
+    server = start_server({
+        "physical_models": {"slow": fake_model(tokens_per_s=20, reply="word " * 400)},
+        "virtual_models": {"slow": {"physical": "slow"}},
+    })
+    body = {"model": "slow", "messages": [{"role": "user", "content": "go"}], "stream": True}
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body,
+                      timeout=30) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        for line in response.iter_lines():
+            if '"content": "word ' in line:
+                break
+    # 400 tokens at 20/s would take 20 s: the job must end within a token or so
+    wait_until(lambda: server.model("slow")["in_flight"] == 0, 3, "the job to stop")
+    assert server.model("slow")["state"] == "ready"
