@@ -39,8 +39,8 @@ def free_port() -> int:
         return port
 
 
-def workers_of(pid: int) -> list[psutil.Process]:
-    """Live llmux worker processes started by the server ``pid`` (or orphaned by it)."""
+def live_workers() -> list[psutil.Process]:
+    """Every live llmux worker process on the machine (tests run one server at a time)."""
     found = []
     for proc in psutil.process_iter(["cmdline", "status"]):
         try:
@@ -121,4 +121,4 @@ def start_server(tmp_path: Path) -> Iterator[Any]:
     yield start
     for server in servers:
         server.stop()
-    wait_until(lambda: not any(workers_of(s.proc.pid) for s in servers), 10, "workers to exit")
+    wait_until(lambda: not live_workers(), 10, "workers to exit")

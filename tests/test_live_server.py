@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import ROOT, fake_model, wait_until, workers_of
+from tests.conftest import ROOT, fake_model, live_workers, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -101,7 +101,7 @@ def test_no_worker_survives_the_server(start_server: Any, sig: int) -> None:
     pids = {m["pid"] for m in server.state()["models"]}
     assert len(pids) == 2 and None not in pids
     server.stop(sig)
-    wait_until(lambda: not workers_of(server.proc.pid), 5, "every worker to exit")
+    wait_until(lambda: not live_workers(), 5, "every worker to exit")
 
 
 def test_the_server_process_never_imports_a_model_runtime() -> None:
