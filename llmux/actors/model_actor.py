@@ -135,7 +135,7 @@ class ModelActor(Actor[Message]):
         self._failures = 0
         self._retry_at = 0.0
         self._last_error: str | None = None
-        self._progress: tuple[float, str] | None = None
+        self._progress: float | None = None  # load fraction while LOADING
         self._load_count = 0
         self._last_used = clock()
         self._last_used_wall: float | None = None
@@ -169,15 +169,15 @@ class ModelActor(Actor[Message]):
             case Granted():
                 self._acquiring = False
                 self._transition(State.LOADING, "granted by the arbiter")
-                self._progress = (0.0, "starting worker")
+                self._progress = 0.0
                 self.spawn(self._load_worker, "load")
             case Refused(reason=reason, permanent=permanent):
                 self._acquiring = False
                 self._refused(reason, permanent)
             case Evict(reason=reason) | RequestUnload(reason=reason):
                 self._unload(reason)
-            case LoadProgress(fraction=fraction, text=text):
-                self._progress = (fraction, text)
+            case LoadProgress(fraction=fraction):
+                self._progress = fraction
                 self._tell_waiting(self._loading_status())
             case WorkerReady(worker=worker, reported_bytes=reported):
                 self._ready(worker, reported)
@@ -477,8 +477,7 @@ class ModelActor(Actor[Message]):
         job.reply.close()
 
     def _loading_status(self) -> Status:
-        fraction = self._progress[0] if self._progress else 0.0
-        return Status(f"loading {self.name} ({fraction:.0%})")
+        return Status(f"loading {self.name} ({self._progress or 0.0:.0%})")
 
     def _tell_waiting(self, reply: Reply) -> None:
         for job in self._queue:
@@ -506,7 +505,7 @@ class ModelActor(Actor[Message]):
             "in_flight": 1 if self._current is not None else 0,
             "last_used": self._last_used_wall,
             "load_count": self._load_count,
-            "load_progress": self._progress[0] if self._progress else None,
+            "load_progress": self._progress,
             "last_error": self._last_error,
         }
 
