@@ -109,6 +109,12 @@ def fake_model(**options: Any) -> dict[str, Any]:
                         **options}}
 
 
+def fake_config(**models: dict[str, Any]) -> dict[str, Any]:
+    """A config serving each physical model under a virtual model of the same name."""
+    return {"physical_models": models,
+            "virtual_models": {name: {"physical": name} for name in models}}
+
+
 @pytest.fixture
 def start_server(tmp_path: Path) -> Iterator[Any]:
     servers: list[Server] = []

@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import ROOT, fake_model, live_workers, wait_until
+from tests.conftest import ROOT, fake_config, fake_model, live_workers, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -64,8 +64,7 @@ async def test_worker_killed_mid_stream_fails_that_client_and_the_next_request_r
 ) -> None:
     server = start_server({
         "devices": {"cpu": {"capacity": "1GB"}},
-        "physical_models": {"slow": fake_model(tokens_per_s=20, reply="word " * 200)},
-        "virtual_models": {"slow": {"physical": "slow"}},
+        **fake_config(slow=fake_model(tokens_per_s=20, reply="word " * 200)),
     })
     client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
     stream = await client.chat.completions.create(
@@ -90,10 +89,7 @@ async def test_worker_killed_mid_stream_fails_that_client_and_the_next_request_r
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
 def test_no_worker_survives_the_server(start_server: Any, sig: int) -> None:
-    server = start_server({
-        "physical_models": {"a": fake_model(), "b": fake_model()},
-        "virtual_models": {"a": {"physical": "a"}, "b": {"physical": "b"}},
-    })
+    server = start_server(fake_config(a=fake_model(), b=fake_model()))
     for model in ("a", "b"):
         reply = httpx.post(f"{server.url}/v1/chat/completions", timeout=30, json={
             "model": model, "messages": [{"role": "user", "content": "hi"}]})
@@ -117,8 +113,7 @@ def test_the_server_process_never_imports_a_model_runtime() -> None:
 
 
 def test_llmux_state_prints_the_running_servers_state(start_server: Any) -> None:
-    server = start_server({
-        "physical_models": {"a": fake_model()}, "virtual_models": {"a": {"physical": "a"}}})
+    server = start_server(fake_config(a=fake_model()))
     out = subprocess.run([sys.executable, "-m", "llmux.cli", "state", "--url", server.url],
                          cwd=ROOT, capture_output=True, text=True, check=True)
     assert "devices:" in out.stdout
@@ -150,10 +145,7 @@ def test_check_config_lists_every_problem_and_fails(tmp_path: Any) -> None:
 
 
 def test_client_leaving_mid_stream_stops_generation(start_server: Any) -> None:
-    server = start_server({
-        "physical_models": {"slow": fake_model(tokens_per_s=20, reply="word " * 400)},
-        "virtual_models": {"slow": {"physical": "slow"}},
-    })
+    server = start_server(fake_config(slow=fake_model(tokens_per_s=20, reply="word " * 400)))
     body = {"model": "slow", "messages": [{"role": "user", "content": "go"}], "stream": True}
     with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body,
                       timeout=30) as response:
