@@ -10,9 +10,7 @@ STAMP := $(VENV)/.installed
 serve: $(STAMP)
 	$(BIN)/llmux serve --config $(CONFIG)
 
-test: $(STAMP)
-	$(BIN)/ruff check llmux tests $(wildcard bench)
-	$(BIN)/mypy
+test: lint
 	$(BIN)/pytest -q
 
 lint: $(STAMP)
