@@ -32,6 +32,8 @@ async def test_concurrent_streams_across_swapping_models_get_their_own_replies(
     server = start_server(THREE_MODELS_BUDGET_FOR_TWO)
     client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
     replies: dict[str, str] = {}
+    # NOTE: each client is closed in its own test: one collected after its event loop
+    # closed raises "Event loop is closed" inside whichever test runs next.
 
     async def ask(i: int) -> None:
         model = ["M-A", "M-B", "M-C"][i % 3]
@@ -43,7 +45,7 @@ async def test_concurrent_streams_across_swapping_models_get_their_own_replies(
         replies[marker] = text
 
     with anyio.fail_after(90):
-        async with anyio.create_task_group() as tg:
+        async with client, anyio.create_task_group() as tg:
             for i in range(24):
                 tg.start_soon(ask, i)
     assert replies == {marker: f"echo: say {marker}" for marker in replies}
@@ -66,25 +68,26 @@ async def test_worker_killed_mid_stream_fails_that_client_and_the_next_request_r
         "devices": {"cpu": {"capacity": "1GB"}},
         **fake_config(slow=fake_model(tokens_per_s=20, reply="word " * 200)),
     })
-    client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
-    stream = await client.chat.completions.create(
-        model="slow", messages=[{"role": "user", "content": "go"}], stream=True)
-    got = 0
-    with pytest.raises(openai.APIError, match="worker of slow died"):
-        async for chunk in stream:
-            if chunk.choices and chunk.choices[0].delta.content:
-                got += 1
-                if got == 3:
-                    os.kill(server.model("slow")["pid"], signal.SIGKILL)
-    assert got >= 3
-    reply = await client.chat.completions.create(
-        model="slow", messages=[{"role": "user", "content": "again"}], max_tokens=3)
-    assert reply.choices[0].message.content == "word word word "
-    assert reply.choices[0].finish_reason == "length"
-    model = server.model("slow")
-    assert model["load_count"] == 2 and model["state"] == "ready"
-    ledger = server.state()["devices"][0]["ledger"]
-    assert [entry["model"] for entry in ledger] == ["slow"]
+    async with openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused",
+                                  max_retries=0) as client:
+        stream = await client.chat.completions.create(
+            model="slow", messages=[{"role": "user", "content": "go"}], stream=True)
+        got = 0
+        with pytest.raises(openai.APIError, match="worker of slow died"):
+            async for chunk in stream:
+                if chunk.choices and chunk.choices[0].delta.content:
+                    got += 1
+                    if got == 3:
+                        os.kill(server.model("slow")["pid"], signal.SIGKILL)
+        assert got >= 3
+        reply = await client.chat.completions.create(
+            model="slow", messages=[{"role": "user", "content": "again"}], max_tokens=3)
+        assert reply.choices[0].message.content == "word word word "
+        assert reply.choices[0].finish_reason == "length"
+        model = server.model("slow")
+        assert model["load_count"] == 2 and model["state"] == "ready"
+        ledger = server.state()["devices"][0]["ledger"]
+        assert [entry["model"] for entry in ledger] == ["slow"]
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
