@@ -125,6 +125,7 @@ class Server:
     state_dir: str | None = None
     max_body_bytes: Size = 32 * 2**20
     max_upload_bytes: Size = 25 * 10**6
+    open_audio_lists: bool = True  # GET /v1/audio/models|voices without a key (Open WebUI)
 
     def resolved_state_dir(self, environ: Mapping[str, str] | None = None) -> Path:
         """``state_dir``, else ``$XDG_STATE_HOME/llmux``, else ``~/.local/state/llmux``."""
@@ -187,6 +188,9 @@ class PhysicalModel:
     python: str | None = None
     capabilities: list[str] = attrs.field(factory=list)
     max_concurrency: int = 1
+    # Speech models: the voice names clients use -> the backend's own voice (a reference
+    # clip, a speaker); "" = the backend's default. The first one is the default voice.
+    voices: dict[str, str] = attrs.field(factory=dict)
 
     def priority(self, policy: Policy) -> int:
         """Rank of this model's class (its type unless set); bigger is evicted later."""
@@ -528,6 +532,8 @@ def _check(config: Config, broken: _Broken) -> _Found:
         need(model.load_timeout_s > 0, (*path, "load_timeout_s"), "must be positive")
         need((model.idle_timeout_s or 0) >= 0, (*path, "idle_timeout_s"), "must not be negative")
         need(model.max_concurrency >= 1, (*path, "max_concurrency"), "must be at least 1")
+        need(not model.voices or model.type == "tts", (*path, "voices"),
+             f"only speech (tts) models have voices, this is a {model.type} model")
         klass = model.priority_class or model.type
         need(
             broken.policy

@@ -56,6 +56,7 @@ from llmux.actors.messages import (
     WorkerStopped,
 )
 from llmux.errors import (
+    BadRequest,
     DeadlineExceeded,
     InternalError,
     LlmuxError,
@@ -416,6 +417,8 @@ class ModelActor(Actor[Message]):
                         await self._forward(worker, job, Piece(dict(data)))
                     case wp.Done(data=data):
                         await self._finish(job, Finished(dict(data)))
+                    case wp.Failed(message=text, kind="invalid_request"):
+                        await self._finish(job, Failure(BadRequest(text)))
                     case wp.Failed(message=text):
                         await self._finish(job, Failure(InternalError(
                             f"{self.name} could not complete the request: {text}"

@@ -7,6 +7,12 @@ import threading
 from collections.abc import Callable, Generator, Mapping
 from typing import Any
 
+
+class InvalidInput(ValueError):
+    """The request cannot be served by this model (bad audio, too long a prompt, an
+    unsupported option): the client gets a 400 with this message, not a 500."""
+
+
 ProgressFn = Callable[[float, str], None]
 """``progress(fraction 0..1, message)``: becomes a Progress frame to the server."""
 
@@ -33,8 +39,9 @@ class Backend(abc.ABC):
         self, op: str, payload: Mapping[str, Any], cancelled: threading.Event
     ) -> Generator[dict[str, Any], None, dict[str, Any]]:
         """Yield chunk data, return done data. Check ``cancelled`` between tokens and
-        then return ``{"finish_reason": "cancelled", ...}``. Raise for a bad request
-        (unknown op included): the worker reports Failed and stays usable."""
+        then return ``{"finish_reason": "cancelled", ...}``. Raise ``InvalidInput`` for
+        a request the model cannot serve (a 400), anything else for a fault (a 500):
+        either way the worker reports Failed and stays usable."""
 
     def footprint_bytes(self) -> int | None:
         """What the runtime knows of its own memory use (None: unknown)."""

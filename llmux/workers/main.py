@@ -25,7 +25,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any, BinaryIO, Final, NoReturn
 
-from llmux.backends.base import Backend
+from llmux.backends.base import Backend, InvalidInput
 from llmux.workers.protocol import (
     Cancel,
     Chunk,
@@ -213,6 +213,9 @@ class Worker:
                     break
                 self._writer.send(Chunk(id=request_id, data=data))
             self._writer.send(Done(id=request_id, data=dict(done or {})))
+        except InvalidInput as exc:
+            log.info("request %d (%s) refused: %s", request_id, op, exc)
+            self._writer.send(Failed(id=request_id, message=str(exc), kind="invalid_request"))
         except Exception as exc:
             log.warning("request %d (%s) failed: %s", request_id, op, exc)
             self._writer.send(Failed(id=request_id, message=f"{type(exc).__name__}: {exc}"))

@@ -44,6 +44,8 @@ MAX_FRAME_BYTES: Final = 64 * 1024 * 1024
 
 _HEADER: Final = struct.Struct(">I")
 
+FAILURE_KINDS: Final = frozenset({"internal", "invalid_request"})
+
 
 class ProtocolError(Exception):
     """The byte stream is not a valid frame sequence; the connection is unusable."""
@@ -133,11 +135,16 @@ class Done(Frame):
 
 @attrs.frozen
 class Failed(Frame):
-    """Request ``id`` raised; the worker is still usable."""
+    """Request ``id`` raised; the worker is still usable.
+
+    ``kind`` says whose fault it was: ``"invalid_request"`` (the backend refused the
+    input: the client gets a 400) or ``"internal"`` (a 500).
+    """
 
     tag: ClassVar[str] = "failed"
     id: int = attrs.field(validator=_strict_int)
     message: str = attrs.field(validator=_str)
+    kind: str = attrs.field(default="internal", validator=attrs.validators.in_(FAILURE_KINDS))
 
 
 # -- parent -> worker --------------------------------------------------------------

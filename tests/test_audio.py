@@ -1,0 +1,282 @@
+"""The audio codec layer: uploads in every accepted format, bad uploads, streamed speech."""
+
+from __future__ import annotations
+
+import array
+import functools
+import io
+import itertools
+import math
+import random
+import struct
+import zlib
+from pathlib import Path
+
+import av
+import pytest
+from av.audio.frame import AudioFrame
+from av.audio.resampler import AudioResampler
+from av.audio.stream import AudioStream
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from llmux.audio.decode import ACCEPTED_FORMATS, SAMPLE_RATE, decode_to_pcm, duration_s
+from llmux.audio.encode import PCM_RATE, SPEECH_FORMATS, SpeechEncoder
+from llmux.errors import BadRequest
+
+TONE_HZ = 440
+SEND_ONE_OF = "Send one of: flac, mp3, mp4, mpeg, mpga, m4a, ogg, wav, webm."
+
+# accepted format -> (muxer, encoder) that ffmpeg makes it with
+UPLOAD_RECIPES = {
+    "flac": ("flac", "flac"),
+    "mp3": ("mp3", "libmp3lame"),
+    "mp4": ("mp4", "aac"),
+    "mpeg": ("mpeg", "mp2"),  # MPEG-PS with MPEG-1 layer II audio
+    "mpga": ("mp3", "libmp3lame"),  # an .mpga is an MP3 under another name
+    "m4a": ("ipod", "aac"),
+    "ogg": ("ogg", "libopus"),  # no libvorbis in PyAV's ffmpeg
+    "wav": ("wav", "pcm_s16le"),
+    "webm": ("webm", "libopus"),
+}
+
+
+@functools.cache
+def tone(seconds: float, rate: int, channels: int) -> bytes:
+    """A 440 Hz sine as interleaved int16 samples, a quarter of full scale."""
+    samples = array.array("h")
+    for i in range(int(seconds * rate)):
+        value = int(8000 * math.sin(2 * math.pi * TONE_HZ * i / rate))
+        samples.extend([value] * channels)
+    return samples.tobytes()
+
+
+@functools.cache
+def upload(fmt: str, seconds: float = 1.5) -> bytes:
+    """A 48 kHz stereo tone in accepted format ``fmt``, made by ffmpeg, as a client sends it."""
+    muxer, codec = UPLOAD_RECIPES[fmt]
+    rate = 48000
+    frame = AudioFrame(format="s16", layout="stereo", samples=int(seconds * rate))
+    frame.planes[0].update(tone(seconds, rate, 2))
+    frame.sample_rate = rate
+    out = io.BytesIO()  # mp4 and m4a need a seekable file to write their index
+    with av.open(out, mode="w", format=muxer) as container:
+        stream = container.add_stream(codec, rate=rate, layout="stereo")
+        assert isinstance(stream, AudioStream)
+        container.start_encoding()
+        ctx = stream.codec_context
+        to_codec = AudioResampler(format=ctx.format, layout="stereo", rate=rate,
+                                  frame_size=ctx.frame_size or None)
+        for converted in [*to_codec.resample(frame), *to_codec.resample(None)]:
+            container.mux(stream.encode(converted))
+        container.mux(stream.encode(None))
+    return out.getvalue()
+
+
+def samples(pcm: bytes) -> array.array[float]:
+    values = array.array("f")
+    values.frombytes(pcm)
+    return values
+
+
+def pitch_hz(pcm: bytes) -> float:
+    """The frequency of a decoded sine, from its zero crossings in the middle half."""
+    values = samples(pcm)
+    middle = values[len(values) // 4 : 3 * len(values) // 4]
+    crossings = sum(1 for a, b in itertools.pairwise(middle) if (a < 0) != (b < 0))
+    return crossings / 2 / (len(middle) / SAMPLE_RATE)
+
+
+def png() -> bytes:
+    """A valid 1x1 grey PNG: ffmpeg opens it, as an image."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data)
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    header = struct.pack(">IIBBBBB", 1, 1, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+            + chunk(b"IDAT", zlib.compress(b"\x00\x00")) + chunk(b"IEND", b""))
+
+
+def not_audio(detail: str) -> str:
+    return f"The uploaded file is not audio llmux can decode ({detail}). {SEND_ONE_OF}"
+
+
+# -- decoding uploads ---------------------------------------------------------------------
+
+
+def test_the_recipes_cover_every_accepted_format() -> None:
+    assert sorted(UPLOAD_RECIPES) == sorted(ACCEPTED_FORMATS)
+
+
+@pytest.mark.parametrize("fmt", ACCEPTED_FORMATS)
+def test_each_accepted_format_decodes_to_its_duration_and_pitch(fmt: str) -> None:
+    pcm = decode_to_pcm(upload(fmt))
+
+    # Lossy codecs add priming and padding samples (AAC: 1024, MP2: a frame).
+    assert duration_s(pcm) == pytest.approx(1.5, abs=0.1)
+    assert max(abs(v) for v in samples(pcm)) > 0.1
+    assert pitch_hz(pcm) == pytest.approx(TONE_HZ, rel=0.02)  # so it really is 16 kHz
+
+
+def test_duration_counts_float32_samples_at_16_khz() -> None:
+    assert duration_s(bytes(4 * SAMPLE_RATE * 3)) == 3.0
+
+
+def test_a_truncated_file_returns_what_decoded() -> None:
+    whole = upload("mp3")
+
+    pcm = decode_to_pcm(whole[: len(whole) // 2])
+
+    assert 0.5 < duration_s(pcm) < 1.0
+
+
+@pytest.mark.parametrize(
+    ("data", "detail"),
+    [
+        pytest.param(b"", "the file is empty", id="empty"),
+        pytest.param(random.Random(0).randbytes(4096),
+                     "ffmpeg could not read it: Invalid data found when processing input",
+                     id="garbage"),
+        pytest.param(png(), "it has no audio stream", id="png"),
+        pytest.param(b"Meeting notes, Tuesday.\nAgenda: audio.\n" * 20,
+                     "ffmpeg could not read it: Invalid data found when processing input",
+                     id="text"),
+        pytest.param(upload("wav")[:30],
+                     "ffmpeg could not read it: Invalid data found when processing input",
+                     id="truncated-wav-header"),
+    ],
+)
+def test_a_file_that_is_not_audio_is_a_bad_request_on_file(data: bytes, detail: str) -> None:
+    with pytest.raises(BadRequest) as caught:
+        decode_to_pcm(data)
+
+    assert caught.value.param == "file"
+    assert caught.value.message == not_audio(detail)
+
+
+def test_audio_longer_than_max_seconds_is_a_bad_request() -> None:
+    with pytest.raises(BadRequest) as caught:
+        decode_to_pcm(upload("wav"), max_seconds=1)
+
+    assert caught.value.param == "file"
+    assert caught.value.message == (
+        "The uploaded audio is longer than the limit of 1 s; send a shorter recording or split it."
+    )
+
+
+def test_audio_within_max_seconds_decodes() -> None:
+    assert duration_s(decode_to_pcm(upload("wav"), max_seconds=2)) == pytest.approx(1.5)
+
+
+def test_an_upload_cannot_make_ffmpeg_open_other_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "secret.wav").write_bytes(upload("wav"))
+    monkeypatch.chdir(tmp_path)  # the concat demuxer resolves names against the cwd
+
+    with pytest.raises(BadRequest) as caught:
+        decode_to_pcm(b"ffconcat version 1.0\nfile secret.wav\n")
+
+    assert caught.value.message == not_audio("ffmpeg could not read it: Invalid argument")
+
+
+@settings(max_examples=50, deadline=None)
+@given(data=st.binary(max_size=4096))
+def test_random_bytes_decode_or_raise_bad_request_only(data: bytes) -> None:
+    try:
+        pcm = decode_to_pcm(data, max_seconds=30)
+    except BadRequest as exc:
+        assert exc.param == "file"
+    else:
+        assert pcm
+        assert len(pcm) % 4 == 0
+
+
+@settings(max_examples=50, deadline=None)
+@given(fmt=st.sampled_from(ACCEPTED_FORMATS), cut=st.integers(min_value=0),
+       flips=st.lists(st.tuples(st.integers(min_value=0), st.integers(0, 255)), max_size=20))
+def test_damaged_audio_decodes_or_raises_bad_request_only(
+    fmt: str, cut: int, flips: list[tuple[int, int]]
+) -> None:
+    data = bytearray(upload(fmt))
+    for at, value in flips:
+        data[at % len(data)] = value
+    try:
+        decode_to_pcm(bytes(data[: 1 + cut % len(data)]))
+    except BadRequest as exc:
+        assert exc.param == "file"
+
+
+# -- encoding speech ----------------------------------------------------------------------
+
+SPEECH_RATE = 22050
+
+
+def encode_in_chunks(fmt: str, seconds: float = 2.0, chunk_s: float = 0.1) -> list[bytes]:
+    """What ``feed()`` returns for each chunk of a tone, then what ``finish()`` returns."""
+    pcm = tone(seconds, SPEECH_RATE, 1)
+    step = 2 * int(chunk_s * SPEECH_RATE)
+    encoder = SpeechEncoder(fmt, SPEECH_RATE)
+    outputs = [encoder.feed(pcm[i : i + step]) for i in range(0, len(pcm), step)]
+    return [*outputs, encoder.finish()]
+
+
+@pytest.mark.parametrize("fmt", sorted(set(SPEECH_FORMATS) - {"pcm"}))
+def test_each_speech_format_decodes_back_to_its_duration(fmt: str) -> None:
+    pcm = decode_to_pcm(b"".join(encode_in_chunks(fmt)))
+
+    # MP3 and ADTS carry no priming information, so their padding stays in.
+    assert duration_s(pcm) == pytest.approx(2.0, abs=0.15)
+    assert pitch_hz(pcm) == pytest.approx(TONE_HZ, rel=0.02)
+
+
+def test_pcm_is_int16_at_24_khz() -> None:
+    out = b"".join(encode_in_chunks("pcm"))
+
+    assert len(out) == pytest.approx(2 * PCM_RATE * 2.0, abs=2 * PCM_RATE * 0.01)
+    assert len(out) % 2 == 0
+
+
+@pytest.mark.parametrize("fmt", sorted(SPEECH_FORMATS))
+def test_each_speech_format_streams_while_fed(fmt: str) -> None:
+    outputs = encode_in_chunks(fmt)
+
+    # Not just a header up front: the second second of audio comes out as it is fed.
+    assert sum(len(chunk) for chunk in outputs[:10]) > 0
+    assert sum(len(chunk) for chunk in outputs[10:20]) > 0
+
+
+def test_streamed_wav_has_placeholder_sizes() -> None:
+    wav = b"".join(encode_in_chunks("wav"))
+
+    assert wav.startswith(b"RIFF\xff\xff\xff\xffWAVE")
+
+
+def test_chunks_may_split_a_sample() -> None:
+    pcm = tone(1.0, SPEECH_RATE, 1)
+    even, odd = SpeechEncoder("wav", SPEECH_RATE), SpeechEncoder("wav", SPEECH_RATE)
+
+    whole = even.feed(pcm) + even.finish()
+    pieces = b"".join(odd.feed(pcm[i : i + 1001]) for i in range(0, len(pcm), 1001))
+
+    assert pieces + odd.finish() == whole
+
+
+@pytest.mark.parametrize(("fmt", "content_type"), sorted(SPEECH_FORMATS.items()))
+def test_each_speech_format_has_its_content_type(fmt: str, content_type: str) -> None:
+    assert SpeechEncoder(fmt, SPEECH_RATE).content_type == content_type
+
+
+def test_an_unknown_speech_format_is_a_value_error() -> None:
+    with pytest.raises(ValueError, match="unknown speech format 'ogg'"):
+        SpeechEncoder("ogg", SPEECH_RATE)
+
+
+def test_a_finished_encoder_refuses_more_audio() -> None:
+    encoder = SpeechEncoder("mp3", SPEECH_RATE)
+    encoder.finish()
+
+    with pytest.raises(ValueError, match="finished"):
+        encoder.feed(tone(0.1, SPEECH_RATE, 1))
