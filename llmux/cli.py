@@ -8,6 +8,7 @@ cleanup stops its worker before the process exits.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import logging
 import os
@@ -15,10 +16,12 @@ import signal
 import sys
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import anyio
 
+from llmux.auth import KeyStore
 from llmux.config import Config, ConfigError, load_config
 from llmux.config_report import format_bytes, render_summary
 
@@ -27,7 +30,25 @@ log = logging.getLogger("llmux")
 DEFAULT_CONFIG = "config/llmux.yaml"
 
 
-async def serve(config: Config, host: str, port: int) -> None:
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is only reachable from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def open_server_problem(keys: KeyStore, host: str) -> str | None:
+    """Why the server must not start: no keys on an address others can reach."""
+    if keys.enabled or is_loopback(host):
+        return None
+    return (f"refusing to serve {host} without API keys: anyone who can reach it could use "
+            "every model. Set server.api_keys_file (or --api-keys FILE), or bind 127.0.0.1.")
+
+
+async def serve(config: Config, host: str, port: int, keys: KeyStore) -> None:
     from hypercorn.asyncio import serve as hypercorn_serve
     from hypercorn.config import Config as HypercornConfig
 
@@ -38,7 +59,7 @@ async def serve(config: Config, host: str, port: int) -> None:
     hconfig = HypercornConfig()
     hconfig.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     hconfig.graceful_timeout = 5.0
-    hconfig.accesslog = logging.getLogger("llmux.access")
+    hconfig.accesslog = None  # llmux.http.auth logs each request with its key's name
     hconfig.errorlog = logging.getLogger("llmux.hypercorn")
     shutdown = anyio.Event()
 
@@ -54,7 +75,7 @@ async def serve(config: Config, host: str, port: int) -> None:
         await tg.start(runtime.run)
         log.info("llmux serving %d virtual models on http://%s:%d",
                  len(config.virtual_models), host, port)
-        await hypercorn_serve(create_app(runtime), hconfig,  # type: ignore[arg-type]
+        await hypercorn_serve(create_app(runtime, keys), hconfig,  # type: ignore[arg-type]
                               shutdown_trigger=shutdown.wait)
         tg.cancel_scope.cancel()
     log.info("llmux stopped")
@@ -68,7 +89,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 1
     host = args.host or config.server.host
     port = args.port if args.port is not None else config.server.port
-    anyio.run(serve, config, host, port, backend="asyncio")
+    keys_file = args.api_keys or config.server.api_keys_file
+    try:
+        keys = KeyStore(Path(keys_file) if keys_file else None)
+    except ConfigError as exc:
+        print_problems(str(keys_file), exc)
+        return 1
+    problem = open_server_problem(keys, host)
+    if problem:
+        print(f"llmux: {problem}", file=sys.stderr)
+        return 2
+    if keys.enabled:
+        log.info("authentication on: %d API keys (%s)", len(keys.keys),
+                 ", ".join(k.name for k in keys.keys))
+    else:
+        log.warning("no API keys configured: serving without authentication, on the "
+                    "loopback address %s only", host)
+    anyio.run(serve, config, host, port, keys, backend="asyncio")
     return 0
 
 
@@ -132,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=os.environ.get("LLMUX_CONFIG", DEFAULT_CONFIG))
     p.add_argument("--host")
     p.add_argument("--port", type=int)
+    p.add_argument("--api-keys", metavar="FILE",
+                   help="API keys file (overrides server.api_keys_file)")
     p.set_defaults(func=cmd_serve)
     p = sub.add_parser("check-config", help="validate a config file and summarise it")
     p.add_argument("file")

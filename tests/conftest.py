@@ -63,14 +63,17 @@ def wait_until(predicate: Any, timeout: float, what: str) -> None:
 class Server:
     """A running ``llmux serve`` subprocess."""
 
-    def __init__(self, config: dict[str, Any], tmp: Path) -> None:
+    def __init__(self, config: dict[str, Any], tmp: Path, *args: str,
+                 admin_key: str | None = None) -> None:
         self.port = free_port()
+        self.admin_headers = {"Authorization": f"Bearer {admin_key}"} if admin_key else {}
         config.setdefault("server", {}).update(port=self.port, state_dir=str(tmp / "state"))
         self.config_path = tmp / "llmux.yaml"
-        self.config_path.write_text(yaml.safe_dump(config))
+        self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
         self.log = (tmp / "server.log").open("w+")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "llmux.cli", "serve", "--config", str(self.config_path)],
+            [sys.executable, "-m", "llmux.cli", "serve", "--config", str(self.config_path),
+             *args],
             stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT,
         )
         self.url = f"http://127.0.0.1:{self.port}"
@@ -90,7 +93,8 @@ class Server:
         return self.log.read()
 
     def state(self) -> dict[str, Any]:
-        data: dict[str, Any] = httpx.get(f"{self.url}/admin/state", timeout=5).json()
+        data: dict[str, Any] = httpx.get(f"{self.url}/admin/state", timeout=5,
+                                         headers=self.admin_headers).json()
         return data
 
     def model(self, model_id: str) -> dict[str, Any]:
@@ -119,8 +123,8 @@ def fake_config(**models: dict[str, Any]) -> dict[str, Any]:
 def start_server(tmp_path: Path) -> Iterator[Any]:
     servers: list[Server] = []
 
-    def start(config: dict[str, Any]) -> Server:
-        server = Server(config, tmp_path)
+    def start(config: dict[str, Any], *args: str, admin_key: str | None = None) -> Server:
+        server = Server(config, tmp_path, *args, admin_key=admin_key)
         servers.append(server)
         return server
 

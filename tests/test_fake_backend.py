@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import struct
 import threading
@@ -11,6 +12,7 @@ from typing import Any
 import pytest
 
 from llmux.backends import BACKEND_MODULES, load_backend_class
+from llmux.backends.base import InvalidInput
 from llmux.backends.fake import FakeBackend, parse_size
 
 Stream = Generator[dict[str, Any], None, dict[str, Any]]
@@ -155,13 +157,32 @@ def test_speech_streams_a_pcm_chunk_per_word() -> None:
                                            threading.Event())
     chunks, done = drain(stream)
     assert [len(c["pcm"]) for c in chunks] == [600 * 2] * 3  # 0.025 s of int16 each
+    assert all(c["sample_rate"] == 24000 for c in chunks)
     assert all(type(c["pcm"]) is bytes for c in chunks)
     assert done == {"sample_rate": 24000, "finish_reason": "stop"}
 
 
-def test_unknown_op_raises() -> None:
-    with pytest.raises(ValueError, match="fake backend does not support op 'draw'"):
+def test_unknown_op_is_invalid_input() -> None:
+    with pytest.raises(InvalidInput, match="fake backend does not support 'draw'"):
         fake().infer("draw", {}, threading.Event())
+
+
+def test_a_prompt_longer_than_the_context_is_invalid_input() -> None:
+    with pytest.raises(InvalidInput, match="The prompt has 7 tokens; this model's context "
+                                           "holds 4"):
+        drain(chat(fake(context_length=4), "one two three four five"))
+
+
+def test_offered_tools_are_called_with_streamed_arguments() -> None:
+    tools = [{"type": "function", "function": {"name": "lookup"}}]
+    stream = fake(tool_calls=True).infer(
+        "chat", {"messages": [{"role": "user", "content": "find x"}], "tools": tools},
+        threading.Event())
+    chunks, done = drain(stream)
+    arguments = "".join(c["tool_calls"][0]["function"]["arguments"] for c in chunks)
+    assert json.loads(arguments) == {"text": "find x"}
+    assert chunks[0]["tool_calls"][0]["function"]["name"] == "lookup"
+    assert done["finish_reason"] == "tool_calls"
 
 
 def test_print_noise_writes_to_stdout(capfd: pytest.CaptureFixture[str]) -> None:

@@ -4,6 +4,7 @@ processes with the fake backend, the openai SDK and httpx as clients."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -158,4 +159,23 @@ def test_client_leaving_mid_stream_stops_generation(start_server: Any) -> None:
                 break
     # 400 tokens at 20/s would take 20 s: the job must end within a token or so
     wait_until(lambda: server.model("slow")["in_flight"] == 0, 3, "the job to stop")
-    assert server.model("slow")["state"] == "ready"
+    model = server.model("slow")
+    assert model["state"] == "ready" and model["jobs_cancelled"] == 1
+    stopped = re.search(r"slow: job \d+ stopped by its worker after (\d+) tokens", server.logs())
+    assert stopped is not None and int(stopped.group(1)) <= 5
+
+
+def test_client_leaving_the_queue_leaves_it_at_once(start_server: Any) -> None:
+    server = start_server(fake_config(slow=fake_model(tokens_per_s=20, reply="word " * 400)))
+    body = {"model": "slow", "messages": [{"role": "user", "content": "go"}], "stream": True}
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body,
+                      timeout=30) as running:
+        first_lines = running.iter_lines()  # NOTE: a dropped iterator closes the connection
+        next(first_lines)
+        with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body,
+                          timeout=30) as queued:
+            queued_lines = queued.iter_lines()
+            next(queued_lines)
+            wait_until(lambda: server.model("slow")["queue_depth"] == 1, 3, "a queued job")
+        wait_until(lambda: server.model("slow")["queue_depth"] == 0, 1, "the queue to empty")
+        assert server.model("slow")["in_flight"] == 1  # the first client is still served

@@ -131,7 +131,7 @@ def test_decoder_limit_is_configurable() -> None:
 
 
 def test_encoding_an_oversize_frame_raises() -> None:
-    with pytest.raises(ProtocolError, match="exceeds the 67108864 byte limit"):
+    with pytest.raises(ProtocolError, match=f"exceeds the {MAX_FRAME_BYTES} byte limit"):
         encode(Chunk(id=1, data={"pcm": bytes(MAX_FRAME_BYTES)}))
 
 

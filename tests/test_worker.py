@@ -177,7 +177,8 @@ async def test_failed_request_leaves_the_worker_usable() -> None:
         await load(handle)
         await handle.send(Infer(id=1, op="draw", payload={}))
         assert await collect(handle, 1) == [
-            Failed(id=1, message="ValueError: fake backend does not support op 'draw'")]
+            Failed(id=1, message="the fake backend does not support 'draw'",
+                   kind="invalid_request")]
         await handle.send(Infer(id=2, op="chat", payload=chat_payload()))
         assert isinstance((await collect(handle, 2))[-1], Done)
 

@@ -138,6 +138,7 @@ class ModelActor(Actor[Message]):
         self._last_error: str | None = None
         self._progress: float | None = None  # load fraction while LOADING
         self._load_count = 0
+        self._jobs_cancelled = 0  # jobs the worker stopped early on a cancel
         self._last_used = clock()
         self._last_used_wall: float | None = None
         self._reported = (False, 0)
@@ -416,6 +417,8 @@ class ModelActor(Actor[Message]):
                     case wp.Chunk(data=data):
                         await self._forward(worker, job, Piece(dict(data)))
                     case wp.Done(data=data):
+                        if data.get("finish_reason") == "cancelled":
+                            self._note_stopped(job, data)
                         await self._finish(job, Finished(dict(data)))
                     case wp.Failed(message=text, kind="invalid_request"):
                         await self._finish(job, Failure(BadRequest(text)))
@@ -440,6 +443,12 @@ class ModelActor(Actor[Message]):
         except (anyio.BrokenResourceError, anyio.ClosedResourceError):
             job.cancelled = True  # the client left: stop generating within one token
             self._send_to_worker(wp.Cancel(job.id))
+
+    def _note_stopped(self, job: Job, data: dict[str, Any]) -> None:
+        """The worker confirmed a cancel: count it, and say how far it had got."""
+        self._jobs_cancelled += 1
+        tokens = (data.get("usage") or {}).get("completion_tokens", "?")
+        log.info("%s: job %d stopped by its worker after %s tokens", self.name, job.id, tokens)
 
     async def _finish(self, job: Job, reply: Reply, *, post: bool = True) -> None:
         await self._forward_final(job, reply)
@@ -508,6 +517,7 @@ class ModelActor(Actor[Message]):
             "in_flight": 1 if self._current is not None else 0,
             "last_used": self._last_used_wall,
             "load_count": self._load_count,
+            "jobs_cancelled": self._jobs_cancelled,
             "load_progress": self._progress,
             "last_error": self._last_error,
         }

@@ -6,13 +6,16 @@ SIGTERM, noise on stdout) against a real worker process:
 
     load_time_s, footprint ("200MB", "64MiB" or bytes), tokens_per_s, reply, reasoning,
     fail_on_load, crash_after_tokens, hang_after_tokens, hang_on_load, embedding_dim,
-    sample_rate, print_noise, ignore_sigterm, spawn_child, context_length
+    sample_rate, print_noise, ignore_sigterm, spawn_child, context_length (a longer
+    prompt, in words, is refused as invalid input), tool_calls (true: when tools are
+    offered, call the first with ``{"text": <last user message>}``)
 """
 
 from __future__ import annotations
 
 import array
 import hashlib
+import json
 import math
 import os
 import random
@@ -25,7 +28,7 @@ import time
 from collections.abc import Generator, Mapping
 from typing import Any, Final
 
-from llmux.backends.base import Backend, ProgressFn
+from llmux.backends.base import Backend, InvalidInput, ProgressFn
 
 __all__ = ["FakeBackend", "parse_size"]
 
@@ -99,6 +102,8 @@ class FakeBackend(Backend):
         self.embedding_dim = int(opts.get("embedding_dim", 8))
         self.sample_rate = int(opts.get("sample_rate", 16000))
         self.noisy = bool(opts.get("print_noise", False))
+        self.context_length = int(opts.get("context_length", 4096))
+        self.calls_tools = bool(opts.get("tool_calls", False))
         self._memory = bytearray()
         self._child: subprocess.Popen[bytes] | None = None
 
@@ -127,7 +132,7 @@ class FakeBackend(Backend):
         self._memory[::_PAGE] = b"\x01" * len(range(0, self.footprint, _PAGE))
         progress(1.0, f"loaded {self.model_id}")
         return {
-            "context_length": int(opts.get("context_length", 4096)),
+            "context_length": self.context_length,
             "voices": ["fake"],
             "embedding_dim": self.embedding_dim,
             "sample_rate": self.sample_rate,
@@ -164,7 +169,14 @@ class FakeBackend(Backend):
                 messages = payload.get("messages") or []
                 texts = [_text_of(m.get("content")) for m in messages]
                 user = [_text_of(m.get("content")) for m in messages if m.get("role") == "user"]
-                reply = self.reply if self.reply is not None else "echo: " + (user or [""])[-1]
+                last = messages[-1] if messages else {}
+                if last.get("role") == "tool":
+                    reply = "tool said: " + _text_of(last.get("content"))
+                elif self.calls_tools and payload.get("tools"):
+                    return self._call_tool(texts, payload, (user or [""])[-1])
+                else:
+                    reply = self.reply if self.reply is not None else "echo: " + (
+                        user or [""])[-1]
                 return self._generate(texts, reply, payload, cancelled)
             case "complete":
                 prompt = str(payload.get("prompt", ""))
@@ -177,20 +189,38 @@ class FakeBackend(Backend):
             case "speech":
                 return self._speech(payload, cancelled)
             case _:
-                raise ValueError(f"fake backend does not support op {op!r}")
+                raise InvalidInput(f"the fake backend does not support {op!r}")
 
     def _generate(
         self, prompt_texts: list[str], reply: str, payload: Mapping[str, Any],
         cancelled: threading.Event,
     ) -> Stream:
+        prompt = sum(len(t.split()) for t in prompt_texts)
+        if prompt > self.context_length:
+            raise InvalidInput(f"The prompt has {prompt} tokens; this model's context holds "
+                               f"{self.context_length}. Shorten the conversation.")
         items = [("reasoning", t) for t in _words(self.reasoning or "")]
         items += [("text", t) for t in _words(reply)]
         max_tokens = payload.get("max_tokens")
         finish, completion = yield from self._tokens(items, max_tokens, cancelled)
-        prompt = sum(len(t.split()) for t in prompt_texts)
         usage = {"prompt_tokens": prompt, "completion_tokens": completion,
                  "total_tokens": prompt + completion}
         return {"finish_reason": finish, "usage": usage}
+
+    def _call_tool(self, prompt_texts: list[str], payload: Mapping[str, Any],
+                   text: str) -> Stream:
+        """One call of the first offered tool, its arguments streamed in two pieces."""
+        name = payload["tools"][0]["function"]["name"]
+        arguments = json.dumps({"text": text})
+        half = len(arguments) // 2
+        yield {"tool_calls": [{"index": 0, "id": f"call_{os.getpid()}_{len(text)}",
+                               "type": "function",
+                               "function": {"name": name, "arguments": arguments[:half]}}]}
+        yield {"tool_calls": [{"index": 0, "function": {"arguments": arguments[half:]}}]}
+        prompt = sum(len(t.split()) for t in prompt_texts)
+        return {"finish_reason": "tool_calls",
+                "usage": {"prompt_tokens": prompt, "completion_tokens": 2,
+                          "total_tokens": prompt + 2}}
 
     def _embed_all(self, payload: Mapping[str, Any]) -> Stream:
         inputs = payload.get("input", [])
@@ -204,7 +234,7 @@ class FakeBackend(Backend):
     def _transcribe(self, payload: Mapping[str, Any]) -> Stream:
         samples = payload.get("samples", b"")
         if not isinstance(samples, bytes):
-            raise TypeError("samples must be float32 little-endian bytes")
+            raise InvalidInput("samples must be float32 little-endian bytes")
         seconds = len(samples) / 4 / 16000
         text = self.reply if self.reply is not None else f"fake transcript of {seconds:.2f} s"
         language = payload.get("language") or "en"
@@ -215,7 +245,8 @@ class FakeBackend(Backend):
         per_word = max(1, round(self.sample_rate * _WORD_S / speed))
         words = _words(str(payload.get("text", "")))
         items = [("pcm", self._tone(i * per_word, per_word)) for i in range(len(words))]
-        finish, _ = yield from self._tokens(items, None, cancelled)
+        finish, _ = yield from self._tokens(items, None, cancelled,
+                                            extra={"sample_rate": self.sample_rate})
         return {"sample_rate": self.sample_rate, "finish_reason": finish}
 
     def _tone(self, start: int, count: int) -> bytes:
@@ -229,7 +260,7 @@ class FakeBackend(Backend):
 
     def _tokens(
         self, items: list[tuple[str, Any]], max_tokens: int | None, cancelled: threading.Event,
-        *, hazards: bool = True,
+        *, hazards: bool = True, extra: Mapping[str, Any] | None = None,
     ) -> Generator[dict[str, Any], None, tuple[str, int]]:
         """Emit ``items`` at ``tokens_per_s``; return (finish_reason, emitted).
 
@@ -245,7 +276,7 @@ class FakeBackend(Backend):
                 return "length", emitted
             if cancelled.is_set() or (delay and cancelled.wait(delay)):
                 return "cancelled", emitted
-            yield {key: value}
+            yield {key: value, **(extra or {})}
             emitted += 1
         if hazards:
             self._crash_or_hang(emitted)

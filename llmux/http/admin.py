@@ -10,6 +10,7 @@ from llmux.runtime import Runtime
 
 
 class AdminState:
+    access = "admin"
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
 
@@ -20,6 +21,8 @@ class AdminState:
 class AdminModels:
     """``POST /admin/models/{id}/load`` and ``/unload`` on a physical (or virtual) model.
     Both answer 202 at once: the actor does the work; ``/admin/state`` shows it."""
+
+    access = "admin"
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime

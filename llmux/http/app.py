@@ -1,37 +1,61 @@
-"""``create_app(runtime)``: the Falcon ASGI application, no module globals."""
+"""``create_app(runtime, keys)``: the Falcon ASGI application, no module globals."""
 
 from __future__ import annotations
 
 import time
+from importlib.metadata import PackageNotFoundError, version
 
 import falcon.asgi
 
+from llmux.auth import KeyStore
 from llmux.http import errors
 from llmux.http.admin import AdminModels, AdminState
+from llmux.http.auth import Access, AuthMiddleware
 from llmux.http.chat import ChatCompletions
+from llmux.http.completions import Completions
 from llmux.http.disconnect import ASGIApp, DisconnectWatcher
+from llmux.http.embeddings import Embeddings
 from llmux.http.models import Health, Models
+from llmux.http.openapi import OpenAPI, openapi_document
+from llmux.http.speech import AudioModels, AudioVoices, Speech
+from llmux.http.transcriptions import Transcriptions
 from llmux.runtime import Runtime
 
 FalconApp = falcon.asgi.App[falcon.asgi.Request, falcon.asgi.Response]
 
 
-def create_falcon_app(runtime: Runtime) -> FalconApp:
-    app = falcon.asgi.App(cors_enable=False)
+def llmux_version() -> str:
+    try:
+        return version("llmux")
+    except PackageNotFoundError:  # pragma: no cover - running from a bare checkout
+        return "0"
+
+
+def create_falcon_app(runtime: Runtime, keys: KeyStore) -> FalconApp:
+    app = falcon.asgi.App(cors_enable=False, middleware=[AuthMiddleware(keys)])
     app.req_options.strip_url_path_trailing_slash = True
     errors.install(app)
     models = Models(runtime, created=int(time.time()))
     admin_models = AdminModels(runtime)
+    lists: Access = "open" if runtime.config.server.open_audio_lists else "key"
     app.add_route("/health", Health(runtime))
+    app.add_route("/openapi.json", OpenAPI(openapi_document(llmux_version())))
     app.add_route("/v1/models", models)
     app.add_route("/v1/models/{model_id}", models, suffix="one")
     app.add_route("/v1/chat/completions", ChatCompletions(runtime))
+    app.add_route("/v1/completions", Completions(runtime))
+    app.add_route("/v1/embeddings", Embeddings(runtime))
+    app.add_route("/v1/audio/transcriptions", Transcriptions(runtime, "transcribe"))
+    app.add_route("/v1/audio/translations", Transcriptions(runtime, "translate"))
+    app.add_route("/v1/audio/speech", Speech(runtime))
+    app.add_route("/v1/audio/models", AudioModels(runtime, lists))
+    app.add_route("/v1/audio/voices", AudioVoices(runtime, lists))
     app.add_route("/admin/state", AdminState(runtime))
     app.add_route("/admin/models/{model_id}/load", admin_models, suffix="load")
     app.add_route("/admin/models/{model_id}/unload", admin_models, suffix="unload")
     return app
 
 
-def create_app(runtime: Runtime) -> ASGIApp:
+def create_app(runtime: Runtime, keys: KeyStore) -> ASGIApp:
     """The ASGI app Hypercorn serves: Falcon inside the disconnect watcher."""
-    return DisconnectWatcher(create_falcon_app(runtime))  # type: ignore[arg-type]
+    return DisconnectWatcher(create_falcon_app(runtime, keys))  # type: ignore[arg-type]

@@ -75,3 +75,29 @@ def number_in(body: dict[str, Any], name: str, low: float, high: float) -> float
         raise BadRequest(f"'{name}' must be between {low:g} and {high:g}, got {value:g}.",
                          param=name)
     return value
+
+
+def integer_in(body: dict[str, Any], name: str, low: int, high: int) -> int | None:
+    """An optional integer within ``[low, high]``."""
+    value = field(body, name, int)
+    if value is not None and not low <= value <= high:
+        raise BadRequest(f"'{name}' must be between {low} and {high}, got {value}.",
+                         param=name)
+    return value
+
+
+def string_list(body: dict[str, Any], name: str, *, required: bool = False,
+                max_items: int | None = None) -> list[str] | None:
+    """A string or a non-empty list of strings, as a list."""
+    value = body.get(name)
+    if value is None and not required:
+        return None
+    if isinstance(value, str):
+        return [value]
+    if not (isinstance(value, list) and value and all(isinstance(v, str) for v in value)):
+        raise BadRequest(f"'{name}' must be a string or a non-empty list of strings.",
+                         param=name)
+    if max_items is not None and len(value) > max_items:
+        raise BadRequest(f"'{name}' holds at most {max_items} items, got {len(value)}.",
+                         param=name)
+    return value

@@ -8,6 +8,7 @@ cancels the job at once.
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -16,17 +17,37 @@ from typing import Any
 import falcon.asgi
 from falcon.asgi import SSEvent
 
-from llmux.actors.messages import Failure, Finished, Piece, Reply, Started, Status
+from llmux.actors.messages import Failure, Finished, Piece, Reply, Status
 from llmux.chat.virtual import apply_virtual
+from llmux.config import PhysicalModel, VirtualModel
 from llmux.errors import BadRequest
-from llmux.http.body import field, number_in, read_json
-from llmux.http.disconnect import on_disconnect
+from llmux.http import params
+from llmux.http.auth import check_model
+from llmux.http.body import field, read_json
+from llmux.http.jobs import replies, run_whole, start_stream
 from llmux.runtime import Runtime, Ticket
 
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
+PART_TYPES = frozenset({"text", "image_url", "input_audio"})
 CHAT_TYPES = frozenset({"llm", "vlm"})
-PREFLIGHT_S = 0.5  # wait this long for a fast refusal before committing to a 200 stream
-KEEPALIVE_S = 1.0  # an SSE comment at least this often while nothing else is sent
+TOOL_CHOICES = ("none", "auto", "required")
+
+log = logging.getLogger(__name__)
+
+
+def _check_part(part: Any, where: str) -> None:
+    if not isinstance(part, dict) or part.get("type") not in PART_TYPES:
+        raise BadRequest(f"'{where}' must be an object whose type is one of "
+                         f"{', '.join(sorted(PART_TYPES))}.", param=where)
+    kind = part["type"]
+    if kind == "text" and not isinstance(part.get("text"), str):
+        raise BadRequest(f"'{where}.text' must be a string.", param=f"{where}.text")
+    if kind == "image_url":
+        image = part.get("image_url")
+        url = image.get("url") if isinstance(image, dict) else image
+        if not isinstance(url, str):
+            raise BadRequest(f"'{where}.image_url.url' must be a string.",
+                             param=f"{where}.image_url")
 
 
 def parse_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
@@ -42,47 +63,82 @@ def parse_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
             raise BadRequest(f"'{where}.role' must be one of {', '.join(sorted(ROLES))}.",
                              param=f"{where}.role")
         content = message.get("content")
-        if not (content is None or isinstance(content, str | list)):
+        if isinstance(content, list):
+            for j, part in enumerate(content):
+                _check_part(part, f"{where}.content[{j}]")
+        elif content is not None and not isinstance(content, str):
             raise BadRequest(f"'{where}.content' must be a string or a list of parts.",
                              param=f"{where}.content")
     return messages
 
 
-def sampling_params(body: dict[str, Any]) -> dict[str, Any]:
-    """The sampling parameters the client set, checked."""
-    max_tokens = field(body, "max_completion_tokens", int) or field(body, "max_tokens", int)
-    if max_tokens is not None and max_tokens < 1:
-        raise BadRequest("'max_tokens' must be at least 1.", param="max_tokens")
-    stop = body.get("stop")
-    if isinstance(stop, str):
-        stop = [stop]
-    if stop is not None and not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
-        raise BadRequest("'stop' must be a string or a list of strings.", param="stop")
-    return {
-        "max_tokens": max_tokens,
-        "temperature": number_in(body, "temperature", 0.0, 2.0),
-        "top_p": number_in(body, "top_p", 0.0, 1.0),
-        "min_p": number_in(body, "min_p", 0.0, 1.0),
-        "presence_penalty": number_in(body, "presence_penalty", -2.0, 2.0),
-        "frequency_penalty": number_in(body, "frequency_penalty", -2.0, 2.0),
-        "seed": field(body, "seed", int),
-        "stop": stop,
-        "tools": field(body, "tools", list),
-        "tool_choice": body.get("tool_choice"),
-        "response_format": field(body, "response_format", dict),
-    }
+def has_images(messages: list[dict[str, Any]]) -> bool:
+    return any(isinstance(m.get("content"), list)
+               and any(p.get("type") == "image_url" for p in m["content"]) for m in messages)
 
 
-async def preflight(ticket: Ticket) -> Reply | None:
-    """The first reply if it comes quickly: a refusal then becomes a proper HTTP error
-    instead of an error inside a 200 stream."""
-    try:
-        reply = await ticket.next(PREFLIGHT_S)
-    except TimeoutError:
-        return Status("waiting")
-    if isinstance(reply, Failure):
-        raise reply.error
-    return reply
+def parse_tools(body: dict[str, Any]) -> tuple[list[dict[str, Any]] | None, Any]:
+    """``tools`` and ``tool_choice``, checked."""
+    tools = field(body, "tools", list)
+    for i, tool in enumerate(tools or []):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not (isinstance(function, dict) and isinstance(function.get("name"), str)
+                and tool.get("type", "function") == "function"):
+            raise BadRequest(f"'tools[{i}]' must be {{\"type\": \"function\", \"function\": "
+                             "{\"name\": ..., \"parameters\": ...}}.", param=f"tools[{i}]")
+    choice: Any = body.get("tool_choice")
+    chosen: Any = choice.get("function") if isinstance(choice, dict) else None
+    named = isinstance(chosen, dict) and isinstance(chosen.get("name"), str)
+    if choice is not None and choice not in TOOL_CHOICES and not named:
+        raise BadRequest("'tool_choice' must be none, auto, required or "
+                         "{\"type\": \"function\", \"function\": {\"name\": ...}}.",
+                         param="tool_choice")
+    if named and chosen["name"] not in {t["function"]["name"] for t in tools or []}:
+        raise BadRequest("'tool_choice' names a function that is not in 'tools'.",
+                         param="tool_choice")
+    if (choice == "required" or named) and not tools:
+        raise BadRequest("'tool_choice' asks for a tool call but 'tools' is empty.",
+                         param="tool_choice")
+    return tools, choice
+
+
+def tool_params(physical: PhysicalModel, body: dict[str, Any]) -> dict[str, Any]:
+    """What the backend gets of ``tools``. A model that cannot call tools answers
+    normally when tools are merely offered (Open WebUI offers them with every chat)
+    and refuses only a request that demands a call."""
+    tools, choice = parse_tools(body)
+    if not tools or choice == "none":
+        return {}
+    if "tools" not in physical.capabilities:
+        if choice == "required" or isinstance(choice, dict):
+            raise BadRequest(f"The model '{body['model']}' cannot call tools, and "
+                             "'tool_choice' demands a tool call.", param="tool_choice")
+        log.info("%s cannot call tools: answering without the %d offered", physical.id,
+                 len(tools))
+        return {}
+    parallel = field(body, "parallel_tool_calls", bool)
+    return {k: v for k, v in (("tools", tools), ("tool_choice", choice),
+                              ("parallel_tool_calls", parallel)) if v is not None}
+
+
+def chat_payload(virtual: VirtualModel, physical: PhysicalModel,
+                 body: dict[str, Any]) -> dict[str, Any]:
+    """The worker payload of a chat request, every field checked."""
+    messages = parse_messages(body)
+    if has_images(messages) and physical.type != "vlm" and "vision" not in physical.capabilities:
+        raise BadRequest(f"The model '{body['model']}' cannot read images; send text only or "
+                         "use a vision model.", param="messages")
+    response_format = field(body, "response_format", dict)
+    if response_format is not None and response_format.get("type") not in (
+            "text", "json_object", "json_schema"):
+        raise BadRequest("'response_format.type' must be text, json_object or json_schema.",
+                         param="response_format")
+    payload = apply_virtual(virtual, messages, params.sampling(body),
+                            field(body, "chat_template_kwargs", dict))
+    payload.update(tool_params(physical, body))
+    if response_format is not None:
+        payload["response_format"] = response_format
+    return payload
 
 
 class ChatCompletions:
@@ -94,31 +150,42 @@ class ChatCompletions:
         name = field(body, "model", str, required=True)
         assert name is not None
         virtual, physical = self.runtime.resolve(name)
+        check_model(req, name)
         if physical.type not in CHAT_TYPES:
             raise BadRequest(f"'{name}' is a {physical.type} model and cannot chat.",
                              param="model")
-        n = field(body, "n", int)
-        if n not in (None, 1):
-            raise BadRequest("Only n=1 is supported: one choice per request.", param="n")
+        params.only_one_choice(body)
         stream = field(body, "stream", bool, default=False)
-        options = field(body, "stream_options", dict) or {}
-        messages = parse_messages(body)
-        payload = apply_virtual(virtual, messages, sampling_params(body),
-                                field(body, "chat_template_kwargs", dict))
-        ticket = self.runtime.submit(physical.id, "chat", payload)
-        on_disconnect(req.scope, ticket.cancel)
+        usage = params.include_usage(body)
+        ticket = self.runtime.submit(physical.id, "chat", chat_payload(virtual, physical, body))
         meta = Completion(model=name)
         if not stream:
-            try:
-                pieces, final = await ticket.collect()
-            finally:
-                ticket.cancel()
+            pieces, final = await run_whole(req, ticket)
             resp.media = meta.whole(pieces, final)
             return
-        first = await preflight(ticket)
-        resp.set_header("Cache-Control", "no-cache")
-        resp.set_header("X-Accel-Buffering", "no")
-        resp.sse = meta.events(ticket, first, bool(options.get("include_usage")))
+        first = await start_stream(req, ticket)
+        set_sse_headers(resp)
+        resp.sse = meta.events(ticket, first, usage)
+
+
+def set_sse_headers(resp: falcon.asgi.Response) -> None:
+    """No caching and no proxy buffering: every token is flushed to the client."""
+    resp.set_header("Cache-Control", "no-cache")
+    resp.set_header("X-Accel-Buffering", "no")
+
+
+def merge_tool_calls(pieces: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Streamed tool-call deltas (by ``index``) as whole calls."""
+    calls: dict[int, dict[str, Any]] = {}
+    for piece in pieces:
+        for delta in piece.get("tool_calls", ()):
+            call = calls.setdefault(delta.get("index", 0), {
+                "id": "", "type": "function", "function": {"name": "", "arguments": ""}})
+            call["id"] = delta.get("id") or call["id"]
+            function = delta.get("function") or {}
+            call["function"]["name"] += function.get("name") or ""
+            call["function"]["arguments"] += function.get("arguments") or ""
+    return [calls[i] for i in sorted(calls)]
 
 
 class Completion:
@@ -134,18 +201,20 @@ class Completion:
                 "system_fingerprint": None}
 
     def whole(self, pieces: list[dict[str, Any]], final: dict[str, Any]) -> dict[str, Any]:
-        message: dict[str, Any] = {
-            "role": "assistant",
-            "content": "".join(p.get("text", "") for p in pieces),
-        }
+        text = "".join(p.get("text", "") for p in pieces)
+        message: dict[str, Any] = {"role": "assistant", "content": text}
         reasoning = "".join(p.get("reasoning", "") for p in pieces)
         if reasoning:
             message["reasoning_content"] = reasoning
+        tool_calls = merge_tool_calls(pieces)
+        if tool_calls:
+            message["tool_calls"] = tool_calls
+            message["content"] = text or None
         return {
             **self._base("chat.completion"),
             "choices": [{"index": 0, "message": message, "logprobs": None,
                          "finish_reason": final.get("finish_reason", "stop")}],
-            "usage": final.get("usage"),
+            "usage": usage_of(final),
         }
 
     def chunk(self, delta: dict[str, Any], finish_reason: str | None = None,
@@ -157,38 +226,41 @@ class Completion:
             body["usage"] = usage
         return SSEvent(json=body)
 
-    async def events(self, ticket: Ticket, first: Reply | None,
+    async def events(self, ticket: Ticket, first: Reply,
                      include_usage: bool) -> AsyncIterator[SSEvent]:
-        """SSE events until ``[DONE]``; an error after the start is one error event."""
-        try:
-            yield self.chunk({"role": "assistant", "content": ""})
-            reply = first
-            while reply is not None:
-                match reply:
-                    case Status(text=text):
-                        yield SSEvent(comment=text)
-                    case Started():
-                        pass
-                    case Piece(data=data):
-                        delta = {k2: data[k1] for k1, k2 in
-                                 (("text", "content"), ("reasoning", "reasoning_content"))
-                                 if k1 in data}
-                        if delta:
-                            yield self.chunk(delta)
-                    case Finished(data=data):
-                        usage = data.get("usage")
-                        yield self.chunk({}, data.get("finish_reason", "stop"), usage)
-                        if include_usage:
-                            yield SSEvent(json={**self._base("chat.completion.chunk"),
-                                                "choices": [], "usage": usage})
-                        yield SSEvent(data=b"[DONE]")
-                        return
-                    case Failure(error=error):
-                        yield SSEvent(json=error.to_dict())
-                        return
-                try:
-                    reply = await ticket.next(KEEPALIVE_S)
-                except TimeoutError:
-                    reply = Status("waiting")
-        finally:
-            ticket.cancel()
+        """SSE events until ``[DONE]``; an error after the start is one error event.
+
+        ``usage`` rides on the final chunk whether or not it was asked for (Open WebUI
+        reads it there); ``include_usage`` adds OpenAI's separate usage-only chunk.
+        """
+        yield self.chunk({"role": "assistant", "content": ""})
+        async for reply in replies(ticket, first):
+            match reply:
+                case Status(text=text):
+                    yield SSEvent(comment=text)
+                case Piece(data=data):
+                    delta = {k2: data[k1] for k1, k2 in DELTA_KEYS if k1 in data}
+                    if delta:
+                        yield self.chunk(delta)
+                case Finished(data=data):
+                    usage = usage_of(data)
+                    yield self.chunk({}, data.get("finish_reason", "stop"), usage)
+                    if include_usage:
+                        yield SSEvent(json={**self._base("chat.completion.chunk"),
+                                            "choices": [], "usage": usage})
+                    yield SSEvent(data=b"[DONE]")
+                case Failure(error=error):
+                    yield SSEvent(json=error.to_dict())
+
+
+DELTA_KEYS = (("text", "content"), ("reasoning", "reasoning_content"),
+              ("tool_calls", "tool_calls"))
+
+
+def usage_of(final: dict[str, Any]) -> dict[str, int]:
+    """The job's token counts, zeros where the backend gave none."""
+    usage = final.get("usage") or {}
+    prompt = int(usage.get("prompt_tokens", 0))
+    completion = int(usage.get("completion_tokens", 0))
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion}

@@ -6,11 +6,15 @@ from typing import Any
 
 import falcon.asgi
 
+from llmux.auth import ApiKey
+from llmux.http.auth import check_model
 from llmux.runtime import Runtime
 
 
 class Health:
     """Unauthenticated liveness/readiness: the server answers, and what is loaded."""
+
+    access = "open"
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
@@ -43,11 +47,15 @@ class Models:
         }
 
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        key: ApiKey | None = req.context.get("key")
         resp.media = {
             "object": "list",
-            "data": [self.describe(name) for name in self.runtime.config.virtual_models],
+            "data": [self.describe(name) for name in self.runtime.config.virtual_models
+                     if key is None or key.allows(name)],
         }
 
     async def on_get_one(self, req: falcon.asgi.Request, resp: falcon.asgi.Response,
                          model_id: str) -> None:
-        resp.media = self.describe(model_id)
+        description = self.describe(model_id)
+        check_model(req, model_id)
+        resp.media = description

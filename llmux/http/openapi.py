@@ -503,6 +503,8 @@ def openapi_document(version: str) -> dict[str, Any]:
 class OpenAPI:
     """``GET /openapi.json``: the description, built once at start-up."""
 
+    access = "open"
+
     def __init__(self, document: dict[str, Any]) -> None:
         self.document = document
 

@@ -39,7 +39,7 @@ __all__ = [
     "encode",
 ]
 
-MAX_FRAME_BYTES: Final = 64 * 1024 * 1024
+MAX_FRAME_BYTES: Final = 256 * 1024 * 1024
 """Largest frame body either side accepts: bounds memory if the peer goes mad."""
 
 _HEADER: Final = struct.Struct(">I")

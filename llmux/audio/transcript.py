@@ -1,0 +1,56 @@
+"""A transcription result in the five response formats of OpenAI's audio API. Pure."""
+
+from __future__ import annotations
+
+from typing import Any
+
+RESPONSE_FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
+CONTENT_TYPES = {"json": "application/json", "verbose_json": "application/json",
+                 "text": "text/plain; charset=utf-8", "srt": "text/plain; charset=utf-8",
+                 "vtt": "text/vtt; charset=utf-8"}
+
+
+def segments_of(result: dict[str, Any], duration: float) -> list[dict[str, Any]]:
+    """The backend's segments, or the whole text as one segment over the whole clip."""
+    raw = result.get("segments") or [{"start": 0.0, "end": duration, "text": result["text"]}]
+    return [{"id": i, "start": round(float(s["start"]), 3), "end": round(float(s["end"]), 3),
+             "text": str(s["text"])} for i, s in enumerate(raw)]
+
+
+def timestamp(seconds: float, decimal: str) -> str:
+    """``HH:MM:SS,mmm`` (srt) or ``HH:MM:SS.mmm`` (vtt)."""
+    millis = max(0, round(seconds * 1000))
+    hours, millis = divmod(millis, 3_600_000)
+    minutes, millis = divmod(millis, 60_000)
+    secs, millis = divmod(millis, 1000)
+    return f"{hours:02d}:{minutes:02d}:{secs:02d}{decimal}{millis:03d}"
+
+
+def subtitles(segments: list[dict[str, Any]], fmt: str) -> str:
+    decimal = "," if fmt == "srt" else "."
+    cues = []
+    for number, segment in enumerate(segments, start=1):
+        span = (f"{timestamp(segment['start'], decimal)} --> "
+                f"{timestamp(segment['end'], decimal)}")
+        text = segment["text"].strip()
+        cues.append(f"{number}\n{span}\n{text}\n" if fmt == "srt" else f"{span}\n{text}\n")
+    return ("WEBVTT\n\n" if fmt == "vtt" else "") + "\n".join(cues)
+
+
+def render(result: dict[str, Any], fmt: str, *, task: str, duration: float,
+           words: bool = False) -> dict[str, Any] | str:
+    """The reply body: a JSON object for json/verbose_json, text otherwise."""
+    text = str(result.get("text", "")).strip()
+    if fmt == "json":
+        return {"text": text}
+    if fmt == "text":
+        return text + "\n"
+    segments = segments_of({**result, "text": text}, duration)
+    if fmt in ("srt", "vtt"):
+        return subtitles(segments, fmt)
+    verbose: dict[str, Any] = {"task": task, "language": result.get("language", "english"),
+                               "duration": round(duration, 3), "text": text,
+                               "segments": segments}
+    if words:
+        verbose["words"] = result.get("words", [])
+    return verbose

@@ -1,0 +1,77 @@
+"""``POST /v1/embeddings``: one vector per input text, in input order."""
+
+from __future__ import annotations
+
+import base64
+import struct
+from typing import Any
+
+import falcon.asgi
+
+from llmux.errors import BadRequest
+from llmux.http.auth import check_model
+from llmux.http.body import field, integer_in, read_json
+from llmux.http.jobs import run_whole
+from llmux.runtime import Runtime
+
+MAX_INPUTS = 2048
+ENCODINGS = ("float", "base64")
+
+
+def parse_input(body: dict[str, Any]) -> list[str]:
+    """``input``: a string or a list of strings; token arrays are refused clearly."""
+    value = body.get("input")
+    texts = [value] if isinstance(value, str) else value
+    if isinstance(texts, list) and texts and all(isinstance(t, int | list) for t in texts):
+        raise BadRequest("'input' as token ids is not supported; send the text.",
+                         param="input")
+    if not (isinstance(texts, list) and texts and all(isinstance(t, str) for t in texts)):
+        raise BadRequest("'input' must be a string or a non-empty list of strings.",
+                         param="input")
+    if len(texts) > MAX_INPUTS:
+        raise BadRequest(f"'input' holds at most {MAX_INPUTS} texts, got {len(texts)}.",
+                         param="input")
+    return texts
+
+
+def encode(vector: list[float], encoding: str) -> list[float] | str:
+    """OpenAI's base64 form is the little-endian float32 bytes of the vector."""
+    if encoding == "float":
+        return vector
+    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
+
+
+class Embeddings:
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+
+    async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        body = await read_json(req, self.runtime.config.server.max_body_bytes)
+        name = field(body, "model", str, required=True)
+        assert name is not None
+        _, physical = self.runtime.resolve(name)
+        check_model(req, name)
+        if physical.type != "embedding":
+            raise BadRequest(f"'{name}' is a {physical.type} model, not an embedding model.",
+                             param="model")
+        texts = parse_input(body)
+        encoding = field(body, "encoding_format", str, default="float")
+        if encoding not in ENCODINGS:
+            raise BadRequest("'encoding_format' must be float or base64.",
+                             param="encoding_format")
+        dimensions = integer_in(body, "dimensions", 1, 65536)
+        ticket = self.runtime.submit(physical.id, "embed", {"input": texts})
+        _, final = await run_whole(req, ticket)
+        vectors: list[list[float]] = final.get("embeddings", [])
+        if dimensions is not None and vectors and dimensions != len(vectors[0]):
+            raise BadRequest(f"'{name}' makes vectors of {len(vectors[0])} dimensions and "
+                             f"cannot shorten them to {dimensions}; leave 'dimensions' out.",
+                             param="dimensions")
+        tokens = int((final.get("usage") or {}).get("prompt_tokens", 0))
+        resp.media = {
+            "object": "list",
+            "data": [{"object": "embedding", "index": i, "embedding": encode(v, encoding)}
+                     for i, v in enumerate(vectors)],
+            "model": name,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }

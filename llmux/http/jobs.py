@@ -1,0 +1,75 @@
+"""What every inference resource does with a job: run it whole, or stream its replies.
+
+A job's ticket is cancelled when the client disconnects (the disconnect watcher calls
+``ticket.cancel``) and, in any case, when the response ends, so a worker never keeps
+generating for nobody.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import falcon.asgi
+
+from llmux.actors.messages import Failure, Finished, Reply, Status
+from llmux.errors import ShuttingDown
+from llmux.http.disconnect import on_disconnect
+from llmux.runtime import Ticket
+
+PREFLIGHT_S = 0.5  # wait this long for a fast refusal before committing to a 200 stream
+KEEPALIVE_S = 1.0  # a Status reply at least this often while nothing else comes
+
+
+async def run_whole(req: falcon.asgi.Request, ticket: Ticket
+                    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The whole reply of a job (non-streaming): its pieces and its final data.
+
+    Raises:
+        LlmuxError: the job failed.
+    """
+    on_disconnect(req.scope, ticket.cancel)
+    try:
+        return await ticket.collect()
+    finally:
+        ticket.cancel()
+
+
+async def start_stream(req: falcon.asgi.Request, ticket: Ticket) -> Reply:
+    """The first reply if it comes quickly, so a refusal (queue full, load refused,
+    bad input) is a proper HTTP error instead of an error inside a 200 stream.
+
+    Raises:
+        LlmuxError: the job failed at once.
+    """
+    on_disconnect(req.scope, ticket.cancel)
+    try:
+        reply = await ticket.next(PREFLIGHT_S)
+    except TimeoutError:
+        return Status("waiting")
+    except BaseException:
+        ticket.cancel()
+        raise
+    if isinstance(reply, Failure):
+        ticket.cancel()
+        raise reply.error
+    return reply or Status("ended")
+
+
+async def replies(ticket: Ticket, first: Reply) -> AsyncIterator[Reply]:
+    """Every reply of a streaming job from ``first`` on, with a ``Status`` whenever
+    nothing came for ``KEEPALIVE_S``; always ends with ``Finished`` or ``Failure``."""
+    try:
+        reply: Reply | None = first
+        while reply is not None:
+            yield reply
+            if isinstance(reply, Finished | Failure):
+                return
+            try:
+                reply = await ticket.next(KEEPALIVE_S)
+            except TimeoutError:
+                reply = Status("waiting")
+        yield Failure(ShuttingDown("the request ended without an answer; retry it",
+                                   retry_after_s=1.0))
+    finally:
+        ticket.cancel()

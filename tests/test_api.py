@@ -1,0 +1,544 @@
+"""The OpenAI-compatible API through real clients: the ``openai`` SDK (sync and async,
+streaming and not) and httpx, against one live server with fake backends and keys."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import openai
+import pytest
+import yaml
+
+from llmux.audio.decode import ACCEPTED_FORMATS, decode_to_pcm, duration_s
+from llmux.audio.encode import SPEECH_FORMATS
+from tests.conftest import Server, fake_model, live_workers, wait_until
+from tests.test_audio import upload
+
+ADMIN_KEY = "sk-admin-0123456789"
+FULL_KEY = "sk-full-abcdefghij"
+LIMITED_KEY = "sk-limited-klmnopqr"
+KEYS = {"keys": [
+    {"name": "admin", "key": ADMIN_KEY, "admin": True},
+    {"name": "everything", "key": "sha256:" + hashlib.sha256(FULL_KEY.encode()).hexdigest()},
+    {"name": "chat-only", "key": LIMITED_KEY, "models": ["chat"]},
+]}
+
+CONFIG: dict[str, Any] = {
+    "server": {"max_body_bytes": "64KiB", "max_upload_bytes": "1MB"},
+    "devices": {"cpu": {"capacity": "2GB"}},
+    "physical_models": {
+        "tool-llm": fake_model(tool_calls=True, reasoning="thinking it over",
+                               context_length=200) | {"capabilities": ["tools"]},
+        "plain-llm": fake_model(reply="plain answer"),
+        "slow-loader": fake_model(load_time_s=1.5, context_length=5),
+        "embedder": fake_model(embedding_dim=16) | {"type": "embedding"},
+        "asr": fake_model(reply="hello from the fake recogniser")
+        | {"type": "asr", "capabilities": ["translate"]},
+        "asr-en": fake_model() | {"type": "asr"},
+        "voice": fake_model(sample_rate=22050, tokens_per_s=0)
+        | {"type": "tts", "voices": {"joe": "joe-medium", "amy": "amy-low"}},
+        "slow-voice": fake_model(tokens_per_s=10) | {"type": "tts"},
+    },
+    "virtual_models": {
+        "chat": {"physical": "tool-llm"},
+        "plain": {"physical": "plain-llm"},
+        "slow-loader": {"physical": "slow-loader"},
+        "embed": {"physical": "embedder"},
+        "whisper": {"physical": "asr"},
+        "whisper-en": {"physical": "asr-en"},
+        "tts": {"physical": "voice"},
+        "slow-tts": {"physical": "slow-voice"},
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    tmp = tmp_path_factory.mktemp("api")
+    keys = tmp / "api_keys.yaml"
+    keys.write_text(yaml.safe_dump(KEYS))
+    server = Server(json.loads(json.dumps(CONFIG)), tmp, "--api-keys", str(keys),
+                    admin_key=ADMIN_KEY)
+    server.keys_path = keys  # type: ignore[attr-defined]
+    yield server
+    server.stop()
+    wait_until(lambda: not live_workers(), 10, "workers to exit")
+
+
+@pytest.fixture
+def client(server: Server) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=f"{server.url}/v1", api_key=FULL_KEY, max_retries=0) as c:
+        yield c
+
+
+def post(server: Server, path: str, key: str | None = FULL_KEY, *,
+         headers: dict[str, str] | None = None, **kwargs: Any) -> httpx.Response:
+    auth = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.post(f"{server.url}{path}", headers=auth | (headers or {}), timeout=30,
+                      **kwargs)
+
+
+def assert_error(response: httpx.Response, status: int, *, contains: str = "",
+                 param: str | None = None) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    error: dict[str, Any] = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert contains in error["message"]
+    if param is not None:
+        assert error["param"] == param
+    return error
+
+
+USER = [{"role": "user", "content": "hello there"}]
+TOOLS = [{"type": "function", "function": {
+    "name": "lookup", "description": "look a thing up",
+    "parameters": {"type": "object", "properties": {"text": {"type": "string"}}}}}]
+
+
+# -- chat --------------------------------------------------------------------------------
+
+
+def test_chat_whole_and_streamed_with_the_sync_sdk(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(model="plain", messages=USER, temperature=0.2,
+                                           top_p=0.9, seed=7, stop=["zzz"],
+                                           presence_penalty=0.1, max_completion_tokens=50)
+    assert reply.choices[0].message.content == "plain answer"
+    assert reply.choices[0].finish_reason == "stop"
+    assert reply.usage is not None and reply.usage.completion_tokens == 2
+    stream = client.chat.completions.create(model="plain", messages=USER, stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "plain answer"
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.total_tokens == chunks[-1].usage.prompt_tokens + 2
+
+
+@pytest.mark.anyio
+async def test_chat_with_reasoning_through_the_async_sdk(server: Server) -> None:
+    async with openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=FULL_KEY,
+                                  max_retries=0) as client:
+        reply = await client.chat.completions.create(model="chat", messages=USER)
+        message = reply.choices[0].message
+        assert message.content == "echo: hello there"
+        assert message.model_extra and message.model_extra["reasoning_content"] == \
+            "thinking it over"
+        stream = await client.chat.completions.create(model="chat", messages=USER,
+                                                      stream=True, max_tokens=4)
+        reasoning, content = "", ""
+        async for chunk in stream:
+            delta = chunk.choices[0].delta
+            reasoning += (delta.model_extra or {}).get("reasoning_content") or ""
+            content += delta.content or ""
+            finish = chunk.choices[0].finish_reason
+        assert (reasoning, content, finish) == ("thinking it over", "echo: ", "length")
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_a_tool_round_trip_with_the_sdk(client: openai.OpenAI, stream: bool) -> None:
+    messages: list[Any] = [{"role": "user", "content": "find llamas"}]
+    if stream:
+        calls: dict[int, dict[str, str]] = {}
+        for chunk in client.chat.completions.create(model="chat", messages=messages,
+                                                    tools=TOOLS, stream=True):
+            for call in chunk.choices[0].delta.tool_calls or []:
+                entry = calls.setdefault(call.index, {"id": "", "name": "", "arguments": ""})
+                entry["id"] += call.id or ""
+                entry["name"] += (call.function and call.function.name) or ""
+                entry["arguments"] += (call.function and call.function.arguments) or ""
+            finish = chunk.choices[0].finish_reason or "-"
+        assert finish == "tool_calls"
+        call_id, name, arguments = calls[0]["id"], calls[0]["name"], calls[0]["arguments"]
+    else:
+        reply = client.chat.completions.create(model="chat", messages=messages, tools=TOOLS,
+                                               tool_choice="auto")
+        assert reply.choices[0].finish_reason == "tool_calls"
+        tool_call = reply.choices[0].message.tool_calls[0]  # type: ignore[index]
+        call_id, name = tool_call.id, tool_call.function.name  # type: ignore[union-attr]
+        arguments = tool_call.function.arguments  # type: ignore[union-attr]
+    assert name == "lookup" and json.loads(arguments) == {"text": "find llamas"}
+    messages += [
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": call_id, "type": "function",
+             "function": {"name": name, "arguments": arguments}}]},
+        {"role": "tool", "tool_call_id": call_id, "content": "llamas live in the Andes"},
+    ]
+    answer = client.chat.completions.create(model="chat", messages=messages, tools=TOOLS)
+    assert answer.choices[0].message.content == "tool said: llamas live in the Andes"
+
+
+def test_tools_offered_to_a_model_without_tools_are_ignored_unless_demanded(
+    server: Server, client: openai.OpenAI,
+) -> None:
+    reply = client.chat.completions.create(model="plain", messages=USER, tools=TOOLS)
+    assert reply.choices[0].message.content == "plain answer"
+    body = {"model": "plain", "messages": USER, "tools": TOOLS, "tool_choice": "required"}
+    assert_error(post(server, "/v1/chat/completions", json=body), 400,
+                 contains="cannot call tools", param="tool_choice")
+
+
+def test_an_error_after_the_stream_started_is_one_error_event_then_the_end(
+    server: Server,
+) -> None:
+    # cold-loading takes longer than the preflight: the 200 stream has begun when the
+    # worker refuses the prompt
+    body = {"model": "slow-loader", "stream": True,
+            "messages": [{"role": "user", "content": "word " * 10}]}
+    response = post(server, "/v1/chat/completions", json=body)
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    lines = response.text.splitlines()
+    assert any(line.startswith(": loading slow-loader") for line in lines)
+    events = [line for line in lines if line.startswith("data: ")]
+    assert json.loads(events[-1][6:])["error"]["message"].startswith("The prompt has 10 tokens")
+
+
+def test_a_prompt_over_the_context_is_a_400_from_the_worker(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError, match="context holds 200"):
+        client.chat.completions.create(
+            model="chat", messages=[{"role": "user", "content": "word " * 300}])
+
+
+# -- completions and embeddings ----------------------------------------------------------
+
+
+def test_text_completions_whole_streamed_batched_and_echoed(client: openai.OpenAI) -> None:
+    reply = client.completions.create(model="chat", prompt="once upon", max_tokens=20)
+    assert reply.choices[0].text == "echo: once upon"
+    batch = client.completions.create(model="chat", prompt=["a", "b c"], echo=True)
+    assert [c.text for c in batch.choices] == ["aecho: a", "b cecho: b c"]
+    assert [c.index for c in batch.choices] == [0, 1]
+    stream = client.completions.create(model="chat", prompt="x y", stream=True)
+    assert "".join(c.choices[0].text for c in stream if c.choices) == "echo: x y"
+
+
+def test_embeddings_in_input_order_as_floats_and_base64(client: openai.OpenAI,
+                                                        server: Server) -> None:
+    texts = ["alpha", "beta", "alpha"]
+    floats = post(server, "/v1/embeddings", json={"model": "embed", "input": texts}).json()
+    vectors = [d["embedding"] for d in floats["data"]]
+    assert len(vectors) == 3 and len(vectors[0]) == 16 and vectors[0] == vectors[2]
+    assert vectors[0] != vectors[1]
+    sdk = client.embeddings.create(model="embed", input=texts)  # the SDK asks for base64
+    for got, want in zip(sdk.data, vectors, strict=True):
+        assert got.embedding == pytest.approx(want, abs=1e-6)
+    single = client.embeddings.create(model="embed", input="beta", encoding_format="float")
+    assert single.data[0].embedding == pytest.approx(vectors[1])
+    raw = post(server, "/v1/embeddings", json={"model": "embed", "input": "beta",
+                                               "encoding_format": "base64"}).json()
+    packed = base64.b64decode(raw["data"][0]["embedding"])
+    assert list(struct.unpack("<16f", packed)) == pytest.approx(vectors[1], abs=1e-6)
+
+
+def test_embedding_errors(server: Server) -> None:
+    assert_error(post(server, "/v1/embeddings", json={"model": "embed", "input": [1, 2]}),
+                 400, contains="token ids", param="input")
+    assert_error(post(server, "/v1/embeddings", json={"model": "embed", "input": []}),
+                 400, param="input")
+    assert_error(post(server, "/v1/embeddings", json={"model": "embed", "input": "x",
+                                                      "dimensions": 8}), 400,
+                 contains="16 dimensions", param="dimensions")
+    assert_error(post(server, "/v1/embeddings", json={"model": "plain", "input": "x"}), 400,
+                 contains="not an embedding model")
+
+
+# -- models ------------------------------------------------------------------------------
+
+
+def test_models_list_every_virtual_model_with_llmux_fields(client: openai.OpenAI) -> None:
+    models = {m.id: m for m in client.models.list()}
+    assert set(models) == set(CONFIG["virtual_models"])
+    chat = client.models.retrieve("chat")
+    assert chat.owned_by == "llmux" and chat.created > 0
+    extra = chat.model_extra["llmux"]  # type: ignore[index]
+    assert extra["type"] == "llm" and extra["physical_model"] == "tool-llm"
+    assert extra["capabilities"] == ["tools"] and isinstance(extra["loaded"], bool)
+    with pytest.raises(openai.NotFoundError, match="Available models: chat, embed, plain"):
+        client.models.retrieve("nope")
+
+
+def test_a_limited_key_sees_and_uses_only_its_models(server: Server) -> None:
+    with openai.OpenAI(base_url=f"{server.url}/v1", api_key=LIMITED_KEY,
+                       max_retries=0) as limited:
+        assert [m.id for m in limited.models.list()] == ["chat"]
+        with pytest.raises(openai.PermissionDeniedError, match="'chat-only' may not use"):
+            limited.chat.completions.create(model="plain", messages=USER)
+        with pytest.raises(openai.PermissionDeniedError):
+            limited.embeddings.create(model="embed", input="x")
+        assert limited.chat.completions.create(model="chat", messages=USER).choices
+
+
+# -- authentication ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("header", [None, "Basic abc", "Bearer", "Bearer sk-wrong-key"],
+                         ids=["none", "basic", "empty", "wrong"])
+def test_requests_without_a_valid_key_get_401(server: Server, header: str | None) -> None:
+    headers = {"Authorization": header} if header else {}
+    for method, path in (("GET", "/v1/models"), ("POST", "/v1/chat/completions"),
+                         ("GET", "/admin/state")):
+        response = httpx.request(method, f"{server.url}{path}", headers=headers,
+                                 json={"model": "chat", "messages": USER}, timeout=10)
+        error = assert_error(response, 401)
+        assert response.headers["www-authenticate"] == "Bearer"
+        assert error["type"] == "authentication_error"
+        assert "sk-wrong-key" not in response.text
+
+
+def test_admin_routes_need_an_admin_key(server: Server) -> None:
+    headers = {"Authorization": f"Bearer {FULL_KEY}"}
+    assert_error(httpx.get(f"{server.url}/admin/state", headers=headers), 403,
+                 contains="not an admin key")
+    assert_error(post(server, "/admin/models/plain/load"), 403)
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    assert httpx.get(f"{server.url}/admin/state", headers=admin).status_code == 200
+    assert post(server, "/admin/models/plain/unload", key=ADMIN_KEY).status_code == 202
+
+
+def test_open_routes_need_no_key(server: Server) -> None:
+    for path in ("/health", "/openapi.json", "/v1/audio/models", "/v1/audio/voices"):
+        assert httpx.get(f"{server.url}{path}").status_code == 200, path
+
+
+def test_keys_are_reloaded_when_the_file_changes(server: Server) -> None:
+    path: Path = server.keys_path  # type: ignore[attr-defined]
+    original = path.read_text()
+    new_key = "sk-added-later-xyz"
+    try:
+        path.write_text(yaml.safe_dump({"keys": [*KEYS["keys"],
+                                                 {"name": "later", "key": new_key}]}))
+        headers = {"Authorization": f"Bearer {new_key}"}
+        wait_until(lambda: httpx.get(f"{server.url}/v1/models", headers=headers)
+                   .status_code == 200, 5, "the new key to work")
+    finally:
+        path.write_text(original)
+    wait_until(lambda: httpx.get(f"{server.url}/v1/models", headers=headers)
+               .status_code == 401, 5, "the removed key to stop working")
+
+
+def test_the_log_names_keys_and_never_shows_them(server: Server) -> None:
+    post(server, "/v1/embeddings", json={"model": "embed", "input": "x"})
+    post(server, "/v1/embeddings", key="sk-wrong-key", json={"model": "embed", "input": "x"})
+    logs = server.logs()
+    assert '"POST /v1/embeddings" 200 key=everything' in logs
+    for secret in (ADMIN_KEY, FULL_KEY, LIMITED_KEY, "sk-wrong-key"):
+        assert secret not in logs
+
+
+# -- errors ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("body", "status", "param", "contains"), [
+    (b"{not json", 400, None, "not valid JSON"),
+    (b"[1, 2]", 400, None, "must be a JSON object"),
+    (b"", 400, None, "empty"),
+    ({"messages": USER}, 400, "model", "'model' is required"),
+    ({"model": 3, "messages": USER}, 400, "model", "must be a string"),
+    ({"model": "chat"}, 400, "messages", "'messages' is required"),
+    ({"model": "chat", "messages": []}, 400, "messages", "at least one"),
+    ({"model": "chat", "messages": [{"role": "robot", "content": "x"}]}, 400,
+     "messages[0].role", "must be one of"),
+    ({"model": "chat", "messages": [{"role": "user", "content": [{"type": "video"}]}]}, 400,
+     "messages[0].content[0]", "type is one of"),
+    ({"model": "chat", "messages": USER, "temperature": "hot"}, 400, "temperature",
+     "must be a number"),
+    ({"model": "chat", "messages": USER, "temperature": 3}, 400, "temperature", "between"),
+    ({"model": "chat", "messages": USER, "n": 2}, 400, "n", "Only n=1"),
+    ({"model": "chat", "messages": USER, "max_tokens": 0}, 400, "max_tokens", "between"),
+    ({"model": "chat", "messages": USER, "seed": 2**70}, 400, "seed", "between"),
+    ({"model": "chat", "messages": USER, "stream": "yes"}, 400, "stream", "boolean"),
+    ({"model": "chat", "messages": USER, "tools": [{"type": "function"}]}, 400, "tools[0]",
+     "must be"),
+    ({"model": "chat", "messages": USER, "reasoning_effort": "max"}, 400, "reasoning_effort",
+     "must be one of"),
+    ({"model": "whisper", "messages": USER}, 400, "model", "cannot chat"),
+    ({"model": "plain", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}}]}]},
+     400, "messages", "cannot read images"),
+    ({"model": "gpt-4o", "messages": USER}, 404, "model", "Available models: chat, embed, plain"),
+])
+def test_bad_chat_requests_get_a_clear_error(server: Server, body: Any, status: int,
+                                             param: str | None, contains: str) -> None:
+    kwargs = {"content": body} if isinstance(body, bytes) else {"json": body}
+    assert_error(post(server, "/v1/chat/completions", **kwargs), status, contains=contains,
+                 param=param)
+
+
+def test_oversized_bodies_unknown_routes_and_wrong_methods(server: Server) -> None:
+    big = {"model": "chat", "messages": [{"role": "user", "content": "x" * 70_000}]}
+    assert_error(post(server, "/v1/chat/completions", json=big), 413, contains="limit")
+    assert_error(post(server, "/v1/nothing", json={}), 404, contains="No route")
+    response = httpx.get(f"{server.url}/v1/chat/completions",
+                         headers={"Authorization": f"Bearer {FULL_KEY}"})
+    assert_error(response, 405, contains="GET is not allowed")
+    assert httpx.get(f"{server.url}/health").status_code == 200  # still serving
+
+
+# -- the OpenAPI document ------------------------------------------------------------------
+
+
+def test_openapi_describes_exactly_the_served_routes(server: Server) -> None:
+    from falcon import inspect
+
+    from llmux.auth import KeyStore
+    from llmux.config import parse_config
+    from llmux.http.app import create_falcon_app
+    from llmux.runtime import Runtime
+
+    document = httpx.get(f"{server.url}/openapi.json").json()
+    assert document["openapi"].startswith("3.1")
+    described = {(method.upper(), path) for path, item in document["paths"].items()
+                 for method in item if method in ("get", "post", "put", "delete", "patch")}
+
+    async def served_routes() -> set[tuple[str, str]]:
+        app = create_falcon_app(Runtime(parse_config(json.loads(json.dumps(CONFIG)))),
+                                KeyStore(None))
+        return {(method.method, route.path) for route in inspect.inspect_routes(app)
+                for method in route.methods if not method.internal}
+
+    assert anyio.run(served_routes) == described
+
+
+# -- speech recognition ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ACCEPTED_FORMATS)
+def test_transcription_of_each_accepted_format_with_the_sdk(client: openai.OpenAI,
+                                                            fmt: str) -> None:
+    reply = client.audio.transcriptions.create(
+        model="whisper", file=(f"tone.{fmt}", upload(fmt, 1.5)), response_format="verbose_json")
+    assert reply.text == "hello from the fake recogniser"
+    # the fake recogniser reports the duration of the samples the server decoded
+    assert reply.duration == pytest.approx(1.5, abs=0.1)
+
+
+def test_open_webui_style_upload_is_detected_from_the_bytes(server: Server) -> None:
+    files = {"file": ("8a4f2c1e-uuid.bin", upload("webm", 1.0), "application/octet-stream")}
+    response = post(server, "/v1/audio/transcriptions", data={"model": "whisper",
+                                                             "language": "en"}, files=files)
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("application/json")
+    assert response.json() == {"text": "hello from the fake recogniser"}
+
+
+def test_the_json_variant_of_transcriptions(server: Server) -> None:
+    data = base64.b64encode(upload("wav", 1.0)).decode()
+    response = post(server, "/v1/audio/transcriptions", json={
+        "model": "whisper", "input_audio": {"data": data, "format": "wav"}})
+    assert response.json() == {"text": "hello from the fake recogniser"}
+
+
+@pytest.mark.parametrize(("fmt", "content_type", "expected"), [
+    ("text", "text/plain", "hello from the fake recogniser\n"),
+    ("srt", "text/plain", "1\n00:00:00,000 --> 00:00:01,000\nhello from the fake recogniser\n"),
+    ("vtt", "text/vtt",
+     "WEBVTT\n\n00:00:00.000 --> 00:00:01.000\nhello from the fake recogniser\n"),
+])
+def test_transcription_response_formats(server: Server, fmt: str, content_type: str,
+                                        expected: str) -> None:
+    files = {"file": ("a.wav", upload("wav", 1.0))}
+    response = post(server, "/v1/audio/transcriptions", files=files,
+                    data={"model": "whisper", "response_format": fmt})
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith(content_type)
+    assert response.text == expected
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the SDK deprecates translations
+def test_translation_where_the_model_can_translate(client: openai.OpenAI,
+                                                  server: Server) -> None:
+    reply = client.audio.translations.create(model="whisper", file=("a.mp3", upload("mp3")))
+    assert reply.text == "hello from the fake recogniser"
+    files = {"file": ("a.mp3", upload("mp3"))}
+    assert_error(post(server, "/v1/audio/translations", files=files,
+                      data={"model": "whisper-en"}), 400, contains="cannot translate")
+
+
+def test_bad_uploads_get_clear_errors(server: Server) -> None:
+    def transcribe(data: bytes, **fields: str) -> httpx.Response:
+        return post(server, "/v1/audio/transcriptions", files={"file": ("x.wav", data)},
+                    data={"model": "whisper", **fields})
+
+    assert_error(transcribe(b"this is not audio at all"), 400, param="file",
+                 contains="Send one of: flac, mp3, mp4, mpeg, mpga, m4a, ogg, wav, webm.")
+    assert_error(transcribe(upload("wav")[:40]), 400, param="file")
+    assert_error(transcribe(b"\0" * 1_100_000), 413, contains="limit")
+    assert_error(transcribe(upload("wav"), response_format="docx"), 400,
+                 param="response_format")
+    assert_error(transcribe(upload("wav"), temperature="warm"), 400, param="temperature")
+    assert_error(post(server, "/v1/audio/transcriptions", data={"model": "whisper"},
+                      files={"other": ("x", b"1")}), 400, contains="'file' is required")
+    assert_error(post(server, "/v1/audio/transcriptions", content=b"raw",
+                      headers={"Content-Type": "audio/wav"}), 415)
+    assert_error(post(server, "/v1/audio/transcriptions", content=b"--x--",
+                      headers={"Content-Type": "multipart/form-data"}), 400)
+    assert_error(post(server, "/v1/audio/transcriptions", files={"file": ("a", b"1")},
+                      data={"model": "tts"}), 400, contains="not a speech recognition")
+
+
+# -- speech ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", sorted(SPEECH_FORMATS))
+def test_speech_in_each_format_streams_and_decodes_back(client: openai.OpenAI,
+                                                        fmt: str) -> None:
+    words = "one two three four five six seven eight nine ten"  # 0.05 s of tone per word
+    with client.audio.speech.with_streaming_response.create(
+            model="tts", voice="alloy", input=words, response_format=fmt) as response:
+        assert response.headers["content-type"] == SPEECH_FORMATS[fmt]
+        audio = b"".join(response.iter_bytes())
+    if fmt == "pcm":
+        assert len(audio) == pytest.approx(24000 * 2 * 0.5, rel=0.05)
+    else:
+        assert duration_s(decode_to_pcm(audio)) == pytest.approx(0.5, abs=0.15)
+
+
+def test_speech_audio_arrives_while_it_is_still_being_made(server: Server) -> None:
+    body = {"model": "slow-tts", "input": "word " * 30, "response_format": "wav"}
+    with httpx.stream("POST", f"{server.url}/v1/audio/speech", json=body, timeout=30,
+                      headers={"Authorization": f"Bearer {FULL_KEY}"}) as response:
+        chunks = response.iter_bytes()  # NOTE: a dropped iterator closes the connection
+        first = next(chunks)
+        assert first.startswith(b"RIFF")
+        # 30 words at 10 per second: the worker is still speaking
+        assert server.model("slow-voice")["in_flight"] == 1
+        rest = b"".join(chunks)
+    assert duration_s(decode_to_pcm(first + rest)) == pytest.approx(1.5, abs=0.1)
+
+
+def test_speech_defaults_to_mp3_and_knows_its_voices(server: Server) -> None:
+    response = post(server, "/v1/audio/speech", json={"model": "tts", "input": "hi there",
+                                                      "voice": "joe"})
+    assert response.headers["content-type"] == "audio/mpeg"
+    assert duration_s(decode_to_pcm(response.content)) > 0.05
+    assert post(server, "/v1/audio/speech", json={"model": "tts", "input": "hi",
+                                                  "voice": {"id": "amy"}}).status_code == 200
+    assert_error(post(server, "/v1/audio/speech", json={"model": "tts", "input": "hi",
+                                                        "voice": "gandalf"}), 400,
+                 contains="Voices: joe, amy", param="voice")
+    assert_error(post(server, "/v1/audio/speech", json={"model": "tts", "input": " "}), 400,
+                 param="input")
+    assert_error(post(server, "/v1/audio/speech", json={"model": "tts", "input": "hi",
+                                                        "speed": 9}), 400, param="speed")
+    assert_error(post(server, "/v1/audio/speech", json={"model": "tts", "input": "hi",
+                                                        "response_format": "ogg"}), 400,
+                 param="response_format")
+    assert_error(post(server, "/v1/audio/speech", json={"model": "chat", "input": "hi"}), 400,
+                 contains="not a speech model")
+
+
+def test_voice_and_speech_model_lists_for_open_webui(server: Server) -> None:
+    assert httpx.get(f"{server.url}/v1/audio/models").json() == {
+        "models": [{"id": "tts"}, {"id": "slow-tts"}]}
+    voices = httpx.get(f"{server.url}/v1/audio/voices", params={"model": "tts"}).json()
+    assert voices == {"voices": [{"id": "joe", "name": "joe"}, {"id": "amy", "name": "amy"}]}
+    assert_error(httpx.get(f"{server.url}/v1/audio/voices", params={"model": "chat"}), 400)
