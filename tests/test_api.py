@@ -16,6 +16,8 @@ import httpx
 import openai
 import pytest
 import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from llmux.audio.decode import ACCEPTED_FORMATS, decode_to_pcm, duration_s
 from llmux.audio.encode import SPEECH_FORMATS
@@ -542,3 +544,69 @@ def test_voice_and_speech_model_lists_for_open_webui(server: Server) -> None:
     voices = httpx.get(f"{server.url}/v1/audio/voices", params={"model": "tts"}).json()
     assert voices == {"voices": [{"id": "joe", "name": "joe"}, {"id": "amy", "name": "amy"}]}
     assert_error(httpx.get(f"{server.url}/v1/audio/voices", params={"model": "chat"}), 400)
+
+
+# -- every route through the async SDK -----------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_every_route_through_the_async_sdk(server: Server) -> None:
+    async with openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=FULL_KEY,
+                                  max_retries=0) as client:
+        assert "chat" in [m.id async for m in client.models.list()]
+        assert (await client.models.retrieve("embed")).id == "embed"
+        text = await client.completions.create(model="chat", prompt="hey")
+        assert text.choices[0].text == "echo: hey"
+        stream = await client.completions.create(model="chat", prompt="hey", stream=True)
+        assert "".join([c.choices[0].text async for c in stream]) == "echo: hey"
+        vectors = await client.embeddings.create(model="embed", input=["a", "b"])
+        assert [d.index for d in vectors.data] == [0, 1]
+        heard = await client.audio.transcriptions.create(model="whisper",
+                                                         file=("a.ogg", upload("ogg")))
+        assert heard.text == "hello from the fake recogniser"
+        speech = await client.audio.speech.create(model="tts", input="one two", voice="echo",
+                                                  response_format="flac")
+        assert duration_s(decode_to_pcm(speech.content)) == pytest.approx(0.1, abs=0.05)
+
+
+# -- random bodies -------------------------------------------------------------------------
+
+JSON_LEAVES = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20)
+JSON_VALUES = st.recursive(
+    JSON_LEAVES, lambda inner: st.lists(inner, max_size=4)
+    | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=12)
+FIELDS = ["model", "messages", "input", "voice", "stream", "stream_options", "max_tokens",
+          "temperature", "top_p", "stop", "seed", "n", "tools", "tool_choice",
+          "response_format", "encoding_format", "dimensions", "speed", "logit_bias"]
+MODELS = st.sampled_from(["chat", "plain", "embed", "tts", "whisper", "nope"])
+MESSAGES = st.lists(st.fixed_dictionaries(
+    {"role": st.sampled_from(["user", "system", "assistant", "tool", "x"]),
+     "content": JSON_VALUES | st.text(max_size=30)}), max_size=3)
+
+
+@st.composite
+def bodies(draw: st.DrawFn) -> dict[str, Any]:
+    body: dict[str, Any] = draw(st.dictionaries(st.sampled_from(FIELDS), JSON_VALUES,
+                                                max_size=6))
+    if draw(st.booleans()):
+        body["model"] = draw(MODELS)
+    if draw(st.booleans()):
+        body["messages"] = draw(MESSAGES)
+    return body
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/embeddings",
+                                  "/v1/audio/speech"])
+@settings(max_examples=100, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=bodies())
+def test_random_bodies_get_an_answer_or_a_clear_4xx(server: Server, path: str,
+                                                    body: dict[str, Any]) -> None:
+    # json.dumps writes NaN and Infinity, which Python's parser (the server's) accepts
+    response = post(server, path, content=json.dumps(body),
+                    headers={"Content-Type": "application/json"})
+    assert response.status_code < 500, response.text
+    if response.status_code >= 400:
+        assert_error(response, response.status_code)
+    elif response.headers["content-type"].startswith("text/event-stream"):
+        assert response.text.rstrip().endswith(("data: [DONE]", "}"))

@@ -14,6 +14,7 @@ import anyio
 import httpx
 import openai
 import pytest
+import yaml
 
 from tests.conftest import ROOT, fake_config, fake_model, live_workers, wait_until
 
@@ -179,3 +180,40 @@ def test_client_leaving_the_queue_leaves_it_at_once(start_server: Any) -> None:
             wait_until(lambda: server.model("slow")["queue_depth"] == 1, 3, "a queued job")
         wait_until(lambda: server.model("slow")["queue_depth"] == 0, 1, "the queue to empty")
         assert server.model("slow")["in_flight"] == 1  # the first client is still served
+
+
+def test_a_full_queue_answers_429_with_retry_after_at_once(start_server: Any) -> None:
+    server = start_server({
+        "policy": {"max_queue_per_model": 1},
+        **fake_config(slow=fake_model(tokens_per_s=5, reply="word " * 100)),
+    })
+    body = {"model": "slow", "messages": [{"role": "user", "content": "go"}], "stream": True}
+    url = f"{server.url}/v1/chat/completions"
+    with httpx.stream("POST", url, json=body, timeout=30) as running:
+        running_lines = running.iter_lines()  # NOTE: a dropped iterator closes the connection
+        next(running_lines)
+        wait_until(lambda: server.model("slow")["in_flight"] == 1, 5, "the first job to run")
+        with httpx.stream("POST", url, json=body, timeout=30) as queued:
+            queued_lines = queued.iter_lines()
+            next(queued_lines)
+            wait_until(lambda: server.model("slow")["queue_depth"] == 1, 3, "a queued job")
+            refused = httpx.post(url, json=body, timeout=5)
+            assert refused.status_code == 429
+            assert int(refused.headers["retry-after"]) >= 1
+            assert refused.json()["error"]["type"] == "rate_limit_error"
+
+
+def test_an_open_server_refuses_to_bind_a_public_address(tmp_path: Any) -> None:
+    config = tmp_path / "open.yaml"
+    config.write_text(yaml.safe_dump(fake_config(a=fake_model())))
+    out = subprocess.run([sys.executable, "-m", "llmux.cli", "serve", "--config", str(config),
+                          "--host", "0.0.0.0"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=30)
+    assert out.returncode == 2
+    assert "refusing to serve 0.0.0.0 without API keys" in out.stderr
+
+
+def test_an_open_loopback_server_says_it_is_open(start_server: Any) -> None:
+    server = start_server(fake_config(a=fake_model()))
+    assert "serving without authentication, on the loopback address 127.0.0.1 only" in \
+        server.logs()
