@@ -23,7 +23,7 @@ from typing import Final, Protocol
 import attrs
 import yaml
 
-from llmux.config import ConfigError
+from llmux.config import ConfigError, load_yaml
 from llmux.errors import Unauthorized
 
 __all__ = ["RELOAD_INTERVAL_S", "ApiKey", "KeyStore", "load_keys", "parse_keys"]
@@ -263,7 +263,7 @@ def _read(path: Path) -> tuple[_Signature, list[ApiKey]]:
     try:
         with open(path, "rb") as stream:
             signature = _signature(os.fstat(stream.fileno()))
-            data = yaml.safe_load(stream)
+            data = load_yaml(stream)
     except OSError as exc:
         raise ConfigError([f"{source}: {exc.strerror or exc}"], source=source) from exc
     except yaml.YAMLError as exc:

@@ -13,7 +13,7 @@ import re
 from collections.abc import Callable, Iterator, Mapping
 from decimal import ROUND_HALF_EVEN, Decimal
 from pathlib import Path
-from typing import Annotated, Any, Final, TypeVar, get_origin
+from typing import IO, Annotated, Any, Final, TypeVar, get_origin
 
 import attrs
 import cattrs
@@ -599,6 +599,11 @@ _Loader.yaml_implicit_resolvers = {
 _Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), "tTfF")
 
 
+def load_yaml(stream: IO[str] | IO[bytes]) -> Any:
+    """Parse YAML strictly: duplicate keys are errors, only true/false are booleans."""
+    return yaml.load(stream, Loader=_Loader)
+
+
 def load_config(path: str | os.PathLike[str]) -> Config:
     """Read and validate a YAML config file; ``source`` records where it came from.
 
@@ -608,7 +613,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     source = os.fspath(path)
     try:
         with open(source, encoding="utf-8") as stream:
-            data = yaml.load(stream, Loader=_Loader)
+            data = load_yaml(stream)
     except OSError as exc:
         raise ConfigError([f"{source}: {exc.strerror or exc}"], source=source) from exc
     except yaml.YAMLError as exc:
