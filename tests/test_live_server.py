@@ -217,3 +217,19 @@ def test_an_open_loopback_server_says_it_is_open(start_server: Any) -> None:
     server = start_server(fake_config(a=fake_model()))
     assert "serving without authentication, on the loopback address 127.0.0.1 only" in \
         server.logs()
+
+
+def test_speech_whose_worker_dies_midway_is_a_broken_download_not_a_short_clip(
+    start_server: Any,
+) -> None:
+    server = start_server(fake_config(
+        voice=fake_model(tokens_per_s=20, crash_after_tokens=5) | {"type": "tts"}))
+    body = {"model": "voice", "input": "word " * 30, "response_format": "mp3"}
+    with httpx.stream("POST", f"{server.url}/v1/audio/speech", json=body,
+                      timeout=30) as response:
+        assert response.status_code == 200
+        with pytest.raises(httpx.RemoteProtocolError, match="incomplete chunked read"):
+            b"".join(response.iter_bytes())
+    assert "POST /v1/audio/speech aborted mid-response: the worker of voice died" in \
+        server.logs()
+    assert "Traceback" not in server.logs()

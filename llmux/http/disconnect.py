@@ -26,6 +26,12 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 CALLBACKS_KEY = "llmux.on_disconnect"
 
 
+class StreamAborted(Exception):
+    """A response that already started cannot be completed (its job failed): the
+    connection is closed without the body's end, so the client sees a broken download
+    rather than a short, complete-looking one."""
+
+
 def on_disconnect(scope: Scope, callback: Callable[[], None]) -> None:
     """Run ``callback`` if the client disconnects before the response ends."""
     scope.setdefault(CALLBACKS_KEY, []).append(callback)
@@ -66,6 +72,9 @@ class DisconnectWatcher:
             tg.start_soon(pump)
             try:
                 await self.app(scope, app_receive, send)
+            except StreamAborted as exc:
+                log.warning("%s %s aborted mid-response: %s", scope.get("method"),
+                            scope.get("path"), exc)
             finally:
                 scope[CALLBACKS_KEY] = []
                 tg.cancel_scope.cancel()

@@ -21,6 +21,7 @@ from llmux.config import PhysicalModel
 from llmux.errors import BadRequest
 from llmux.http.auth import Access, check_model
 from llmux.http.body import field, number_in, read_json
+from llmux.http.disconnect import StreamAborted
 from llmux.http.jobs import replies, start_stream
 from llmux.runtime import Runtime, Ticket
 
@@ -82,11 +83,6 @@ class Speech:
         resp.stream = encoded_audio(ticket, first, fmt)
 
 
-class SpeechFailed(Exception):
-    """Raised inside an audio stream that already started: the connection is closed
-    without the final chunk, so the client sees a broken download, not a short clip."""
-
-
 async def encoded_audio(ticket: Ticket, first: Reply, fmt: str) -> AsyncIterator[bytes]:
     encoder: SpeechEncoder | None = None
     async for reply in replies(ticket, first):
@@ -104,8 +100,7 @@ async def encoded_audio(ticket: Ticket, first: Reply, fmt: str) -> AsyncIterator
                                                               DEFAULT_SAMPLE_RATE)))
                 yield await anyio.to_thread.run_sync(encoder.finish)
             case Failure(error=error):
-                log.warning("speech failed after the audio started: %s", error.message)
-                raise SpeechFailed(error.message)
+                raise StreamAborted(error.message)
 
 
 def speech_models(runtime: Runtime) -> dict[str, PhysicalModel]:
