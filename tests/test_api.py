@@ -250,7 +250,7 @@ def test_embedding_errors(server: Server) -> None:
                                                       "dimensions": 8}), 400,
                  contains="16 dimensions", param="dimensions")
     assert_error(post(server, "/v1/embeddings", json={"model": "plain", "input": "x"}), 400,
-                 contains="not an embedding model")
+                 contains="cannot embed text")
 
 
 # -- models ------------------------------------------------------------------------------
@@ -484,7 +484,7 @@ def test_bad_uploads_get_clear_errors(server: Server) -> None:
     assert_error(post(server, "/v1/audio/transcriptions", content=b"--x--",
                       headers={"Content-Type": "multipart/form-data"}), 400)
     assert_error(post(server, "/v1/audio/transcriptions", files={"file": ("a", b"1")},
-                      data={"model": "tts"}), 400, contains="not a speech recognition")
+                      data={"model": "tts"}), 400, contains="cannot recognise speech")
 
 
 # -- speech ------------------------------------------------------------------------------
@@ -535,7 +535,7 @@ def test_speech_defaults_to_mp3_and_knows_its_voices(server: Server) -> None:
                                                         "response_format": "ogg"}), 400,
                  param="response_format")
     assert_error(post(server, "/v1/audio/speech", json={"model": "chat", "input": "hi"}), 400,
-                 contains="not a speech model")
+                 contains="cannot speak")
 
 
 def test_voice_and_speech_model_lists_for_open_webui(server: Server) -> None:

@@ -22,9 +22,9 @@ from llmux.chat.virtual import apply_virtual
 from llmux.config import PhysicalModel, VirtualModel
 from llmux.errors import BadRequest
 from llmux.http import params
-from llmux.http.auth import check_model
-from llmux.http.body import field, read_json
+from llmux.http.body import field
 from llmux.http.jobs import replies, run_whole, start_stream
+from llmux.http.target import json_request
 from llmux.runtime import Runtime, Ticket
 
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
@@ -146,14 +146,8 @@ class ChatCompletions:
         self.runtime = runtime
 
     async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
-        body = await read_json(req, self.runtime.config.server.max_body_bytes)
-        name = field(body, "model", str, required=True)
-        assert name is not None
-        virtual, physical = self.runtime.resolve(name)
-        check_model(req, name)
-        if physical.type not in CHAT_TYPES:
-            raise BadRequest(f"'{name}' is a {physical.type} model and cannot chat.",
-                             param="model")
+        body, name, virtual, physical = await json_request(req, self.runtime, CHAT_TYPES,
+                                                           "cannot chat")
         params.only_one_choice(body)
         stream = field(body, "stream", bool, default=False)
         usage = params.include_usage(body)

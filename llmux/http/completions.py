@@ -17,10 +17,10 @@ from falcon.asgi import SSEvent
 from llmux.actors.messages import Failure, Finished, Piece, Reply, Status
 from llmux.errors import BadRequest
 from llmux.http import params
-from llmux.http.auth import check_model
-from llmux.http.body import field, read_json, string_list
+from llmux.http.body import field, string_list
 from llmux.http.chat import CHAT_TYPES, set_sse_headers, usage_of
 from llmux.http.jobs import replies, run_whole, start_stream
+from llmux.http.target import json_request
 from llmux.runtime import Runtime, Ticket
 
 MAX_PROMPTS = 16
@@ -31,14 +31,8 @@ class Completions:
         self.runtime = runtime
 
     async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
-        body = await read_json(req, self.runtime.config.server.max_body_bytes)
-        name = field(body, "model", str, required=True)
-        assert name is not None
-        virtual, physical = self.runtime.resolve(name)
-        check_model(req, name)
-        if physical.type not in CHAT_TYPES:
-            raise BadRequest(f"'{name}' is a {physical.type} model and cannot complete text.",
-                             param="model")
+        body, name, virtual, physical = await json_request(req, self.runtime, CHAT_TYPES,
+                                                           "cannot complete text")
         prompts = string_list(body, "prompt", required=True, max_items=MAX_PROMPTS)
         assert prompts is not None
         params.only_one_choice(body)

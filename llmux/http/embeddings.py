@@ -9,13 +9,14 @@ from typing import Any
 import falcon.asgi
 
 from llmux.errors import BadRequest
-from llmux.http.auth import check_model
-from llmux.http.body import field, integer_in, read_json
+from llmux.http.body import field, integer_in
 from llmux.http.jobs import run_whole
+from llmux.http.target import json_request
 from llmux.runtime import Runtime
 
 MAX_INPUTS = 2048
 ENCODINGS = ("float", "base64")
+EMBEDDING = frozenset({"embedding"})
 
 
 def parse_input(body: dict[str, Any]) -> list[str]:
@@ -46,14 +47,8 @@ class Embeddings:
         self.runtime = runtime
 
     async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
-        body = await read_json(req, self.runtime.config.server.max_body_bytes)
-        name = field(body, "model", str, required=True)
-        assert name is not None
-        _, physical = self.runtime.resolve(name)
-        check_model(req, name)
-        if physical.type != "embedding":
-            raise BadRequest(f"'{name}' is a {physical.type} model, not an embedding model.",
-                             param="model")
+        body, name, _, physical = await json_request(req, self.runtime, EMBEDDING,
+                                                     "cannot embed text")
         texts = parse_input(body)
         encoding = field(body, "encoding_format", str, default="float")
         if encoding not in ENCODINGS:

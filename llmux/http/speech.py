@@ -19,16 +19,18 @@ from llmux.audio.encode import SPEECH_FORMATS, SpeechEncoder
 from llmux.audio.voices import resolve_voice, voice_names
 from llmux.config import PhysicalModel
 from llmux.errors import BadRequest
-from llmux.http.auth import Access, check_model
-from llmux.http.body import field, number_in, read_json
+from llmux.http.auth import Access
+from llmux.http.body import field, number_in
 from llmux.http.disconnect import StreamAborted
 from llmux.http.jobs import replies, start_stream
+from llmux.http.target import json_request, resolve_for
 from llmux.runtime import Runtime, Ticket
 
 log = logging.getLogger(__name__)
 
 MAX_INPUT_CHARS = 4096
 DEFAULT_SAMPLE_RATE = 24000
+SPEECH = frozenset({"tts"})
 
 
 def requested_voice(body: dict[str, Any]) -> str | None:
@@ -46,14 +48,8 @@ class Speech:
         self.runtime = runtime
 
     async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
-        body = await read_json(req, self.runtime.config.server.max_body_bytes)
-        name = field(body, "model", str, required=True)
-        assert name is not None
-        _, physical = self.runtime.resolve(name)
-        check_model(req, name)
-        if physical.type != "tts":
-            raise BadRequest(f"'{name}' is a {physical.type} model, not a speech model.",
-                             param="model")
+        body, _, _, physical = await json_request(req, self.runtime, SPEECH,
+                                                     "cannot speak")
         text = field(body, "input", str, required=True)
         if not text or not text.strip():
             raise BadRequest("'input' is empty: send the text to speak.", param="input")
@@ -131,10 +127,7 @@ class AudioVoices:
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         name = req.get_param("model")
         if name:
-            _, physical = self.runtime.resolve(name)
-            if physical.type != "tts":
-                raise BadRequest(f"'{name}' is a {physical.type} model and has no voices.",
-                                 param="model")
+            _, physical = resolve_for(req, self.runtime, name, SPEECH, "has no voices")
             physicals = [physical]
         else:
             physicals = list(speech_models(self.runtime).values())

@@ -19,15 +19,16 @@ import falcon.asgi
 from llmux.audio.decode import decode_to_pcm, duration_s
 from llmux.audio.transcript import CONTENT_TYPES, RESPONSE_FORMATS, render
 from llmux.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
-from llmux.http.auth import check_model
 from llmux.http.body import read_json
 from llmux.http.jobs import run_whole
+from llmux.http.target import resolve_for
 from llmux.runtime import Runtime
 
 MAX_AUDIO_S = 3600.0  # an hour of samples (230 MB) still fits one worker frame
 FORM_SLACK = 64 * 1024  # the form's other fields, on top of the upload limit
 READ_CHUNK = 256 * 1024
 GRANULARITIES = ("word", "segment")
+RECOGNITION = frozenset({"asr"})
 
 
 async def read_multipart(req: falcon.asgi.Request, limit: int
@@ -130,11 +131,8 @@ class Transcriptions:
         name = text_field(fields, "model")
         if name is None:
             raise BadRequest("'model' is required.", param="model")
-        _, physical = self.runtime.resolve(name)
-        check_model(req, name)
-        if physical.type != "asr":
-            raise BadRequest(f"'{name}' is a {physical.type} model, not a speech "
-                             "recognition model.", param="model")
+        _, physical = resolve_for(req, self.runtime, name, RECOGNITION,
+                                  "cannot recognise speech")
         if self.task == "translate" and "translate" not in physical.capabilities:
             raise BadRequest(f"'{name}' cannot translate; use /v1/audio/transcriptions.",
                              param="model")
