@@ -4,6 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 CONFIG ?= config/llmux.yaml
 STAMP := $(VENV)/.installed
+TORCH := 2.13.0
 
 .PHONY: serve test lint bench setup clean
 
@@ -22,10 +23,16 @@ bench: $(STAMP)
 
 setup: $(STAMP)
 
+# torch first, pinned to the local CPU build; then everything else under that pin.
+# llama-cpp-python compiles from source (~6 min on 2 cores); pip caches the wheel.
 $(STAMP): pyproject.toml
+	command -v espeak-ng >/dev/null && command -v sox >/dev/null || \
+		{ apt-get update -q && apt-get install -y -q espeak-ng sox; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test,lint]'
+	$(BIN)/pip install -q torch==$(TORCH)
+	echo torch==$(TORCH) > $(VENV)/constraints.txt
+	$(BIN)/pip install -q -c $(VENV)/constraints.txt -e '.[runtimes,models,test,lint]'
 	touch $(STAMP)
 
 clean:

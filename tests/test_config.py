@@ -56,7 +56,8 @@ def problems_of(data: object) -> list[str]:
 
 
 def test_there_are_three_shipped_configs() -> None:
-    assert [p.name for p in SHIPPED] == ["kischdle-5070ti.yaml", "llmux.yaml", "p40.yaml"]
+    assert [p.name for p in SHIPPED] == ["fake.yaml", "kischdle-5070ti.yaml", "llmux.yaml",
+                                         "p40.yaml"]
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
@@ -66,8 +67,8 @@ def test_every_shipped_config_loads(path: Path) -> None:
     assert config.virtual_models and config.physical_models
 
 
-def test_default_config_runs_fake_models_on_a_cpu_budget() -> None:
-    config = load_config(CONFIG_DIR / "llmux.yaml")
+def test_the_fake_config_runs_fake_models_on_a_cpu_budget() -> None:
+    config = load_config(CONFIG_DIR / "fake.yaml")
     assert config.devices == {"cpu": Device(id="cpu", capacity=10**9, safety_margin=0)}
     assert {m.backend for m in config.physical_models.values()} == {"fake"}
     assert {n: v.physical for n, v in config.virtual_models.items()} == {

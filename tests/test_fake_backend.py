@@ -42,7 +42,7 @@ def test_registry_loads_the_fake_backend_lazily() -> None:
 
 
 def test_registry_rejects_unknown_backends_naming_the_known_ones() -> None:
-    with pytest.raises(ValueError, match=r"unknown backend 'torch' \(known: fake\)"):
+    with pytest.raises(ValueError, match=r"unknown backend .torch. \(known: fake, "):
         load_backend_class("torch")
 
 

