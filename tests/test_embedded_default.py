@@ -4,7 +4,6 @@ PyPI packages on the CPU, through a live server and the openai SDK."""
 from __future__ import annotations
 
 import math
-import re
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +14,7 @@ import pytest
 import yaml
 
 from tests.conftest import ROOT, Server, live_workers, wait_until
+from tests.helpers import word_error_rate, words
 
 pytestmark = pytest.mark.slow
 
@@ -34,20 +34,6 @@ def client(server: Server) -> Iterator[openai.OpenAI]:
                        timeout=300) as c:
         yield c
 
-
-def words(text: str) -> list[str]:
-    return re.findall(r"[a-z']+", text.lower())
-
-
-def word_error_rate(reference: str, hypothesis: str) -> float:
-    """Levenshtein distance over words, divided by the reference's length."""
-    ref, hyp = words(reference), words(hypothesis)
-    row = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, start=1):
-        previous, row[0] = row[0], i
-        for j, h in enumerate(hyp, start=1):
-            previous, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, previous + (r != h))
-    return row[-1] / max(1, len(ref))
 
 
 def espeak(text: str, path: Path) -> bytes:

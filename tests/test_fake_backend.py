@@ -6,29 +6,19 @@ import json
 import math
 import struct
 import threading
-from collections.abc import Generator
 from typing import Any
 
 import pytest
 
 from llmux.backends import BACKEND_MODULES, load_backend_class
-from llmux.backends.base import InvalidInput
+from llmux.backends.base import InvalidInput, Stream
 from llmux.backends.fake import FakeBackend, parse_size
-
-Stream = Generator[dict[str, Any], None, dict[str, Any]]
+from tests.helpers import drain
 
 
 def fake(**options: Any) -> FakeBackend:
     return FakeBackend({"model_id": "fake-1", "backend": "fake", "options": options})
 
-
-def drain(stream: Stream) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    chunks: list[dict[str, Any]] = []
-    while True:
-        try:
-            chunks.append(next(stream))
-        except StopIteration as stop:
-            return chunks, stop.value
 
 
 def chat(backend: FakeBackend, text: str, **payload: Any) -> Stream:

@@ -13,6 +13,24 @@ class InvalidInput(ValueError):
     unsupported option): the client gets a 400 with this message, not a 500."""
 
 
+Stream = Generator[dict[str, Any], None, dict[str, Any]]
+"""What ``infer`` returns: chunk data yielded, done data returned."""
+
+
+def parse_device(device: str) -> tuple[str, int]:
+    """``"cpu"`` -> ("cpu", 0); ``"cuda:1"`` -> ("cuda", 1); ``"cuda"`` -> ("cuda", 0).
+
+    Raises:
+        ValueError: anything else.
+    """
+    kind, _, index = device.partition(":")
+    if kind == "cpu" and not index:
+        return "cpu", 0
+    if kind == "cuda" and (not index or index.isdigit()):
+        return "cuda", int(index or 0)
+    raise ValueError(f"device {device!r}: expected 'cpu' or 'cuda:N'")
+
+
 ProgressFn = Callable[[float, str], None]
 """``progress(fraction 0..1, message)``: becomes a Progress frame to the server."""
 
@@ -35,9 +53,8 @@ class Backend(abc.ABC):
         """One token or one short clip, so READY means the model answered."""
 
     @abc.abstractmethod
-    def infer(
-        self, op: str, payload: Mapping[str, Any], cancelled: threading.Event
-    ) -> Generator[dict[str, Any], None, dict[str, Any]]:
+    def infer(self, op: str, payload: Mapping[str, Any], cancelled: threading.Event
+              ) -> Stream:
         """Yield chunk data, return done data. Check ``cancelled`` between tokens and
         then return ``{"finish_reason": "cancelled", ...}``. Raise ``InvalidInput`` for
         a request the model cannot serve (a 400), anything else for a fault (a 500):

@@ -28,7 +28,7 @@ import time
 from collections.abc import Generator, Mapping
 from typing import Any, Final
 
-from llmux.backends.base import Backend, InvalidInput, ProgressFn
+from llmux.backends.base import Backend, InvalidInput, ProgressFn, Stream
 
 __all__ = ["FakeBackend", "parse_size"]
 
@@ -37,7 +37,6 @@ _WORD_S: Final = 0.05  # seconds of speech per word at speed 1
 _SIZE_RE: Final = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(?:([kmgt])(i)?)?b?\s*$", re.IGNORECASE)
 _POWERS: Final = {"k": 1, "m": 2, "g": 3, "t": 4}
 
-Stream = Generator[dict[str, Any], None, dict[str, Any]]
 
 
 def parse_size(value: int | str) -> int:

@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import gc
 import threading
-from collections.abc import Generator, Mapping
+from collections.abc import Mapping
 from typing import Any, Final
 
 import ctranslate2
 import numpy as np
 from faster_whisper import WhisperModel
 
-from llmux.backends.base import Backend, InvalidInput, ProgressFn
+from llmux.backends.base import Backend, InvalidInput, ProgressFn, Stream, parse_device
 from llmux.backends.paths import resolve_model_path
 
 __all__ = ["FasterWhisperBackend"]
@@ -41,21 +41,7 @@ _FALLBACK_TEMPERATURES: Final = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 # faster-whisper downloads what a model directory lacks: require it all, stay offline.
 _REQUIRED_FILES: Final = ("model.bin", "tokenizer.json")
 
-Stream = Generator[dict[str, Any], None, dict[str, Any]]
 
-
-def parse_device(device: str) -> tuple[str, int]:
-    """``"cpu"`` -> ("cpu", 0); ``"cuda:1"`` -> ("cuda", 1).
-
-    Raises:
-        ValueError: anything else.
-    """
-    kind, _, index = device.partition(":")
-    if kind == "cpu" and not index:
-        return "cpu", 0
-    if kind == "cuda" and (not index or index.isdigit()):
-        return "cuda", int(index or 0)
-    raise ValueError(f"device {device!r}: expected 'cpu' or 'cuda:N'")
 
 
 class FasterWhisperBackend(Backend):

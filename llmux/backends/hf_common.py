@@ -9,18 +9,17 @@ from __future__ import annotations
 
 import gc
 import threading
-from collections.abc import Generator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final, Protocol
 
 import torch
 
-from llmux.backends.base import ProgressFn
+from llmux.backends.base import ProgressFn, Stream, parse_device
 from llmux.backends.paths import resolve_model_path
 
 __all__ = ["DTYPES", "Checkpoint", "HfModel", "LoadSettings", "Stream", "release"]
 
-Stream = Generator[dict[str, Any], None, dict[str, Any]]
 """What ``infer`` returns: chunks yielded, the done data returned."""
 
 DTYPES: Final[Mapping[str, Any]] = {
@@ -102,9 +101,7 @@ class LoadSettings:
     """The options that shape ``from_pretrained`` for the model (not its tokenizer)."""
 
     def __init__(self, options: Mapping[str, Any], device: str) -> None:
-        kind, _, index = device.partition(":")
-        if not (device == "cpu" or (kind == "cuda" and (not index or index.isdigit()))):
-            raise ValueError(f"device {device!r}: expected 'cpu' or 'cuda:N'")
+        kind, _ = parse_device(device)
         self.device = device
         self.on_cuda = kind == "cuda"
         dtype_name = str(options.get("dtype", "auto" if self.on_cuda else "float32"))

@@ -33,7 +33,7 @@ import gc
 import json
 import logging
 import threading
-from collections.abc import Generator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 import jinja2
@@ -42,14 +42,13 @@ import jinja2.sandbox
 import llama_cpp  # type: ignore[import-untyped,unused-ignore]
 from llama_cpp import llama_grammar  # type: ignore[import-untyped,unused-ignore]
 
-from llmux.backends.base import Backend, InvalidInput, ProgressFn
+from llmux.backends.base import Backend, InvalidInput, ProgressFn, Stream, parse_device
 from llmux.backends.paths import resolve_model_path
 
 __all__ = ["KV_CACHE_TYPES", "LlamaCppBackend", "render_chat", "template_messages"]
 
 log = logging.getLogger(__name__)
 
-Stream = Generator[dict[str, Any], None, dict[str, Any]]
 
 KV_CACHE_TYPES: Final[Mapping[str, int]] = {
     "f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8,
@@ -190,12 +189,8 @@ def render_chat(template: str, messages: Sequence[Mapping[str, Any]], *, bos: st
 
 def _gpu_index(device: str) -> int | None:
     """None for "cpu", N for "cuda:N". Raises ValueError for anything else."""
-    if device == "cpu":
-        return None
-    kind, _, index = device.partition(":")
-    if kind != "cuda" or not index.isdigit():
-        raise ValueError(f"device {device!r}: expected 'cpu' or 'cuda:N'")
-    return int(index)
+    kind, index = parse_device(device)
+    return index if kind == "cuda" else None
 
 
 def _int_option(options: Mapping[str, Any], key: str, default: int | None,

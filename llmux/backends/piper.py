@@ -24,14 +24,14 @@ import gc
 import json
 import math
 import threading
-from collections.abc import Generator, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Final
 
 import onnxruntime
 from piper import AudioChunk, PiperConfig, PiperVoice, SynthesisConfig
 
-from llmux.backends.base import Backend, InvalidInput, ProgressFn
+from llmux.backends.base import Backend, InvalidInput, ProgressFn, Stream, parse_device
 from llmux.backends.paths import resolve_model_path
 
 __all__ = ["PiperBackend"]
@@ -39,21 +39,7 @@ __all__ = ["PiperBackend"]
 DEFAULT_VOICE: Final = "default"
 _CUDA: Final = "CUDAExecutionProvider"
 
-Stream = Generator[dict[str, Any], None, dict[str, Any]]
 
-
-def parse_device(device: str) -> tuple[str, int]:
-    """``"cpu"`` -> ("cpu", 0); ``"cuda:1"`` -> ("cuda", 1).
-
-    Raises:
-        ValueError: anything else.
-    """
-    kind, _, index = device.partition(":")
-    if kind == "cpu" and not index:
-        return "cpu", 0
-    if kind == "cuda" and (not index or index.isdigit()):
-        return "cuda", int(index or 0)
-    raise ValueError(f"device {device!r}: expected 'cpu' or 'cuda:N'")
 
 
 def _optional_float(options: Mapping[str, Any], key: str) -> float | None:
