@@ -1,4 +1,4 @@
-"""``llmux serve | check-config | state``.
+"""``llmux serve | check-config | state | move``.
 
 ``serve`` owns the root task group: the runtime's actors start in it, Hypercorn
 serves inside it, and a signal or Hypercorn's exit cancels it, so every actor's
@@ -162,6 +162,29 @@ def cmd_state(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_move(args: argparse.Namespace) -> int:
+    """Reload a model on another device through the admin API."""
+    url = f"{args.url.rstrip('/')}/admin/models/{args.model}/device"
+    request = urllib.request.Request(url, method="POST",
+                                     data=json.dumps({"device": args.device}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    api_key = args.api_key or os.environ.get("LLMUX_API_KEY")
+    if api_key:
+        request.add_header("Authorization", f"Bearer {api_key}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            json.load(response)
+    except urllib.error.HTTPError as exc:
+        message = json.loads(exc.read() or b"{}").get("error", {}).get("message", exc.reason)
+        print(f"llmux: {message}", file=sys.stderr)
+        return 1
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        print(f"cannot reach {args.url}: {exc}", file=sys.stderr)
+        return 1
+    print(f"{args.model}: moving to {args.device}; `llmux state` shows when it is ready")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmux", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -180,6 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_state)
+    p = sub.add_parser("move", help="reload a model on another device (cpu, cuda:N)")
+    p.add_argument("model")
+    p.add_argument("device")
+    p.add_argument("--url", default=os.environ.get("LLMUX_URL", "http://127.0.0.1:8081"))
+    p.add_argument("--api-key")
+    p.set_defaults(func=cmd_move)
     return parser
 
 

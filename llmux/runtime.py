@@ -30,6 +30,7 @@ from llmux.actors.messages import (
     Failure,
     Finished,
     Job,
+    MoveTo,
     Piece,
     Reply,
     RequestLoad,
@@ -39,7 +40,7 @@ from llmux.actors.messages import (
 from llmux.actors.model_actor import ModelActor, ModelSettings, SpawnWorker, State
 from llmux.actors.placement import Rules
 from llmux.config import Config, PhysicalModel, VirtualModel
-from llmux.errors import ModelNotFound, QueueFull, ShuttingDown
+from llmux.errors import BadRequest, ModelNotFound, QueueFull, ShuttingDown
 from llmux.workers.handle import WorkerHandle
 
 log = logging.getLogger(__name__)
@@ -137,9 +138,9 @@ class Runtime:
         rules = Rules(strict_priority=policy.strict_priority,
                       min_residency_s=policy.min_residency_s)
         self.arbiters: dict[str, GpuArbiter] = {}
+        # Every arbiter knows every model: an admin may move a model to any device.
+        on_device = list(config.physical_models.values())
         for device_id, device in config.devices.items():
-            on_device = [m for m in config.physical_models.values()
-                         if config.device_of(m) == device_id]
             self.arbiters[device_id] = GpuArbiter(
                 device=device_id,
                 capacity=device.capacity,
@@ -172,9 +173,8 @@ class Runtime:
                 clock=clock,
                 spawn_worker=spawn_worker,
             )
-        for device_id, arbiter in self.arbiters.items():
-            arbiter.connect({m: a for m, a in self.actors.items()
-                             if a.settings.device == device_id})
+        for arbiter in self.arbiters.values():
+            arbiter.connect(self.actors)
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
                   ) -> None:
@@ -235,6 +235,17 @@ class Runtime:
 
     def unload(self, model: str, reason: str = "unloaded by an admin") -> None:
         self.actors[model].tell(RequestUnload(reason))
+
+    def move(self, model: str, device: str) -> None:
+        """Unload ``model`` (after its running request) and load it on ``device``.
+
+        Raises:
+            BadRequest: ``device`` is not configured.
+        """
+        if device not in self.arbiters:
+            raise BadRequest(f"No device '{device}'. Devices: {', '.join(self.arbiters)}",
+                             param="device")
+        self.actors[model].tell(MoveTo(device, self.arbiters[device]))
 
     def is_loaded(self, model: str) -> bool:
         return self.actors[model].state in LOADED_STATES

@@ -257,3 +257,13 @@ def test_a_model_that_cannot_load_says_why_and_loads_once_its_file_is_there(
     wait_until(lambda: httpx.post(url, json=body, timeout=60).status_code == 200, 10,
                "the retried load to succeed")
     assert server.model("late")["state"] == "ready"
+
+
+def test_llmux_move_asks_the_server_and_explains_a_refusal(start_server: Any) -> None:
+    server = start_server(fake_config(a=fake_model()))
+    move = [sys.executable, "-m", "llmux.cli", "move", "--url", server.url, "a"]
+    out = subprocess.run([*move, "cpu"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0 and "a: moving to cpu" in out.stdout
+    out = subprocess.run([*move, "cuda:3"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 1 and "No device 'cuda:3'. Devices: cpu" in out.stderr
+    wait_until(lambda: server.model("a")["state"] == "ready", 10, "a to load on cpu")

@@ -28,6 +28,7 @@ ROUTES = [
     ("get", "/v1/audio/models"),
     ("get", "/v1/audio/voices"),
     ("get", "/admin/state"),
+    ("post", "/admin/models/{model_id}/device"),
     ("post", "/admin/models/{model_id}/load"),
     ("post", "/admin/models/{model_id}/unload"),
 ]

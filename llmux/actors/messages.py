@@ -101,6 +101,14 @@ class RequestUnload(Message):
     reason: str
 
 
+@attrs.frozen
+class MoveTo(Message):
+    """Admin: unload (draining), then load on ``device``, placed by its ``arbiter``."""
+
+    device: str
+    arbiter: Any
+
+
 # --- arbiter <-> model actor -----------------------------------------------------------
 
 

@@ -38,6 +38,7 @@ from llmux.actors.messages import (
     LoadFailed,
     LoadProgress,
     Message,
+    MoveTo,
     Piece,
     Refused,
     Released,
@@ -133,6 +134,7 @@ class ModelActor(Actor[Message]):
         self._worker: WorkerHandle | None = None
         self._starting: WorkerHandle | None = None  # set by the load task for cleanup
         self._acquiring = False
+        self._move_to: MoveTo | None = None  # an admin move waiting for the unload
         self._failures = 0
         self._retry_at = 0.0
         self._last_error: str | None = None
@@ -178,6 +180,12 @@ class ModelActor(Actor[Message]):
                 self._refused(reason, permanent)
             case Evict(reason=reason) | RequestUnload(reason=reason):
                 self._unload(reason)
+            case MoveTo(device=device) as move:
+                self._move_to = move
+                if self._acquiring:
+                    self._acquiring = False
+                    self._arbiter.post(Withdraw(self.name))
+                self._unload(f"moving to {device}")
             case LoadProgress(fraction=fraction):
                 self._progress = fraction
                 self._tell_waiting(self._loading_status())
@@ -288,8 +296,28 @@ class ModelActor(Actor[Message]):
 
     # -- scheduling --------------------------------------------------------------------------
 
+    def _finish_move(self) -> None:
+        """Once unloaded (and released to the old device's arbiter), switch devices
+        and load there."""
+        move, self._move_to = self._move_to, None
+        assert move is not None
+        self._arbiter.post(Usage(self.name, False, 0, self._last_used))
+        self._arbiter = move.arbiter
+        self._reported = (False, 0)
+        self.settings = attrs.evolve(self.settings, device=move.device,
+                                     load_spec={**self.settings.load_spec,
+                                                "device": move.device})
+        self._events.record(self.name, "move", f"moved to {move.device}")
+        self._retry_at = 0.0
+        self._acquire(self.clock() + self.settings.load_timeout_s * 2)
+
     def _pump(self) -> None:
         """Start what the current state allows; then tell the arbiter our load."""
+        if self._move_to is not None:
+            if self._state is State.READY:  # the move came while it was loading
+                self._unload(f"moving to {self._move_to.device}")
+            elif self._state in (State.UNLOADED, State.FAILED) and not self._acquiring:
+                self._finish_move()
         if self._state is State.READY and self._queue:
             self._start(self._queue.popleft())
         elif (

@@ -6,6 +6,7 @@ import falcon
 import falcon.asgi
 
 from llmux.errors import ModelNotFound
+from llmux.http.body import field, read_json
 from llmux.runtime import Runtime
 
 
@@ -41,6 +42,17 @@ class AdminModels:
         self.runtime.load(physical)
         resp.status = falcon.HTTP_202
         resp.media = {"model": physical, "action": "load", "accepted": True}
+
+    async def on_post_device(self, req: falcon.asgi.Request, resp: falcon.asgi.Response,
+                             model_id: str) -> None:
+        """``{"device": "cpu" | "cuda:N"}``: reload the model there (GPU-vs-CPU checks)."""
+        physical = self._physical(model_id)
+        body = await read_json(req, self.runtime.config.server.max_body_bytes)
+        device = field(body, "device", str, required=True)
+        assert device is not None
+        self.runtime.move(physical, device)
+        resp.status = falcon.HTTP_202
+        resp.media = {"model": physical, "action": "move", "device": device, "accepted": True}
 
     async def on_post_unload(self, req: falcon.asgi.Request, resp: falcon.asgi.Response,
                              model_id: str) -> None:

@@ -53,6 +53,7 @@ def create_falcon_app(runtime: Runtime, keys: KeyStore) -> FalconApp:
     app.add_route("/admin/state", AdminState(runtime))
     app.add_route("/admin/models/{model_id}/load", admin_models, suffix="load")
     app.add_route("/admin/models/{model_id}/unload", admin_models, suffix="unload")
+    app.add_route("/admin/models/{model_id}/device", admin_models, suffix="device")
     return app
 
 

@@ -196,7 +196,8 @@ def model_schemas() -> dict[str, Schema]:
         "AdminState": obj({name: array(obj({})) for name in ("devices", "models", "events")},
                           description="The state dump; the items' fields may grow."),
         "AdminAction": record(model=string(description="The physical model."),
-                              action=enum("load", "unload"), accepted=boolean(const=True)),
+                              action=enum("load", "unload", "move"),
+                              accepted=boolean(const=True)),
     }
 
 
@@ -464,6 +465,14 @@ def paths() -> dict[str, Schema]:
             description="Requires an admin key.")},
         "/admin/models/{model_id}/load": admin("load"),
         "/admin/models/{model_id}/unload": admin("unload"),
+        "/admin/models/{model_id}/device": {"post": operation(
+            "moveModel", "admin", "Reload a model on another device (CPU or a GPU).",
+            {"202": json_response("Accepted.", ref("AdminAction"))}, (*AUTH, 400, 404, 503),
+            parameters=[model_id], body=json_body(obj(
+                {"device": string(description='A configured device: "cpu" or "cuda:N".')})),
+            description=(
+                "Requires an admin key. The model finishes its running request, unloads, "
+                "and loads on the device; /admin/state shows it."))},
     }
 
 
