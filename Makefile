@@ -6,7 +6,7 @@ CONFIG ?= config/llmux.yaml
 STAMP := $(VENV)/.installed
 TORCH := 2.13.0
 
-.PHONY: serve test lint bench setup clean
+.PHONY: serve test lint bench setup clean chatterbox-venv
 
 serve: $(STAMP)
 	$(BIN)/llmux serve --config $(CONFIG)
@@ -34,6 +34,15 @@ $(STAMP): pyproject.toml
 	echo torch==$(TORCH) > $(VENV)/constraints.txt
 	$(BIN)/pip install -q -c $(VENV)/constraints.txt -e '.[runtimes,models,test,lint]'
 	touch $(STAMP)
+
+# chatterbox-tts pins torch 2.6 / transformers 5.2 / numpy<2: its workers run under
+# this interpreter (`python: /opt/chatterbox-venv/bin/python` in the config). It needs
+# only the worker's own light dependencies besides; llmux itself comes via PYTHONPATH.
+# Several GB (a CUDA build of torch 2.6): not part of `make test`.
+CHATTERBOX_VENV ?= /opt/chatterbox-venv
+chatterbox-venv:
+	$(PYTHON) -m venv $(CHATTERBOX_VENV)
+	$(CHATTERBOX_VENV)/bin/pip install -q chatterbox-tts==0.1.7 msgpack==1.2.4 attrs==26.1.0
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .hypothesis

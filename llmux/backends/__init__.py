@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 __all__ = ["BACKEND_MODULES", "load_backend_class"]
 
 BACKEND_MODULES: Final[Mapping[str, str]] = {
+    "chatterbox": "llmux.backends.chatterbox:ChatterboxBackend",
     "fake": "llmux.backends.fake:FakeBackend",
     "faster_whisper": "llmux.backends.faster_whisper:FasterWhisperBackend",
     "llama_cpp": "llmux.backends.llama_cpp:LlamaCppBackend",
