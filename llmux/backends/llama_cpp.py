@@ -44,6 +44,7 @@ from llama_cpp import llama_grammar  # type: ignore[import-untyped,unused-ignore
 
 from llmux.backends.base import Backend, InvalidInput, ProgressFn, Stream, parse_device
 from llmux.backends.paths import resolve_model_path
+from llmux.chat.templates import template_messages
 
 __all__ = ["KV_CACHE_TYPES", "LlamaCppBackend", "render_chat", "template_messages"]
 
@@ -110,50 +111,6 @@ def _compile(source: str) -> jinja2.Template:
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
     return env.from_string(source)
-
-
-def template_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """OpenAI messages as chat templates expect them: string contents (text parts
-    joined by newlines, None as ""), tool call arguments as objects, not JSON text.
-
-    Raises:
-        InvalidInput: a content part that is not text (this backend reads text only).
-    """
-    out = []
-    for message in messages:
-        item = dict(message)
-        content = item.get("content")
-        if content is None:
-            item["content"] = ""
-        elif isinstance(content, list):
-            texts = []
-            for part in content:
-                kind = part.get("type") if isinstance(part, Mapping) else None
-                if kind != "text":
-                    raise InvalidInput(f"This model reads text only; a {kind!r} content part "
-                                       "cannot be sent to it.")
-                texts.append(str(part.get("text", "")))
-            item["content"] = "\n".join(texts)
-        if isinstance(item.get("tool_calls"), list):
-            item["tool_calls"] = [_with_object_arguments(c) for c in item["tool_calls"]]
-        out.append(item)
-    return out
-
-
-def _with_object_arguments(call: Any) -> Any:
-    """A tool call whose ``function.arguments`` JSON text is decoded, as templates
-    render arguments with ``| tojson`` (text that is not a JSON object stays)."""
-    function = call.get("function") if isinstance(call, Mapping) else None
-    if not isinstance(function, Mapping) or not isinstance(function.get("arguments"), str):
-        return call
-    arguments = function["arguments"]
-    try:
-        decoded = json.loads(arguments)
-    except ValueError:
-        return call
-    if not isinstance(decoded, dict):
-        return call
-    return {**call, "function": {**function, "arguments": decoded}}
 
 
 def render_chat(template: str, messages: Sequence[Mapping[str, Any]], *, bos: str, eos: str,
