@@ -23,7 +23,7 @@ from typing import Final, Protocol
 import attrs
 import yaml
 
-from llmux.config import ConfigError, load_yaml
+from llmux.config import ConfigError, load_yaml, yaml_problem
 from llmux.errors import Unauthorized
 
 __all__ = ["RELOAD_INTERVAL_S", "ApiKey", "KeyStore", "load_keys", "parse_keys"]
@@ -267,11 +267,7 @@ def _read(path: Path) -> tuple[_Signature, list[ApiKey]]:
     except OSError as exc:
         raise ConfigError([f"{source}: {exc.strerror or exc}"], source=source) from exc
     except yaml.YAMLError as exc:
-        # NOTE: never str(exc): it quotes the offending line, which may hold a key.
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
-        what = getattr(exc, "problem", None) or getattr(exc, "reason", None) or "not valid YAML"
-        raise ConfigError([f"{where}: {what}"], source=source) from None
+        raise yaml_problem(source, exc) from None
     return signature, parse_keys(data, source)
 
 

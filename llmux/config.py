@@ -604,6 +604,18 @@ def load_yaml(stream: IO[str] | IO[bytes]) -> Any:
     return yaml.load(stream, Loader=_Loader)
 
 
+def yaml_problem(source: str, exc: yaml.YAMLError) -> ConfigError:
+    """A YAML syntax error as a ConfigError naming the file, line and column.
+
+    NOTE: never ``str(exc)``: it quotes the offending line, which in a keys file may
+    hold a secret.
+    """
+    mark = getattr(exc, "problem_mark", None)
+    where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
+    what = getattr(exc, "problem", None) or getattr(exc, "reason", None) or "not valid YAML"
+    return ConfigError([f"{where}: {what}"], source=source)
+
+
 def load_config(path: str | os.PathLike[str]) -> Config:
     """Read and validate a YAML config file; ``source`` records where it came from.
 
@@ -617,10 +629,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     except OSError as exc:
         raise ConfigError([f"{source}: {exc.strerror or exc}"], source=source) from exc
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
-        what = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError([f"{where}: {what}"], source=source) from exc
+        raise yaml_problem(source, exc) from exc
     try:
         config = parse_config(data, base_dir=Path(source).absolute().parent)
     except ConfigError as exc:
