@@ -23,7 +23,7 @@ from llmux.config import PhysicalModel, VirtualModel
 from llmux.errors import BadRequest
 from llmux.http import params
 from llmux.http.body import field
-from llmux.http.jobs import replies, run_whole, start_stream
+from llmux.http.jobs import replies, run_whole, start_stream, unbuffered
 from llmux.http.target import json_request
 from llmux.runtime import Runtime, Ticket
 
@@ -158,14 +158,8 @@ class ChatCompletions:
             resp.media = meta.whole(pieces, final)
             return
         first = await start_stream(req, ticket)
-        set_sse_headers(resp)
+        unbuffered(resp)
         resp.sse = meta.events(ticket, first, usage)
-
-
-def set_sse_headers(resp: falcon.asgi.Response) -> None:
-    """No caching and no proxy buffering: every token is flushed to the client."""
-    resp.set_header("Cache-Control", "no-cache")
-    resp.set_header("X-Accel-Buffering", "no")
 
 
 def merge_tool_calls(pieces: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -18,8 +18,8 @@ from llmux.actors.messages import Failure, Finished, Piece, Reply, Status
 from llmux.errors import BadRequest
 from llmux.http import params
 from llmux.http.body import field, string_list
-from llmux.http.chat import CHAT_TYPES, set_sse_headers, usage_of
-from llmux.http.jobs import replies, run_whole, start_stream
+from llmux.http.chat import CHAT_TYPES, usage_of
+from llmux.http.jobs import replies, run_whole, start_stream, unbuffered
 from llmux.http.target import json_request
 from llmux.runtime import Runtime, Ticket
 
@@ -50,7 +50,7 @@ class Completions:
             ticket = self.runtime.submit(physical.id, "complete",
                                          {"prompt": prompts[0], **sampling})
             first = await start_stream(req, ticket)
-            set_sse_headers(resp)
+            unbuffered(resp)
             resp.sse = text.events(ticket, first, prompts[0] if echo else "", usage)
             return
         choices, totals = [], {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}

@@ -21,6 +21,13 @@ PREFLIGHT_S = 0.5  # wait this long for a fast refusal before committing to a 20
 KEEPALIVE_S = 1.0  # a Status reply at least this often while nothing else comes
 
 
+def unbuffered(resp: falcon.asgi.Response) -> None:
+    """No caching and no proxy buffering: each token or audio chunk reaches the client
+    as it is made."""
+    resp.set_header("Cache-Control", "no-cache")
+    resp.set_header("X-Accel-Buffering", "no")
+
+
 async def run_whole(req: falcon.asgi.Request, ticket: Ticket
                     ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The whole reply of a job (non-streaming): its pieces and its final data.

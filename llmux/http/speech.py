@@ -22,7 +22,7 @@ from llmux.errors import BadRequest
 from llmux.http.auth import Access
 from llmux.http.body import field, number_in
 from llmux.http.disconnect import StreamAborted
-from llmux.http.jobs import replies, start_stream
+from llmux.http.jobs import replies, start_stream, unbuffered
 from llmux.http.target import json_request, resolve_for
 from llmux.runtime import Runtime, Ticket
 
@@ -74,8 +74,7 @@ class Speech:
         ticket = self.runtime.submit(physical.id, "speech", payload)
         first = await start_stream(req, ticket)
         resp.content_type = SPEECH_FORMATS[fmt]
-        resp.set_header("Cache-Control", "no-cache")
-        resp.set_header("X-Accel-Buffering", "no")
+        unbuffered(resp)
         resp.stream = encoded_audio(ticket, first, fmt)
 
 
