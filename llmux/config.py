@@ -28,7 +28,7 @@ from cattrs.gen import make_dict_structure_fn, make_mapping_structure_fn
 
 from llmux.config_report import format_bytes
 
-MODEL_TYPES: Final = ("llm", "vlm", "asr", "tts", "embedding", "forecast")
+MODEL_TYPES: Final = ("llm", "vlm", "ocr", "asr", "tts", "embedding", "forecast")
 BACKENDS: Final = (
     "fake",
     "llama_cpp",
@@ -100,7 +100,8 @@ class Device:
 
 
 def _default_priority_classes() -> dict[str, int]:
-    return {"asr": 30, "tts": 20, "embedding": 15, "forecast": 15, "vlm": 10, "llm": 10}
+    return {"asr": 30, "tts": 20, "embedding": 15, "forecast": 15, "ocr": 15, "vlm": 10,
+            "llm": 10}
 
 
 @attrs.frozen(kw_only=True)

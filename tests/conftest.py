@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,10 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).parent.parent
+# Every process this test session starts inherits this marker, so the session finds
+# its own workers (orphans included) and not those of another session on the machine.
+SESSION_MARK = "PYTEST_LLMUX_SESSION"
+os.environ[SESSION_MARK] = uuid.uuid4().hex
 
 
 @pytest.fixture
@@ -40,12 +45,14 @@ def free_port() -> int:
 
 
 def live_workers() -> list[psutil.Process]:
-    """Every live llmux worker process on the machine (tests run one server at a time)."""
+    """Every live llmux worker process this test session started (tests run one server
+    at a time)."""
     found = []
     for proc in psutil.process_iter(["cmdline", "status"]):
         try:
             cmd = proc.info["cmdline"] or []
-            if "llmux.worker" in cmd and proc.info["status"] != psutil.STATUS_ZOMBIE:
+            if ("llmux.worker" in cmd and proc.info["status"] != psutil.STATUS_ZOMBIE
+                    and proc.environ().get(SESSION_MARK) == os.environ[SESSION_MARK]):
                 found.append(proc)
         except psutil.Error:
             continue

@@ -387,7 +387,7 @@ def test_out_of_range_numbers_and_unknown_names_are_named() -> None:
     )
     assert problems_of(data) == [
         'physical_models.qwen3.5-4b.type: unknown type "chat" '
-        "(expected one of llm, vlm, asr, tts, embedding, forecast)",
+        "(expected one of llm, vlm, ocr, asr, tts, embedding, forecast)",
         'physical_models.qwen3.5-4b.backend: unknown backend "vllm" (expected one of fake, '
         "llama_cpp, transformers, faster_whisper, piper, chatterbox, rapidocr)",
         'physical_models.qwen3.5-4b.capabilities[1]: unknown capability "fly" '
