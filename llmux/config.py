@@ -127,6 +127,9 @@ class Server:
     max_body_bytes: Size = 32 * 2**20
     max_upload_bytes: Size = 25 * 10**6
     open_audio_lists: bool = True  # GET /v1/audio/models|voices without a key (Open WebUI)
+    # Chat image parts may be http(s) URLs the server fetches (size-capped by
+    # max_body_bytes); off by default: a fetch on a client's behalf can reach internal hosts.
+    allow_remote_images: bool = False
 
     def resolved_state_dir(self, environ: Mapping[str, str] | None = None) -> Path:
         """``state_dir``, else ``$XDG_STATE_HOME/llmux``, else ``~/.local/state/llmux``."""

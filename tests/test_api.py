@@ -52,6 +52,8 @@ CONFIG: dict[str, Any] = {
     "virtual_models": {
         "chat": {"physical": "tool-llm"},
         "plain": {"physical": "plain-llm"},
+        "oss-high": {"physical": "plain-llm", "system_prompt_prefix": "Reasoning: high",
+                     "chat_template_kwargs": {"flavour": "oss"}},
         "slow-loader": {"physical": "slow-loader"},
         "embed": {"physical": "embedder"},
         "whisper": {"physical": "asr"},
@@ -264,7 +266,8 @@ def test_models_list_every_virtual_model_with_llmux_fields(client: openai.OpenAI
     extra = chat.model_extra["llmux"]  # type: ignore[index]
     assert extra["type"] == "llm" and extra["physical_model"] == "tool-llm"
     assert extra["capabilities"] == ["tools"] and isinstance(extra["loaded"], bool)
-    with pytest.raises(openai.NotFoundError, match="Available models: chat, embed, plain"):
+    with pytest.raises(openai.NotFoundError,
+                       match="Available models: chat, embed, oss-high, plain"):
         client.models.retrieve("nope")
 
 
@@ -366,7 +369,8 @@ def test_the_log_names_keys_and_never_shows_them(server: Server) -> None:
     ({"model": "plain", "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}}]}]},
      400, "messages", "cannot read images"),
-    ({"model": "gpt-4o", "messages": USER}, 404, "model", "Available models: chat, embed, plain"),
+    ({"model": "gpt-4o", "messages": USER}, 404, "model", ""
+                       "Available models: chat, embed, oss-high, plain"),
 ])
 def test_bad_chat_requests_get_a_clear_error(server: Server, body: Any, status: int,
                                              param: str | None, contains: str) -> None:
@@ -610,3 +614,30 @@ def test_random_bodies_get_an_answer_or_a_clear_4xx(server: Server, path: str,
         assert_error(response, response.status_code)
     elif response.headers["content-type"].startswith("text/event-stream"):
         assert response.text.rstrip().endswith(("data: [DONE]", "}"))
+
+
+def test_apply_template_shows_what_the_template_is_given(server: Server) -> None:
+    reply = post(server, "/apply-template", json={
+        "model": "oss-high", "messages": [{"role": "system", "content": "Be brief."},
+                                          {"role": "user", "content": "Hi"}]})
+    assert reply.status_code == 200, reply.text
+    given = json.loads(reply.json()["prompt"])
+    assert given["messages"][0] == {"role": "system", "content": "Reasoning: high\n\nBe brief."}
+    assert given["reasoning_effort"] == "high"
+    assert given["chat_template_kwargs"] == {"flavour": "oss"}
+
+
+def test_a_requests_reasoning_effort_rewrites_the_prefix(server: Server) -> None:
+    reply = post(server, "/apply-template", json={
+        "model": "oss-high", "reasoning_effort": "low",
+        "messages": [{"role": "user", "content": "Hi"}]})
+    given = json.loads(reply.json()["prompt"])
+    assert given["messages"][0] == {"role": "system", "content": "Reasoning: low"}
+    assert given["reasoning_effort"] == "low"
+
+
+def test_apply_template_needs_a_key_and_a_chat_model(server: Server) -> None:
+    body = {"model": "oss-high", "messages": [{"role": "user", "content": "Hi"}]}
+    assert_error(post(server, "/apply-template", key=None, json=body), 401)
+    assert_error(post(server, "/apply-template", json=body | {"model": "embed"}), 400,
+                 param="model")

@@ -219,10 +219,10 @@ def test_a_corrupt_file_is_named(tmp_path: Path) -> None:
         backend(str(corrupt)).load(lambda fraction, message: None)
 
 
-def test_a_vision_projector_is_refused_until_vision_is_wired() -> None:
+def test_a_missing_vision_projector_is_named() -> None:
     llm = LlamaCppBackend({"model_id": "vlm", "model_path": GGUF, "device": "cpu",
                            "files": {"mmproj": "/models/mmproj-F16.gguf"}, "options": {}})
-    with pytest.raises(ValueError, match="vlm: mmproj is not supported yet"):
+    with pytest.raises(FileNotFoundError, match=r"/models/mmproj-F16\.gguf: no such file"):
         llm.load(lambda fraction, message: None)
 
 

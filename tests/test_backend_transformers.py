@@ -190,7 +190,8 @@ def test_a_directory_without_config_json_is_named(tmp_path: Path) -> None:
 
 
 def test_a_type_this_backend_does_not_serve_is_refused() -> None:
-    with pytest.raises(ValueError, match="serves llm, asr, embedding models, not 'tts'"):
+    with pytest.raises(ValueError,
+                       match="serves llm, asr, embedding, forecast, vlm models, not 'tts'"):
         backend("tts", MINILM)
 
 

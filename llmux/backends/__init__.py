@@ -21,6 +21,7 @@ BACKEND_MODULES: Final[Mapping[str, str]] = {
     "faster_whisper": "llmux.backends.faster_whisper:FasterWhisperBackend",
     "llama_cpp": "llmux.backends.llama_cpp:LlamaCppBackend",
     "piper": "llmux.backends.piper:PiperBackend",
+    "rapidocr": "llmux.backends.rapidocr:RapidOcrBackend",
     "transformers": "llmux.backends.transformers_backend:TransformersBackend",
 }
 

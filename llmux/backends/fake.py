@@ -181,6 +181,10 @@ class FakeBackend(Backend):
                 prompt = str(payload.get("prompt", ""))
                 reply = self.reply if self.reply is not None else "echo: " + prompt
                 return self._generate([prompt], reply, payload, cancelled)
+            case "template":  # what a chat template would be given
+                keys = ("messages", "tools", "chat_template_kwargs", "reasoning_effort")
+                prompt = json.dumps({k: payload.get(k) for k in keys}, default=repr)
+                return _no_chunks({"prompt": prompt, "prompt_tokens": len(prompt.split())})
             case "embed":
                 return self._embed_all(payload)
             case "transcribe":

@@ -31,9 +31,10 @@ from transformers import (
 
 from llmux.backends.base import InvalidInput, ProgressFn
 from llmux.backends.hf_common import Checkpoint, LoadSettings, Stream, release
+from llmux.chat.stops import StopText
 from llmux.chat.templates import template_messages
 
-__all__ = ["CausalLM", "StopText", "render_prompt", "sampling_kwargs"]
+__all__ = ["CausalLM", "StopText", "render_prompt", "sampling_kwargs", "template_kwargs"]
 
 
 def render_prompt(tokenizer: Any, messages: Sequence[Mapping[str, Any]],
@@ -57,37 +58,13 @@ def render_prompt(tokenizer: Any, messages: Sequence[Mapping[str, Any]],
     return str(prompt)
 
 
-class StopText:
-    """Cuts a stream of text pieces at the first of ``stops``.
-
-    Text that could still become a stop string is held back until it cannot; once a
-    stop string is complete, ``hit`` is true and nothing more comes out.
-    """
-
-    def __init__(self, stops: Sequence[str]) -> None:
-        self.stops = [s for s in stops if s]
-        self.hit = False
-        self._held = ""
-
-    def feed(self, piece: str) -> str:
-        """The text of ``piece`` (and what was held) that is certainly answer text."""
-        if self.hit:
-            return ""
-        text = self._held + piece
-        found = [i for i in (text.find(s) for s in self.stops) if i >= 0]
-        if found:
-            self.hit = True
-            self._held = ""
-            return text[:min(found)]
-        keep = max((n for s in self.stops for n in range(1, len(s))
-                    if text.endswith(s[:n])), default=0)
-        self._held = text[len(text) - keep:] if keep else ""
-        return text[:len(text) - keep]
-
-    def flush(self) -> str:
-        """What was held back, at the end of a stream that met no stop string."""
-        held, self._held = self._held, ""
-        return "" if self.hit else held
+def template_kwargs(payload: Mapping[str, Any]) -> dict[str, Any]:
+    """What the chat template gets besides messages and tools: the request's
+    ``chat_template_kwargs`` (``enable_thinking``, ...) and its ``reasoning_effort``."""
+    kwargs = dict(payload.get("chat_template_kwargs") or {})
+    if payload.get("reasoning_effort") is not None:
+        kwargs.setdefault("reasoning_effort", payload["reasoning_effort"])
+    return kwargs
 
 
 def _number(payload: Mapping[str, Any], key: str) -> float | None:
@@ -198,17 +175,18 @@ class CausalLM:
 
     def infer(self, op: str, payload: Mapping[str, Any], cancelled: threading.Event) -> Stream:
         if op == "chat":
-            kwargs = dict(payload.get("chat_template_kwargs") or {})
-            if payload.get("reasoning_effort") is not None:
-                kwargs.setdefault("reasoning_effort", payload["reasoning_effort"])
-            prompt = render_prompt(self.tokenizer, payload.get("messages") or [],
-                                   payload.get("tools"), kwargs)
-            # NOTE: apply_chat_template(tokenize=True) does exactly this (render, then
-            # tokenize without special tokens); rendering first keeps one code path.
-            inputs = self.tokenizer(prompt, add_special_tokens=False, return_tensors="pt")
+            inputs = self._chat_inputs(payload)
         else:
             inputs = self.tokenizer(str(payload.get("prompt", "")), return_tensors="pt")
         return self._stream(inputs, payload, cancelled)
+
+    def _chat_inputs(self, payload: Mapping[str, Any]) -> Any:
+        """The tokenized prompt of a chat request."""
+        prompt = render_prompt(self.tokenizer, payload.get("messages") or [],
+                               payload.get("tools"), template_kwargs(payload))
+        # NOTE: apply_chat_template(tokenize=True) does exactly this (render, then
+        # tokenize without special tokens); rendering first keeps one code path.
+        return self.tokenizer(prompt, add_special_tokens=False, return_tensors="pt")
 
     def _budget(self, prompt_tokens: int, payload: Mapping[str, Any]) -> int:
         room = self.context_length - prompt_tokens
@@ -235,9 +213,19 @@ class CausalLM:
             eos = self.tokenizer.eos_token_id
         return {int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None}
 
+    def _model_inputs(self, inputs: Any) -> dict[str, Any]:
+        """What ``generate()`` gets of the tokenizer's output, on the model's device."""
+        # Only what a decoder takes: BERT-style tokenizers add token_type_ids too.
+        return {k: inputs[k].to(self.model.device)
+                for k in ("input_ids", "attention_mask") if k in inputs}
+
     def _stream(self, inputs: Any, payload: Mapping[str, Any],
                 cancelled: threading.Event) -> Stream:
-        """Generate in a thread, yield text pieces, return finish reason and usage."""
+        """Generate in a thread, yield text pieces, return finish reason and usage.
+
+        The one generate-and-stream loop: the vision-language kind (hf_vision) runs
+        it too, with the processor's output as ``inputs``.
+        """
         prompt_tokens = int(inputs["input_ids"].shape[1])
         budget = self._budget(prompt_tokens, payload)
         kwargs = sampling_kwargs(payload)
@@ -252,9 +240,7 @@ class CausalLM:
         seed = payload.get("seed")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise InvalidInput(f"seed must be an integer, got {seed!r}")
-        # Only what a decoder takes: BERT-style tokenizers add token_type_ids too.
-        model_inputs = {k: inputs[k].to(self.model.device)
-                        for k in ("input_ids", "attention_mask") if k in inputs}
+        model_inputs = self._model_inputs(inputs)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True,
                                         skip_special_tokens=True)
         leave = threading.Event()  # a stop string was seen, or the consumer went away

@@ -14,11 +14,18 @@ the template exactly as the model's authors wrote it. Options, all optional:
     type_k        KV cache type of K: "f16" (default), "q8_0", "q4_0", ... (KV_CACHE_TYPES)
     type_v        same for V; a quantised V cache needs ``flash_attn: true``
     chat_template a Jinja template replacing the GGUF's own
+    reasoning_format  "auto" (from the template), "none", "think" or "harmony": how
+                  reasoning is told from the answer (llmux/chat/output.py)
+    tool_format   "auto" (from the template), "none", "hermes" or "harmony"
     embedding     load for the ``embed`` op only (false)
     pooling       embedding models: "mean", "cls", "last" or "none" (the GGUF's choice)
     verbose       llama.cpp's own logging to stderr (false)
-    mmproj        (or ``files: {mmproj: ...}``) a vision projector: not supported yet, so
-                  the load fails rather than serve a vision model blind
+    mmproj        (or ``files: {mmproj: ...}``) the vision projector GGUF: chat messages
+                  may then hold images (llama_vision.py); it runs on the model's device
+
+The reply is parsed for reasoning and tool calls by the model's format; a request that
+demands a tool call (``tool_choice`` "required" or a named function) of a Hermes-format
+model is held to it by a grammar. The ``template`` op returns the rendered prompt.
 
 Sampling defaults, where a request leaves a parameter out: the GGUF's recommended
 ``general.sampling.*`` values if it has them, else llama.cpp's (temperature 0.8, top_p
@@ -27,11 +34,13 @@ Sampling defaults, where a request leaves a parameter out: the GGUF's recommende
 
 from __future__ import annotations
 
+import codecs
 import datetime
 import functools
 import gc
 import json
 import logging
+import random
 import threading
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
@@ -43,8 +52,12 @@ import llama_cpp  # type: ignore[import-untyped,unused-ignore]
 from llama_cpp import llama_grammar  # type: ignore[import-untyped,unused-ignore]
 
 from llmux.backends.base import Backend, InvalidInput, ProgressFn, Stream, parse_device
+from llmux.backends.llama_tools import demanded_tools, tool_call_grammar
+from llmux.backends.llama_vision import Projector
 from llmux.backends.paths import resolve_model_path
-from llmux.chat.templates import template_messages
+from llmux.chat.output import output_formats, output_parser, parsed
+from llmux.chat.stops import StopText
+from llmux.chat.templates import marked_messages, template_messages
 
 __all__ = ["KV_CACHE_TYPES", "LlamaCppBackend", "render_chat", "template_messages"]
 
@@ -61,11 +74,12 @@ _UNQUANTISED: Final = frozenset({KV_CACHE_TYPES[name] for name in ("f32", "f16",
 _POOLING: Final[Mapping[str, int]] = {"none": 0, "mean": 1, "cls": 2, "last": 3}
 _OPTIONS: Final = frozenset({
     "n_ctx", "n_gpu_layers", "n_batch", "n_threads", "flash_attn", "type_k", "type_v",
-    "chat_template", "embedding", "pooling", "verbose", "mmproj",
+    "chat_template", "embedding", "pooling", "verbose", "mmproj", "reasoning_format",
+    "tool_format",
 })
-# (payload key, create_completion argument, GGUF metadata key, llama.cpp's default)
+# (payload key, Llama.generate argument, GGUF metadata key, llama.cpp's default)
 _SAMPLING: Final = (
-    ("temperature", "temperature", "general.sampling.temp", 0.8),
+    ("temperature", "temp", "general.sampling.temp", 0.8),
     ("top_p", "top_p", "general.sampling.top_p", 0.95),
     ("min_p", "min_p", "general.sampling.min_p", 0.05),
     ("top_k", "top_k", "general.sampling.top_k", 40),
@@ -227,29 +241,6 @@ def llama_arguments(options: Mapping[str, Any], device: str) -> dict[str, Any]:
 # -- the backend ------------------------------------------------------------------------
 
 
-class _SampledTokens:
-    """A llama-cpp-python stopping criterion: counts sampled tokens, stops on cancel.
-
-    NOTE: llama-cpp-python calls it once per sampled token with the sequence so far,
-    then once more after its loop with the same sequence: so a token is counted when
-    the sequence length changes. The count includes an end-of-generation token, as
-    llama-server's does.
-    """
-
-    def __init__(self, cancelled: threading.Event) -> None:
-        self.cancelled = cancelled
-        self.count = 0
-        self._length = -1
-
-    def __call__(self, input_ids: Any, logits: Any) -> bool:
-        if self.cancelled.is_set():
-            return True
-        if len(input_ids) != self._length:
-            self._length = len(input_ids)
-            self.count += 1
-        return False
-
-
 class LlamaCppBackend(Backend):
     """One GGUF model in llama.cpp, generating on the worker's main thread."""
 
@@ -257,7 +248,10 @@ class LlamaCppBackend(Backend):
         super().__init__(spec)
         self.device = str(spec.get("device") or "cpu")
         self.arguments = llama_arguments(self.options, self.device)
+        output_formats("", self.options)  # a bad reasoning/tool format: ValueError now
+        self._formats = ("none", "none")
         self._llm: Any = None
+        self._projector: Projector | None = None
         self._template = FALLBACK_TEMPLATE
         self._bos = self._eos = ""
         self._defaults: dict[str, Any] = {}
@@ -268,12 +262,7 @@ class LlamaCppBackend(Backend):
     def load(self, progress: ProgressFn) -> dict[str, Any]:
         """Raises FileNotFoundError (no such file) or ValueError (not a loadable GGUF,
         no context for these options, no GPU support), naming the file."""
-        files = self.spec.get("files") or {}
-        if files.get("mmproj") or self.options.get("mmproj"):
-            # TODO(vision): pass the projector to llama.cpp's mtmd and accept image parts.
-            raise ValueError(f"{self.model_id}: mmproj is not supported yet by the "
-                             "llama_cpp backend (vision is not wired); remove it to load "
-                             "the model for text only")
+        mmproj = (self.spec.get("files") or {}).get("mmproj") or self.options.get("mmproj")
         if not self.spec.get("model_path"):
             raise ValueError(f"{self.model_id}: the llama_cpp backend needs a model_path "
                              "(a .gguf file)")
@@ -287,6 +276,11 @@ class LlamaCppBackend(Backend):
         except ValueError as exc:
             raise ValueError(f"{path}: llama.cpp could not load it ({exc})") from exc
         self._llm = llm
+        if mmproj:
+            progress(0.8, "loading the vision projector")
+            self._projector = Projector(llm, resolve_model_path(str(mmproj)),
+                                        use_gpu=self.arguments["n_gpu_layers"] != 0,
+                                        n_threads=self.arguments["n_threads"])
         # NOTE: llama.cpp may round the context up (64 -> 256), but llama-cpp-python
         # sizes its token buffer by the n_ctx asked for: that is the real limit.
         self._context = min(llm.n_ctx(), self.arguments["n_ctx"])
@@ -305,6 +299,7 @@ class LlamaCppBackend(Backend):
         else:
             log.warning("%s has no chat template: using plain 'role: content' lines", path)
         self._defaults = self._sampling_defaults(llm.metadata)
+        self._formats = output_formats(self._template, self.options)
         progress(1.0, "loaded")
         if self.arguments["embedding"]:
             return {"context_length": self._context, "embedding_dim": llm.n_embd()}
@@ -322,6 +317,9 @@ class LlamaCppBackend(Backend):
             pass
 
     def unload(self) -> None:
+        if self._projector is not None:
+            self._projector.close()
+            self._projector = None
         if self._llm is not None:
             self._llm.close()
             self._llm = None
@@ -337,11 +335,13 @@ class LlamaCppBackend(Backend):
             case "chat" | "complete" if embedding:
                 raise InvalidInput(f"This model is loaded for embeddings; it cannot {op}.")
             case "chat":
-                return self._generate(self._chat_tokens(payload), payload, cancelled)
+                return self._chat(payload, cancelled)
+            case "template":
+                prompt, _ = self._chat_prompt(payload)
+                return _answer({"prompt": prompt, "prompt_tokens": len(self._tokens(prompt))})
             case "complete":
-                prompt = str(payload.get("prompt", "")).encode()
-                tokens = self._llm.tokenize(prompt, add_bos=False, special=True)
-                return self._generate(self._with_bos(tokens), payload, cancelled)
+                tokens = self._tokens(str(payload.get("prompt", "")))
+                return self._generate(tokens, payload, cancelled)
             case "embed" if embedding:
                 return self._embed(payload)
             case "embed":
@@ -350,15 +350,52 @@ class LlamaCppBackend(Backend):
             case _:
                 raise InvalidInput(f"The llama_cpp backend does not support {op!r}.")
 
-    def _chat_tokens(self, payload: Mapping[str, Any]) -> list[int]:
+    def _chat_prompt(self, payload: Mapping[str, Any]) -> tuple[str, list[bytes]]:
+        """The prompt text of a chat request, rendered by the model's template, and its
+        images (each stands in the text as the projector's marker).
+
+        Raises:
+            InvalidInput: images for a model without a projector, or a template refusal.
+        """
         kwargs = dict(payload.get("chat_template_kwargs") or {})
         if payload.get("reasoning_effort"):
             kwargs.setdefault("reasoning_effort", payload["reasoning_effort"])
         tools = payload.get("tools") if payload.get("tool_choice") != "none" else None
-        prompt = render_chat(self._template, template_messages(payload.get("messages") or []),
-                             bos=self._bos, eos=self._eos, tools=tools, kwargs=kwargs)
+        raw = payload.get("messages") or []
+        if self._projector is not None:
+            messages, images = marked_messages(raw)
+        else:
+            messages, images = template_messages(raw), []
+        prompt = render_chat(self._template, messages, bos=self._bos, eos=self._eos,
+                             tools=tools, kwargs=kwargs)
+        return prompt, images
+
+    def _tokens(self, prompt: str) -> list[int]:
         tokens: list[int] = self._llm.tokenize(prompt.encode(), add_bos=False, special=True)
         return self._with_bos(tokens)
+
+    def _chat(self, payload: Mapping[str, Any], cancelled: threading.Event) -> Stream:
+        """The reply, parsed into reasoning, answer and tool calls by the model's format;
+        a demanded tool call is enforced by a grammar where the format allows."""
+        prompt, images = self._chat_prompt(payload)
+        parser = output_parser(self._formats, prompt, payload)
+        grammar = None
+        demanded = demanded_tools(payload.get("tools") or [], payload.get("tool_choice"))
+        if demanded and self._formats[1] == "hermes":
+            # NOTE: several calls only when asked for (llama.cpp's server default too):
+            # small models given the choice repeat the same call until the budget ends.
+            grammar = llama_grammar.LlamaGrammar.from_string(
+                tool_call_grammar(demanded, payload.get("parallel_tool_calls") is True),
+                verbose=False)
+        # Harmony's channels are special tokens: the parser must see them.
+        special = "harmony" in self._formats
+        if images:
+            assert self._projector is not None
+            tokens = self._projector.evaluate(prompt, images)
+        else:
+            tokens = self._tokens(prompt)
+        return parsed(self._generate(tokens, payload, cancelled, grammar=grammar,
+                                     special=special), parser)
 
     def _with_bos(self, tokens: list[int]) -> list[int]:
         """``tokens`` after a BOS if the vocabulary wants one and it is not there yet
@@ -370,42 +407,62 @@ class LlamaCppBackend(Backend):
         return tokens
 
     def _generate(self, tokens: list[int], payload: Mapping[str, Any],
-                  cancelled: threading.Event) -> Stream:
-        """Stream the completion of ``tokens``; cancel is checked before every piece
-        and by the sampler before every token, and ends the stream within one token."""
+                  cancelled: threading.Event, *, grammar: Any = None,
+                  special: bool = False) -> Stream:
+        """Stream the completion of ``tokens``, token by token; cancel is checked after
+        every token and ends the stream there. ``special``: control tokens come out as
+        text (a format parser needs them); end-of-generation tokens never do."""
         context = self._context
         if not tokens:
             raise InvalidInput("The prompt is empty.")
         if len(tokens) >= context:
             raise InvalidInput(f"The prompt has {len(tokens)} tokens; this model's context "
                                f"holds {context}. Shorten the conversation or the prompt.")
-        sampled = _SampledTokens(cancelled)
-        stream = self._llm.create_completion(
-            tokens, stream=True, stopping_criteria=llama_cpp.StoppingCriteriaList([sampled]),
-            **self._sampling(payload, room=context - len(tokens)))
-        finish = "length"
+        arguments, budget, stops, seed = self._sampling(payload, room=context - len(tokens))
+        if grammar is None:
+            grammar = self._grammar(payload.get("response_format"))
+        llm = self._llm
+        llm.set_seed(seed if seed is not None else random.getrandbits(32))
+        vocab = llama_cpp.llama_model_get_vocab(llm.model)
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        stop_text = StopText(stops)
+        generated, finish = 0, "length"
+        tokens_out = llm.generate(tokens, grammar=grammar, **arguments)
         try:
-            for chunk in stream:
+            for token in tokens_out:
                 if cancelled.is_set():
                     break
-                choice = chunk["choices"][0]
-                if choice["text"]:
-                    yield {"text": choice["text"]}
-                finish = choice.get("finish_reason") or finish
+                generated += 1
+                if llama_cpp.llama_vocab_is_eog(vocab, token):
+                    finish = "stop"
+                    break
+                text = stop_text.feed(decoder.decode(llm.detokenize([token], special=special)))
+                if text:
+                    yield {"text": text}
+                if stop_text.hit:
+                    finish = "stop"
+                    break
+                if generated >= budget:
+                    break
         finally:
-            stream.close()
+            tokens_out.close()
         if cancelled.is_set():
             finish = "cancelled"
-        usage = {"prompt_tokens": len(tokens), "completion_tokens": sampled.count,
-                 "total_tokens": len(tokens) + sampled.count}
+        else:
+            tail = stop_text.feed(decoder.decode(b"", final=True)) + stop_text.flush()
+            if tail:
+                yield {"text": tail}
+        usage = {"prompt_tokens": len(tokens), "completion_tokens": generated,
+                 "total_tokens": len(tokens) + generated}
         return {"finish_reason": finish, "usage": usage}
 
-    def _sampling(self, payload: Mapping[str, Any], *, room: int) -> dict[str, Any]:
-        """create_completion's sampling arguments for a request whose reply has
-        ``room`` tokens left in the context.
+    def _sampling(self, payload: Mapping[str, Any], *, room: int
+                  ) -> tuple[dict[str, Any], int, list[str], int | None]:
+        """``Llama.generate``'s sampling arguments, the token budget, the stop strings
+        and the seed of a request whose reply has ``room`` tokens left in the context.
 
         Raises:
-            InvalidInput: a bad max_tokens, logit_bias or response_format.
+            InvalidInput: a bad max_tokens or logit_bias.
         """
         arguments: dict[str, Any] = {}
         for key, argument, _, _ in _SAMPLING:
@@ -414,15 +471,19 @@ class LlamaCppBackend(Backend):
         max_tokens = payload.get("max_tokens")
         if max_tokens is not None and max_tokens < 1:
             raise InvalidInput(f"max_tokens must be at least 1, got {max_tokens}.")
-        arguments["max_tokens"] = room if max_tokens is None else min(max_tokens, room)
-        arguments["seed"] = payload.get("seed")
-        arguments["stop"] = payload.get("stop") or []
         if payload.get("logit_bias"):
-            arguments["logit_bias"] = self._logit_bias(payload["logit_bias"])
-        grammar = self._grammar(payload.get("response_format"))
-        if grammar is not None:
-            arguments["grammar"] = grammar
-        return arguments
+            bias = self._logit_bias(payload["logit_bias"])
+
+            def biased(input_ids: Any, scores: Any) -> Any:
+                for token, value in bias.items():
+                    scores[token] += value
+                return scores
+
+            arguments["logits_processor"] = llama_cpp.LogitsProcessorList([biased])
+        stop = payload.get("stop") or []
+        stops = [stop] if isinstance(stop, str) else [str(s) for s in stop]
+        budget = room if max_tokens is None else min(max_tokens, room)
+        return arguments, budget, stops, payload.get("seed")
 
     def _logit_bias(self, bias: Mapping[str, Any]) -> dict[int, float]:
         vocabulary = self._llm.n_vocab()
@@ -499,6 +560,12 @@ class LlamaCppBackend(Backend):
                     log.warning("ignoring %s = %r: not a number", key, metadata[key])
             defaults[argument] = value
         return defaults
+
+
+def _answer(data: dict[str, Any]) -> Stream:
+    """A stream with nothing to stream: ``data`` at once."""
+    yield from ()
+    return data
 
 
 def _mean(rows: Sequence[Sequence[float]]) -> list[float]:

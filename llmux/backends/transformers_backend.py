@@ -2,7 +2,9 @@
 
 The spec's ``type`` picks the model kind: ``llm`` (a causal LM: ``chat``, ``complete``;
 see hf_causal), ``asr`` (speech seq2seq such as Whisper: ``transcribe``; see hf_asr),
-``embedding`` (a mean-pooled encoder: ``embed``; see hf_embed).
+``embedding`` (a mean-pooled encoder: ``embed``; see hf_embed), ``forecast`` (TimesFM
+2.5: ``forecast``; see hf_forecast), ``vlm`` (an image-text-to-text model of the
+Qwen-VL family: ``chat`` with image parts, ``complete``; see hf_vision).
 
 ``model_path`` is a transformers checkpoint directory (``config.json`` and weights, the
 tokenizer or processor beside them) or, for an ``llm``, a single ``.gguf`` file, which
@@ -24,6 +26,10 @@ Options, all optional:
     max_new_tokens     the answer limit when a request sets no max_tokens (default: the
                        rest of the context)
     chat_template      a Jinja chat template replacing the tokenizer's (for base models)
+  vlm:
+    the llm options, and
+    min_pixels, max_pixels  the area each image is resized into (default: the
+                       checkpoint's processor settings); fewer pixels, fewer tokens
   asr:
     language           the language when a request names none; needed by models whose
                        processor takes a language (Cohere ASR)
@@ -31,6 +37,12 @@ Options, all optional:
   embedding:
     max_length         truncate inputs to this many tokens (default: the model's limit)
     batch_size         inputs per forward pass (default 32)
+  forecast:
+    batch_size         series per forward pass (default 32)
+    truncate           true: a series longer than the model's context (16384 for
+                       TimesFM 2.5) keeps its most recent points; false (default): a 400
+    fix_quantile_crossing  make the quantiles monotonic, as TimesFM's authors advise
+                       (default true)
 
 Quantized checkpoints (FP8, MXFP4, bitsandbytes, ...) load as transformers loads them:
 their ``quantization_config`` in config.json is passed through untouched.
@@ -47,13 +59,18 @@ from llmux.backends.hf_asr import SpeechToText
 from llmux.backends.hf_causal import CausalLM
 from llmux.backends.hf_common import Checkpoint, HfModel, LoadSettings, Stream
 from llmux.backends.hf_embed import TextEmbedder
+from llmux.backends.hf_forecast import Forecaster
+from llmux.backends.hf_vision import VisionLM
 
 __all__ = ["KINDS", "TransformersBackend"]
 
-KINDS: Final[Mapping[str, type[CausalLM] | type[SpeechToText] | type[TextEmbedder]]] = {
+KINDS: Final[Mapping[str, type[CausalLM] | type[SpeechToText] | type[TextEmbedder]
+                     | type[Forecaster]]] = {
     "llm": CausalLM,
     "asr": SpeechToText,
     "embedding": TextEmbedder,
+    "forecast": Forecaster,
+    "vlm": VisionLM,
 }
 
 

@@ -1,13 +1,25 @@
 """OpenAI chat messages shaped the way Jinja chat templates (GGUF and Hugging Face)
-expect them. Pure; shared by the LLM backends."""
+expect them. Pure; shared by the LLM and vision-language backends.
+
+Image parts arrive as ``{"type": "image", "image": <bytes>}`` (the server turned the
+client's ``image_url`` parts into these). A text-only model refuses them
+(:func:`template_messages`); a Hugging Face processor wants ``{"type": "image"}``
+placeholders and the images beside (:func:`vision_messages`); llama.cpp's mtmd wants a
+marker in the text (:func:`marked_messages`)."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Final
 
 from llmux.backends.base import InvalidInput
+
+MEDIA_MARKER: Final = "<__media__>"
+"""Where an image goes in llama.cpp's (mtmd's) prompt text."""
+
+ContentFn = Callable[[Sequence[Any]], Any]
+"""Turns a message's list of parts into the content a template gets."""
 
 
 def template_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -17,6 +29,74 @@ def template_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, A
     Raises:
         InvalidInput: a content part that is not text (this backend reads text only).
     """
+    def text_only(parts: Sequence[Any]) -> str:
+        texts = []
+        for part in parts:
+            kind = _kind(part)
+            if kind != "text":
+                raise InvalidInput(f"This model reads text only; a {kind!r} content part "
+                                   "cannot be sent to it.")
+            texts.append(str(part.get("text", "")))
+        return "\n".join(texts)
+
+    return _shaped(messages, text_only)
+
+
+def vision_messages(messages: Sequence[Mapping[str, Any]]
+                    ) -> tuple[list[dict[str, Any]], list[bytes]]:
+    """Messages for a Hugging Face processor's chat template, and their images in order.
+
+    A list content stays a list: text parts as ``{"type": "text", "text": ...}``, each
+    image part (``{"type": "image", "image": bytes}``) as the ``{"type": "image"}``
+    placeholder where the template writes the model's image tokens. String contents,
+    None and tool calls are shaped as by :func:`template_messages`.
+
+    Raises:
+        InvalidInput: a part that is neither text nor an image with its bytes.
+    """
+    images: list[bytes] = []
+
+    def placeholders(parts: Sequence[Any]) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for part in parts:
+            if _kind(part) == "image":
+                images.append(_image_bytes(part))
+                out.append({"type": "image"})
+            else:
+                out.append({"type": "text", "text": _text(part)})
+        return out
+
+    return _shaped(messages, placeholders), images
+
+
+def marked_messages(messages: Sequence[Mapping[str, Any]], marker: str = MEDIA_MARKER
+                    ) -> tuple[list[dict[str, Any]], list[bytes]]:
+    """Messages with string contents in which each image part is ``marker`` (text
+    parts and markers joined by newlines, as llama.cpp's server joins them), and the
+    images in the order of their markers.
+
+    Raises:
+        InvalidInput: a part that is neither text nor an image with its bytes.
+    """
+    images: list[bytes] = []
+
+    def marked(parts: Sequence[Any]) -> str:
+        texts = []
+        for part in parts:
+            if _kind(part) == "image":
+                images.append(_image_bytes(part))
+                texts.append(marker)
+            else:
+                texts.append(_text(part))
+        return "\n".join(texts)
+
+    return _shaped(messages, marked), images
+
+
+def _shaped(messages: Sequence[Mapping[str, Any]], content_of: ContentFn
+            ) -> list[dict[str, Any]]:
+    """Copies of ``messages``: None content as "", list content through
+    ``content_of``, tool call arguments as objects."""
     out = []
     for message in messages:
         item = dict(message)
@@ -24,18 +104,31 @@ def template_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, A
         if content is None:
             item["content"] = ""
         elif isinstance(content, list):
-            texts = []
-            for part in content:
-                kind = part.get("type") if isinstance(part, Mapping) else None
-                if kind != "text":
-                    raise InvalidInput(f"This model reads text only; a {kind!r} content part "
-                                       "cannot be sent to it.")
-                texts.append(str(part.get("text", "")))
-            item["content"] = "\n".join(texts)
+            item["content"] = content_of(content)
         if isinstance(item.get("tool_calls"), list):
             item["tool_calls"] = [_with_object_arguments(c) for c in item["tool_calls"]]
         out.append(item)
     return out
+
+
+def _kind(part: Any) -> Any:
+    return part.get("type") if isinstance(part, Mapping) else None
+
+
+def _text(part: Any) -> str:
+    """A text part's text. Raises InvalidInput for any other part."""
+    kind = _kind(part)
+    if kind != "text":
+        raise InvalidInput(f"This model reads text and images; a {kind!r} content part "
+                           "cannot be sent to it.")
+    return str(part.get("text", ""))
+
+
+def _image_bytes(part: Mapping[str, Any]) -> bytes:
+    image = part.get("image")
+    if not isinstance(image, bytes | bytearray | memoryview):
+        raise InvalidInput("An image part must hold the image file's bytes.")
+    return bytes(image)
 
 
 def _with_object_arguments(call: Any) -> Any:

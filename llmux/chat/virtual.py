@@ -1,14 +1,34 @@
 """What a virtual model adds to a request: template kwargs (``enable_thinking``),
 a system prompt prefix, and default sampling parameters the request may override.
-Pure: the chat resource calls it, the worker receives the result."""
+Pure: the chat resource calls it, the worker receives the result.
+
+gpt-oss takes its reasoning effort from a ``Reasoning: low|medium|high`` line of the
+system prompt, which its template writes from the ``reasoning_effort`` variable: a
+prefix holding that line sets the request's effort, and a request's own
+``reasoning_effort`` replaces the line, so the prefix and the template always agree.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import re
+from typing import Any, Final
 
 import attrs
 
 from llmux.config import VirtualModel
+
+_EFFORT_LINE: Final = re.compile(r"^Reasoning:[ \t]*(\w+)[ \t]*$", re.IGNORECASE | re.MULTILINE)
+
+
+def reasoning_effort(prefix: str | None, requested: str | None) -> tuple[str | None, str | None]:
+    """(prefix, effort): the request's effort written into the prefix's ``Reasoning:``
+    line, or the line's effort when the request names none."""
+    line = _EFFORT_LINE.search(prefix or "")
+    if prefix is None or line is None:
+        return prefix, requested
+    if requested is None:
+        return prefix, line.group(1).lower()
+    return f"{prefix[:line.start()]}Reasoning: {requested}{prefix[line.end():]}", requested
 
 
 def merge_system_prefix(messages: list[dict[str, Any]], prefix: str) -> list[dict[str, Any]]:
@@ -42,6 +62,10 @@ def apply_virtual(
     if virtual.enable_thinking is not None:
         kwargs["enable_thinking"] = virtual.enable_thinking
     kwargs.update(template_kwargs or {})
-    if virtual.system_prompt_prefix:
-        messages = merge_system_prefix(messages, virtual.system_prompt_prefix)
+    prefix, effort = reasoning_effort(virtual.system_prompt_prefix,
+                                      sampling.get("reasoning_effort"))
+    if effort is not None:
+        sampling["reasoning_effort"] = effort
+    if prefix:
+        messages = merge_system_prefix(messages, prefix)
     return {"messages": messages, **sampling, "chat_template_kwargs": kwargs}

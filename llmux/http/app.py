@@ -10,14 +10,17 @@ import falcon.asgi
 from llmux.auth import KeyStore
 from llmux.http import errors
 from llmux.http.admin import AdminModels, AdminState
+from llmux.http.apply_template import ApplyTemplate
 from llmux.http.auth import Access, AuthMiddleware
 from llmux.http.chat import ChatCompletions
 from llmux.http.completions import Completions
 from llmux.http.disconnect import ASGIApp, DisconnectWatcher
 from llmux.http.embeddings import Embeddings
+from llmux.http.forecast import Forecast
 from llmux.http.models import Health, Models
 from llmux.http.openapi import OpenAPI, openapi_document
 from llmux.http.speech import AudioModels, AudioVoices, Speech
+from llmux.http.transcribe import Transcribe
 from llmux.http.transcriptions import Transcriptions
 from llmux.runtime import Runtime
 
@@ -43,11 +46,14 @@ def create_falcon_app(runtime: Runtime, keys: KeyStore) -> FalconApp:
     app.add_route("/v1/models", models)
     app.add_route("/v1/models/{model_id}", models, suffix="one")
     app.add_route("/v1/chat/completions", ChatCompletions(runtime))
+    app.add_route("/apply-template", ApplyTemplate(runtime))
     app.add_route("/v1/completions", Completions(runtime))
     app.add_route("/v1/embeddings", Embeddings(runtime))
+    app.add_route("/v1/forecast", Forecast(runtime))
     app.add_route("/v1/audio/transcriptions", Transcriptions(runtime, "transcribe"))
     app.add_route("/v1/audio/translations", Transcriptions(runtime, "translate"))
     app.add_route("/v1/audio/speech", Speech(runtime))
+    app.add_route("/v1/transcribe", Transcribe(runtime))
     app.add_route("/v1/audio/models", AudioModels(runtime, lists))
     app.add_route("/v1/audio/voices", AudioVoices(runtime, lists))
     app.add_route("/admin/state", AdminState(runtime))

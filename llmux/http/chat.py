@@ -19,12 +19,13 @@ from falcon.asgi import SSEvent
 
 from llmux.actors.messages import Failure, Finished, Piece, Reply, Status
 from llmux.chat.virtual import apply_virtual
-from llmux.config import PhysicalModel, VirtualModel
+from llmux.config import PhysicalModel, Server, VirtualModel
 from llmux.errors import BadRequest
 from llmux.http import params
 from llmux.http.body import field
 from llmux.http.jobs import replies, run_whole, start_stream, unbuffered
 from llmux.http.target import json_request
+from llmux.imaging import with_image_bytes
 from llmux.runtime import Runtime, Ticket
 
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
@@ -121,13 +122,16 @@ def tool_params(physical: PhysicalModel, body: dict[str, Any]) -> dict[str, Any]
                               ("parallel_tool_calls", parallel)) if v is not None}
 
 
-def chat_payload(virtual: VirtualModel, physical: PhysicalModel,
-                 body: dict[str, Any]) -> dict[str, Any]:
-    """The worker payload of a chat request, every field checked."""
+async def chat_payload(virtual: VirtualModel, physical: PhysicalModel,
+                       body: dict[str, Any], server: Server) -> dict[str, Any]:
+    """The worker payload of a chat request, every field checked; ``image_url`` parts
+    become image parts holding the checked image file (see llmux.imaging)."""
     messages = parse_messages(body)
-    if has_images(messages) and physical.type != "vlm" and "vision" not in physical.capabilities:
-        raise BadRequest(f"The model '{body['model']}' cannot read images; send text only or "
-                         "use a vision model.", param="messages")
+    if has_images(messages):
+        if physical.type != "vlm" and "vision" not in physical.capabilities:
+            raise BadRequest(f"The model '{body['model']}' cannot read images; send text only "
+                             "or use a vision model.", param="messages")
+        messages = await with_image_bytes(messages, server)
     response_format = field(body, "response_format", dict)
     if response_format is not None and response_format.get("type") not in (
             "text", "json_object", "json_schema"):
@@ -151,7 +155,8 @@ class ChatCompletions:
         params.only_one_choice(body)
         stream = field(body, "stream", bool, default=False)
         usage = params.include_usage(body)
-        ticket = self.runtime.submit(physical.id, "chat", chat_payload(virtual, physical, body))
+        payload = await chat_payload(virtual, physical, body, self.runtime.config.server)
+        ticket = self.runtime.submit(physical.id, "chat", payload)
         meta = Completion(model=name)
         if not stream:
             pieces, final = await run_whole(req, ticket)

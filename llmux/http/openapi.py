@@ -240,7 +240,9 @@ def chat_schemas() -> dict[str, Schema]:
         "ContentPart": one_of(
             record(type=const("text"), text=string()),
             record(type=const("image_url"), image_url=obj(
-                {"url": string(description="An https: or data: URL.")},
+                {"url": string(description=(
+                    "A data: URL (data:image/png;base64,...); an http(s) URL only with "
+                    "server.allow_remote_images."))},
                 {"detail": string(description="auto, low or high.")})),
             record(type=const("input_audio"), input_audio=record(
                 data=string(contentEncoding="base64"), format=string(description="wav, mp3…")))),
@@ -320,6 +322,34 @@ def embedding_schemas() -> dict[str, Schema]:
     }
 
 
+def forecast_schemas() -> dict[str, Schema]:
+    value = {"type": ["number", "null"], "description": "null (or NaN) marks a missing value."}
+    one = array(value, minItems=1, description="One series, oldest value first; at least "
+                "one number.")
+    return {
+        "ForecastRequest": request({
+            "model": string(),
+            "series": one_of(one, array(one, minItems=1, maxItems=1024), description=(
+                "A list of series, or one series as a flat list; at most 1,000,000 values "
+                "in all.")),
+            "horizon": int64(minimum=1, maximum=16384, description=(
+                "Steps to forecast; each model has its own limit (TimesFM 2.5: 128).")),
+        }, {
+            "quantiles": array(number(exclusiveMinimum=0, exclusiveMaximum=1),
+                               maxItems=99, description=(
+                                   "Among those the model predicts (TimesFM: 0.1 ... 0.9); "
+                                   "leave out for all of them.")),
+        }),
+        "Forecast": record(
+            object=const("forecast"), model=string(), created=integer(), horizon=integer(),
+            forecasts=array(record(
+                index=integer(), point=array(number(), description="The median forecast."),
+                quantiles=obj({}, additionalProperties=array(number()), description=(
+                    'Keyed by quantile, such as "0.1".'))), description="In input order."),
+            usage=record(series=integer(), points_in=integer(), points_out=integer())),
+    }
+
+
 def audio_fields(translate: bool) -> dict[str, Schema]:
     """Optional fields of transcription and translation, form and JSON alike."""
     language = {} if translate else {
@@ -389,6 +419,31 @@ def upload_body(name: str) -> Schema:
         "application/json": {"schema": ref(f"{name}Json")}}}
 
 
+# --- documents --------------------------------------------------------------------------
+
+
+def document_schemas() -> dict[str, Schema]:
+    file = string(format="binary", description=(
+        "An image (PNG, JPEG, WebP, GIF, BMP or TIFF) or a PDF of at most 32 pages, "
+        "recognised from its bytes; at most 25 MB unless the server is configured "
+        "otherwise."))
+    return {
+        "DocumentTranscriptionForm": obj({"file": file, "model": string(description=(
+            "An ocr or vlm model."))}, {
+            "prompt": string(description=(
+                "For a vlm model, the instruction sent with each page (by default: "
+                "transcribe the text exactly). An ocr model ignores it.")),
+            "response_format": enum("json", "text", default="json")}),
+        "DocumentTranscription": record(
+            object=const("transcription"), model=string(),
+            text=string(description="Every page's text, pages separated by a blank line."),
+            pages=array(record(page=integer(minimum=1), text=string()),
+                        description="In document order, numbered from 1."),
+            usage=record(pages=integer(), prompt_tokens=integer(),
+                         completion_tokens=integer(), total_tokens=integer())),
+    }
+
+
 # --- the document -----------------------------------------------------------------------
 
 
@@ -428,6 +483,12 @@ def paths() -> dict[str, Schema]:
             "createChatCompletion", "chat", "Generate the assistant's next message.",
             {"200": streamed("ChatCompletion", "ChatCompletionChunk")}, INFERENCE,
             body=json_body(ref("ChatCompletionRequest")))},
+        "/apply-template": {"post": operation(
+            "applyTemplate", "chat", "The prompt a chat request becomes under its virtual "
+            "model's prefix, template kwargs and tools (as llama.cpp's server does); nothing "
+            "is generated.", {"200": json_response("The rendered prompt.", obj(
+                {"model": string(), "prompt": string(), "prompt_tokens": integer()}))},
+            INFERENCE, body=json_body(ref("ChatCompletionRequest")))},
         "/v1/completions": {"post": operation(
             "createCompletion", "completions", "Continue a text prompt (legacy completions).",
             {"200": streamed("Completion", "text_completion chunk")}, INFERENCE,
@@ -436,6 +497,13 @@ def paths() -> dict[str, Schema]:
             "createEmbeddings", "embeddings", "Embed texts as vectors, in input order.",
             {"200": json_response("The embeddings.", ref("EmbeddingList"))}, INFERENCE,
             body=json_body(ref("EmbeddingRequest")))},
+        "/v1/forecast": {"post": operation(
+            "createForecast", "forecast", "Forecast time series: point and quantiles.",
+            {"200": json_response("The forecasts.", ref("Forecast"))}, INFERENCE,
+            body=json_body(ref("ForecastRequest")), description=(
+                "Missing values (null) are interpolated; a series longer than the model's "
+                "context (TimesFM 2.5: 16384), a horizon beyond its limit or a quantile it "
+                "does not predict answers 400."))},
         "/v1/audio/transcriptions": {"post": operation(
             "createTranscription", "audio", "Transcribe speech to text in its own language.",
             {"200": transcribed("TranscriptionVerbose")}, UPLOAD, description=upload,
@@ -445,6 +513,19 @@ def paths() -> dict[str, Schema]:
             {"200": transcribed("TranslationVerbose")}, UPLOAD,
             description=f"{upload} A model that cannot translate answers 400.",
             body=upload_body("Translation"))},
+        "/v1/transcribe": {"post": operation(
+            "createDocumentTranscription", "documents",
+            "Read the text of an image or a PDF, page by page.",
+            {"200": {"description": "JSON for json, text/plain (pages separated by a blank "
+                                    "line) for text.",
+                     "content": {"application/json": {"schema": ref("DocumentTranscription")},
+                                 "text/plain": {"schema": string()}}}},
+            UPLOAD, description=(
+                "Send multipart/form-data. Each PDF page is rendered at 150 dpi; an ocr model "
+                "reads each page, a vlm model is asked to transcribe it. Pages are read one "
+                "after another; a client that disconnects stops the work."),
+            body={"required": True, "content": {"multipart/form-data": {
+                "schema": ref("DocumentTranscriptionForm")}}})},
         "/v1/audio/speech": {"post": operation(
             "createSpeech", "audio", "Synthesise speech from text.", {"200": speech},
             INFERENCE, body=json_body(ref("SpeechRequest")))},
@@ -491,7 +572,8 @@ def openapi_document(version: str) -> dict[str, Any]:
         "servers": [{"url": "/"}],
         "security": [{"bearerAuth": []}],
         "tags": [{"name": name} for name in
-                 ("meta", "models", "chat", "completions", "embeddings", "audio", "admin")],
+                 ("meta", "models", "chat", "completions", "embeddings", "forecast", "audio",
+                  "documents", "admin")],
         "paths": paths(),
         "components": {
             "securitySchemes": {"bearerAuth": {
@@ -504,7 +586,7 @@ def openapi_document(version: str) -> dict[str, Any]:
             "responses": {name: error_response(status)
                           for status, (name, _) in ERRORS.items()},
             "schemas": {**model_schemas(), **chat_schemas(), **embedding_schemas(),
-                        **audio_schemas()},
+                        **audio_schemas(), **forecast_schemas(), **document_schemas()},
         },
     }
 

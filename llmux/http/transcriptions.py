@@ -31,16 +31,18 @@ GRANULARITIES = ("word", "segment")
 RECOGNITION = frozenset({"asr"})
 
 
-async def read_multipart(req: falcon.asgi.Request, limit: int
+async def read_multipart(req: falcon.asgi.Request, limit: int,
+                         advice: str = "Send a shorter recording or split it."
                          ) -> tuple[bytes | None, dict[str, Any]]:
-    """The ``file`` part (at most ``limit`` bytes) and the other fields as text.
+    """The ``file`` part (at most ``limit`` bytes) and the other fields as text;
+    ``advice`` ends the 413's message.
 
     Raises:
         PayloadTooLarge: the file (or the whole body) is over the limit.
     """
     if req.content_length is not None and req.content_length > limit + FORM_SLACK:
         raise PayloadTooLarge(f"The upload has {req.content_length} bytes; the limit is "
-                              f"{limit} bytes. Send a shorter recording or split it.")
+                              f"{limit} bytes. {advice}")
     form = await req.get_media()
     audio: bytes | None = None
     fields: dict[str, Any] = {}
@@ -51,7 +53,7 @@ async def read_multipart(req: falcon.asgi.Request, limit: int
                 data += chunk
                 if len(data) > limit:
                     raise PayloadTooLarge(f"The uploaded file is over the limit of {limit} "
-                                          "bytes. Send a shorter recording or split it.")
+                                          f"bytes. {advice}")
             audio = bytes(data)
         elif part.name in ("timestamp_granularities[]", "timestamp_granularities"):
             fields.setdefault("timestamp_granularities", []).append(await part.get_text())

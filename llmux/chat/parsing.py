@@ -1,0 +1,117 @@
+"""The pieces every incremental chat-output parser shares: finding tags in text that
+arrives in arbitrary chunks, trimming the whitespace models put around tags, and the
+OpenAI tool-call deltas. Pure; the worker runs the parsers on the model's raw text.
+
+A parser turns raw model text into chunk data of the worker protocol:
+``{"text": ...}`` (answer), ``{"reasoning": ...}`` and ``{"tool_calls": [delta]}``.
+Whatever the chunk boundaries, the concatenated result is the same (a property test
+holds every parser to that).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
+
+Delta = dict[str, Any]
+IdFactory = Callable[[], str]
+
+
+def new_call_id() -> str:
+    """An OpenAI-style tool call id."""
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+class OutputParser(Protocol):
+    """Raw model text in, chunk data out."""
+
+    called: bool  # a tool call was emitted: the finish reason becomes "tool_calls"
+
+    def feed(self, text: str) -> list[Delta]:
+        """The chunk data that ``text`` (after what came before) certainly makes."""
+
+    def finish(self) -> list[Delta]:
+        """The rest, at the end of the output."""
+
+
+class PlainText:
+    """No reasoning, no tool calls: the text is the answer."""
+
+    called = False
+
+    def feed(self, text: str) -> list[Delta]:
+        return [{"text": text}] if text else []
+
+    def finish(self) -> list[Delta]:
+        return []
+
+
+def find_tag(text: str, tags: Iterable[str]) -> tuple[int, str] | None:
+    """The earliest complete tag in ``text`` (the longest at a tie), or None."""
+    best: tuple[int, str] | None = None
+    for tag in tags:
+        index = text.find(tag)
+        if index >= 0 and (best is None or index < best[0]
+                           or (index == best[0] and len(tag) > len(best[1]))):
+            best = (index, tag)
+    return best
+
+
+def partial_tag_length(text: str, tags: Iterable[str]) -> int:
+    """How many characters at the end of ``text`` could be the start of a tag, and so
+    must wait for more text before they can be called plain text."""
+    return max((n for tag in tags for n in range(1, len(tag)) if text.endswith(tag[:n])),
+               default=0)
+
+
+class Segment:
+    """The text of one stretch of output between tags, of one kind ("text" or
+    "reasoning"). Whitespace next to a tag is dropped (models write ``<think>\\n``);
+    whitespace inside is kept, held back until it is known not to be at the end."""
+
+    def __init__(self, kind: str, *, after_tag: bool) -> None:
+        self.kind = kind
+        self._strip_leading = after_tag
+        self._spaces = ""
+
+    def add(self, text: str) -> list[Delta]:
+        if self._strip_leading:
+            text = text.lstrip()
+            if not text:
+                return []
+            self._strip_leading = False
+        body = text.rstrip()
+        if not body:
+            self._spaces += text
+            return []
+        out = self._spaces + body
+        self._spaces = text[len(body):]
+        return [{self.kind: out}]
+
+    def close(self, *, at_tag: bool) -> list[Delta]:
+        """The held whitespace, unless the segment ends at a tag."""
+        spaces, self._spaces = self._spaces, ""
+        return [] if at_tag or not spaces else [{self.kind: spaces}]
+
+
+def call_start(index: int, call_id: str, name: str) -> Delta:
+    """The first delta of a tool call: its id and name, no arguments yet."""
+    return {"tool_calls": [{"index": index, "id": call_id, "type": "function",
+                            "function": {"name": name, "arguments": ""}}]}
+
+
+def call_arguments(index: int, fragment: str) -> Delta:
+    return {"tool_calls": [{"index": index, "function": {"arguments": fragment}}]}
+
+
+def merged(deltas: list[Delta]) -> list[Delta]:
+    """Adjacent text or reasoning deltas joined (fewer, larger chunks)."""
+    out: list[Delta] = []
+    for delta in deltas:
+        if out and "tool_calls" not in delta and out[-1].keys() == delta.keys():
+            key = next(iter(delta))
+            out[-1] = {key: out[-1][key] + delta[key]}
+        else:
+            out.append(delta)
+    return out

@@ -1,0 +1,38 @@
+"""Stop strings over streamed text: the answer ends before the first one. Pure."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+class StopText:
+    """Cuts a stream of text pieces at the first of ``stops``.
+
+    Text that could still become a stop string is held back until it cannot; once a
+    stop string is complete, ``hit`` is true and nothing more comes out.
+    """
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.hit = False
+        self._held = ""
+
+    def feed(self, piece: str) -> str:
+        """The text of ``piece`` (and what was held) that is certainly answer text."""
+        if self.hit:
+            return ""
+        text = self._held + piece
+        found = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        if found:
+            self.hit = True
+            self._held = ""
+            return text[:min(found)]
+        keep = max((n for s in self.stops for n in range(1, len(s))
+                    if text.endswith(s[:n])), default=0)
+        self._held = text[len(text) - keep:] if keep else ""
+        return text[:len(text) - keep]
+
+    def flush(self) -> str:
+        """What was held back, at the end of a stream that met no stop string."""
+        held, self._held = self._held, ""
+        return "" if self.hit else held
