@@ -1,10 +1,13 @@
 """Small helpers several test modules share: draining a backend's stream, scoring
-transcripts."""
+transcripts, drawing text into images and PDFs."""
 
 from __future__ import annotations
 
+import io
 import re
 from typing import Any
+
+from PIL import Image, ImageDraw, ImageFont
 
 from llmux.backends.base import Stream
 
@@ -32,3 +35,31 @@ def word_error_rate(reference: str, hypothesis: str) -> float:
         for j, h in enumerate(hyp, start=1):
             diagonal, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, diagonal + (r != h))
     return row[-1] / max(1, len(ref))
+
+
+# -- images and documents ------------------------------------------------------------
+
+WORDS = ("Invoice total paid", "Thank you kindly")
+"""What text_image draws by default."""
+
+
+def text_image(lines: tuple[str, ...] = WORDS, size: tuple[int, int] = (560, 180)
+               ) -> Image.Image:
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default(size=32)
+    for i, line in enumerate(lines):
+        draw.text((24, 24 + 70 * i), line, fill="black", font=font)
+    return image
+
+
+def encoded(image: Image.Image, fmt: str, **params: Any) -> bytes:
+    out = io.BytesIO()
+    image.save(out, fmt, **params)
+    return out.getvalue()
+
+
+def pdf_of(*images: Image.Image) -> bytes:
+    """A PDF with one page per image (72 dpi: a page has as many points as pixels)."""
+    first, *rest = images
+    return encoded(first, "PDF", save_all=True, append_images=rest)

@@ -451,3 +451,66 @@ def test_the_smollm2_gguf_loads_and_chats() -> None:
     assert "".join(c["text"] for c in chunks).strip()
     assert done["usage"]["completion_tokens"] <= 8
     assert time.monotonic() - started < 120
+
+
+# -- reasoning, tool calls and special tokens on the tiny Qwen3 ----------------------------
+
+CHATML = (Path(__file__).parent / "data" / "chatml_think_tools.jinja").read_text()
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}}}}
+
+
+@pytest.fixture(scope="module")
+def chatml_llm(tiny_qwen: Path) -> Iterator[TransformersBackend]:
+    model = loaded("llm", str(tiny_qwen), chat_template=CHATML)
+    yield model
+    model.unload()
+
+
+def _joined(chunks: list[dict[str, Any]], key: str) -> str:
+    return "".join(c.get(key, "") for c in chunks)
+
+
+def test_a_template_that_opens_the_think_block_makes_the_reply_reasoning(
+        chatml_llm: TransformersBackend) -> None:
+    payload: dict[str, Any] = {"messages": HELLO, "max_tokens": 6}
+    thinking, _ = drain(chatml_llm.infer("chat", payload | {
+        "chat_template_kwargs": {"enable_thinking": True}}, threading.Event()))
+    instruct, _ = drain(chatml_llm.infer("chat", payload | {
+        "chat_template_kwargs": {"enable_thinking": False}}, threading.Event()))
+    assert _joined(thinking, "reasoning") and not _joined(thinking, "text")
+    assert _joined(instruct, "text") and not _joined(instruct, "reasoning")
+
+
+def test_a_named_tool_choice_makes_the_model_call_that_tool(
+        chatml_llm: TransformersBackend) -> None:
+    chunks, done = drain(chatml_llm.infer("chat", {
+        "messages": HELLO, "max_tokens": 6, "tools": [WEATHER],
+        "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+        "chat_template_kwargs": {"enable_thinking": False}}, threading.Event()))
+    calls = [d for c in chunks for d in c.get("tool_calls", ())]
+    assert calls[0]["function"]["name"] == "get_weather" and calls[0]["id"]
+    assert not _joined(chunks, "text")
+    assert done["finish_reason"] in ("length", "tool_calls")
+
+
+def test_the_template_op_returns_the_prompt_with_the_tools(
+        chatml_llm: TransformersBackend) -> None:
+    _, done = drain(chatml_llm.infer("template", {"messages": HELLO, "tools": [WEATHER]},
+                                     threading.Event()))
+    assert "<tools>" in done["prompt"] and done["prompt"].endswith("<think>\n")
+    assert done["prompt_tokens"] > 10
+
+
+def test_special_tokens_reach_a_harmony_parser_but_end_of_text_does_not(
+        tiny_qwen: Path) -> None:
+    """Forced by logit_bias to write [MASK] (a special token of the borrowed tokenizer),
+    the model's text shows it only when the format needs special tokens."""
+    payload = {"messages": HELLO, "max_tokens": 3, "temperature": 0}
+    for fmt, shown in (("harmony", True), ("none", False)):
+        model = loaded("llm", str(tiny_qwen), chat_template=TEMPLATE, reasoning_format=fmt)
+        mask = model._loaded().tokenizer.mask_token_id  # type: ignore[attr-defined]
+        chunks, _ = drain(model.infer("chat", payload | {"logit_bias": {str(mask): 100}},
+                                      threading.Event()))
+        model.unload()
+        assert ("[MASK]" in _joined(chunks, "text")) is shown, chunks

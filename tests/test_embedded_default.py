@@ -9,12 +9,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 import pytest
 import yaml
 
 from tests.conftest import ROOT, Server, live_workers, wait_until
-from tests.helpers import word_error_rate, words
+from tests.helpers import WORDS, encoded, pdf_of, text_image, word_error_rate, words
 
 pytestmark = pytest.mark.slow
 
@@ -105,3 +106,15 @@ def test_the_tight_budget_swaps_real_models_by_measured_footprints(
             assert model["footprint_source"] == "measured", model
     embedding = client.embeddings.create(model="embed", input=["still correct"])
     assert len(embedding.data[0].embedding) == 384
+
+
+@pytest.mark.parametrize("kind", ["png", "pdf"])
+def test_transcribe_reads_a_rendered_image_and_a_one_page_pdf(server: Server, kind: str) -> None:
+    image = text_image()
+    data = pdf_of(image) if kind == "pdf" else encoded(image, "PNG")
+    reply = httpx.post(f"{server.url}/v1/transcribe", data={"model": "ocr"}, timeout=120,
+                       files={"file": (f"scan.{kind}", data)})
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    assert len(body["pages"]) == 1
+    assert words(body["text"]) == words(" ".join(WORDS)), body["text"]

@@ -13,41 +13,19 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 from llmux.backends.rapidocr import RapidOcrBackend, reading_order, rows_text
 from llmux.documents import MAX_PAGES, document_pages, image_page, kind_of, pdf_pages
 from llmux.errors import BadRequest
 from llmux.http.transcribe import DEFAULT_PROMPT
-from tests.conftest import ROOT, Server, live_workers, wait_until
+from tests.conftest import Server, live_workers, wait_until
+from tests.helpers import WORDS, encoded, pdf_of, text_image
 
 KEYS = {"all": "key-for-everything", "ocr-only": "key-for-ocr", "admin": "key-for-admin"}
-WORDS = ("Invoice total paid", "Thank you kindly")
 
 
 # --- files the tests make ---------------------------------------------------------------
-
-
-def text_image(lines: tuple[str, ...] = WORDS, size: tuple[int, int] = (560, 180)
-               ) -> Image.Image:
-    image = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(image)
-    font = ImageFont.load_default(size=32)
-    for i, line in enumerate(lines):
-        draw.text((24, 24 + 70 * i), line, fill="black", font=font)
-    return image
-
-
-def encoded(image: Image.Image, fmt: str, **params: Any) -> bytes:
-    out = io.BytesIO()
-    image.save(out, fmt, **params)
-    return out.getvalue()
-
-
-def pdf_of(*images: Image.Image) -> bytes:
-    """A PDF with one page per image (72 dpi: a page has as many points as pixels)."""
-    first, *rest = images
-    return encoded(first, "PDF", save_all=True, append_images=rest)
 
 
 def handmade_pdf(objects: list[bytes], trailer: bytes = b"") -> bytes:
@@ -419,15 +397,3 @@ def test_rapidocr_finds_no_text_on_a_blank_page(live: Server) -> None:
     assert reply.status_code == 200, reply.text
     assert reply.json()["pages"] == [{"page": 1, "text": ""}]
 
-
-@pytest.mark.slow
-def test_the_shipped_default_serves_ocr(tmp_path: Path) -> None:
-    config = yaml.safe_load((ROOT / "config" / "llmux.yaml").read_text())
-    server = Server(config, tmp_path)
-    try:
-        reply = httpx.post(f"{server.url}/v1/transcribe", data={"model": "ocr"}, timeout=120,
-                           files={"file": ("photo.jpg", encoded(text_image(), "JPEG"))})
-        assert reply.status_code == 200, reply.text
-        assert_reads_the_words(reply.json()["text"])
-    finally:
-        stop(server)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import httpx
 import huggingface_hub.constants
 import openai
 import pytest
@@ -541,3 +542,26 @@ def test_an_image_to_a_text_only_model_is_a_bad_request(client: openai.OpenAI) -
     assert error["message"] == ("The model 'text-only' cannot read images; send text only "
                                 "or use a vision model.")
     assert error["param"] == "messages"
+
+
+def test_transcribe_reads_an_image_and_a_pdf_with_the_vision_model(server: Server) -> None:
+    """/v1/transcribe end to end on the tiny model: one page per image or PDF page."""
+    page = Image.new("RGB", (84, 56), "white")
+    ImageDraw.Draw(page).text((4, 20), "llmux", fill="black")
+    pdf = io.BytesIO()
+    page.save(pdf, "PDF", save_all=True, append_images=[page.copy()])
+    for name, data, kind, pages in (("scan.png", png(84, 56), "image/png", 1),
+                                    ("scan.pdf", pdf.getvalue(), "application/pdf", 2)):
+        reply = httpx.post(f"{server.url}/v1/transcribe", timeout=120,
+                           data={"model": "tiny-vl", "prompt": "Read it."},
+                           files={"file": (name, data, kind)})
+        assert reply.status_code == 200, reply.text
+        assert reply.headers["content-type"].startswith("application/json")
+        body = reply.json()
+        assert body["object"] == "transcription" and body["model"] == "tiny-vl"
+        assert [p["page"] for p in body["pages"]] == list(range(1, pages + 1))
+        assert all(isinstance(p["text"], str) for p in body["pages"])
+        assert body["usage"]["pages"] == pages and body["usage"]["completion_tokens"] > 0
+    refused = httpx.post(f"{server.url}/v1/transcribe", timeout=30,
+                         data={"model": "tiny-vl"}, files={"file": ("x.png", b"nope")})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "file"

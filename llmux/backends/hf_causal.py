@@ -16,6 +16,7 @@ go to the chat template, and the model's tool calls come back as it writes them,
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -31,6 +32,7 @@ from transformers import (
 
 from llmux.backends.base import InvalidInput, ProgressFn
 from llmux.backends.hf_common import Checkpoint, LoadSettings, Stream, release
+from llmux.chat.output import output_formats, output_parser, parsed
 from llmux.chat.stops import StopText
 from llmux.chat.templates import template_messages
 
@@ -121,10 +123,49 @@ class _WhenSet(StoppingCriteria):  # type: ignore[misc]
         return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
 
 
+class _Streamer(TextIteratorStreamer):  # type: ignore[misc]
+    """Text of the generated tokens; with ``hidden`` (the end-of-generation ids),
+    special tokens are text too, except those."""
+
+    def __init__(self, tokenizer: Any, hidden: set[int] | None) -> None:
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=hidden is None)
+        self.hidden = torch.tensor(sorted(hidden or ()), dtype=torch.long)
+
+    def put(self, value: Any) -> None:
+        if not self.next_tokens_are_prompt and self.hidden.numel():
+            value = value[~torch.isin(value, self.hidden.to(value.device))]
+        super().put(value)
+
+
+def tool_prefill(payload: Mapping[str, Any]) -> str:
+    """The start of the answer that makes a Hermes-format model call a tool when the
+    request demands one: ``<tool_call>``, and the name when one is named."""
+    choice = payload.get("tool_choice")
+    if not payload.get("tools"):
+        return ""
+    if isinstance(choice, Mapping):
+        name = json.dumps((choice.get("function") or {}).get("name", ""))
+        return f'<tool_call>\n{{"name": {name}, "arguments": '
+    return "<tool_call>\n" if choice == "required" else ""
+
+
+def _after(prefix: str, stream: Stream) -> Stream:
+    """``stream`` with ``prefix`` as its first text."""
+    if prefix:
+        yield {"text": prefix}
+    done: dict[str, Any] = yield from stream
+    return done
+
+
+def _answer(data: dict[str, Any]) -> Stream:
+    yield from ()
+    return data
+
+
 class CausalLM:
     """A tokenizer and an ``AutoModelForCausalLM``; serves ``chat`` and ``complete``."""
 
-    ops = frozenset({"chat", "complete"})
+    ops = frozenset({"chat", "complete", "template"})
 
     def __init__(self, checkpoint: Checkpoint, settings: LoadSettings,
                  options: Mapping[str, Any]) -> None:
@@ -133,6 +174,8 @@ class CausalLM:
         self.chat_template = options.get("chat_template")
         self.context_override = options.get("context_length")
         self.default_max_tokens = options.get("max_new_tokens")
+        self.options = options
+        output_formats("", options)  # a bad reasoning/tool format: ValueError now
         self.tokenizer: Any = None
         self.model: Any = None
         self.context_length = 0
@@ -174,19 +217,31 @@ class CausalLM:
         release(self.settings.on_cuda)
 
     def infer(self, op: str, payload: Mapping[str, Any], cancelled: threading.Event) -> Stream:
-        if op == "chat":
-            inputs = self._chat_inputs(payload)
-        else:
+        if op == "complete":
             inputs = self.tokenizer(str(payload.get("prompt", "")), return_tensors="pt")
-        return self._stream(inputs, payload, cancelled)
+            return self._stream(inputs, payload, cancelled)
+        formats = output_formats(self._template_source(), self.options)
+        prefill = tool_prefill(payload) if formats[1] == "hermes" else ""
+        prompt, inputs = self._chat_inputs(payload, prefill)
+        if op == "template":
+            return _answer({"prompt": prompt,
+                            "prompt_tokens": int(inputs["input_ids"].shape[1])})
+        parser = output_parser(formats, prompt[:len(prompt) - len(prefill)], payload)
+        # Harmony's channels are special tokens: the parser must see them.
+        stream = self._stream(inputs, payload, cancelled, special="harmony" in formats)
+        return parsed(_after(prefill, stream), parser)
 
-    def _chat_inputs(self, payload: Mapping[str, Any]) -> Any:
-        """The tokenized prompt of a chat request."""
+    def _template_source(self) -> str:
+        return str(getattr(self.tokenizer, "chat_template", None) or "")
+
+    def _chat_inputs(self, payload: Mapping[str, Any], prefill: str = "") -> tuple[str, Any]:
+        """The prompt text of a chat request (``prefill`` starts the answer) and its
+        tokens."""
         prompt = render_prompt(self.tokenizer, payload.get("messages") or [],
-                               payload.get("tools"), template_kwargs(payload))
+                               payload.get("tools"), template_kwargs(payload)) + prefill
         # NOTE: apply_chat_template(tokenize=True) does exactly this (render, then
         # tokenize without special tokens); rendering first keeps one code path.
-        return self.tokenizer(prompt, add_special_tokens=False, return_tensors="pt")
+        return prompt, self.tokenizer(prompt, add_special_tokens=False, return_tensors="pt")
 
     def _budget(self, prompt_tokens: int, payload: Mapping[str, Any]) -> int:
         room = self.context_length - prompt_tokens
@@ -220,8 +275,10 @@ class CausalLM:
                 for k in ("input_ids", "attention_mask") if k in inputs}
 
     def _stream(self, inputs: Any, payload: Mapping[str, Any],
-                cancelled: threading.Event) -> Stream:
+                cancelled: threading.Event, *, special: bool = False) -> Stream:
         """Generate in a thread, yield text pieces, return finish reason and usage.
+        ``special``: special tokens come out as text (a format parser needs them),
+        end-of-generation tokens never do.
 
         The one generate-and-stream loop: the vision-language kind (hf_vision) runs
         it too, with the processor's output as ``inputs``.
@@ -241,8 +298,7 @@ class CausalLM:
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise InvalidInput(f"seed must be an integer, got {seed!r}")
         model_inputs = self._model_inputs(inputs)
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True,
-                                        skip_special_tokens=True)
+        streamer = _Streamer(self.tokenizer, self._eos_ids() if special else None)
         leave = threading.Event()  # a stop string was seen, or the consumer went away
         outcome: dict[str, Any] = {}
 

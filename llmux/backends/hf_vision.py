@@ -127,7 +127,7 @@ class VisionLM(CausalLM):
     """A processor and an ``AutoModelForImageTextToText``; serves ``chat`` (text and
     image parts) and ``complete``."""
 
-    ops = frozenset({"chat", "complete"})
+    ops = frozenset({"chat", "complete", "template"})
 
     def __init__(self, checkpoint: Checkpoint, settings: LoadSettings,
                  options: Mapping[str, Any]) -> None:
@@ -169,15 +169,19 @@ class VisionLM(CausalLM):
         message = {"role": "user", "content": [{"type": "image", "image": png.getvalue()},
                                                {"type": "text", "text": "Describe."}]}
         payload = {"messages": [message], "max_tokens": 1}
-        for _ in self._stream(self._chat_inputs(payload), payload, threading.Event()):
+        for _ in self._stream(self._chat_inputs(payload)[1], payload, threading.Event()):
             pass
 
     def unload(self) -> None:
         self.processor = None
         super().unload()
 
-    def _chat_inputs(self, payload: Mapping[str, Any]) -> Any:
-        """The processor's inputs: token ids with each image's tokens, and the pixels.
+    def _template_source(self) -> str:
+        return self.template or ""
+
+    def _chat_inputs(self, payload: Mapping[str, Any], prefill: str = "") -> tuple[str, Any]:
+        """The prompt text (``prefill`` starts the answer) and the processor's inputs:
+        token ids with each image's tokens, and the pixels.
 
         Raises:
             InvalidInput: no messages, no chat template, an image that cannot be
@@ -190,13 +194,13 @@ class VisionLM(CausalLM):
             raise InvalidInput("This model has no chat template; use the completions endpoint "
                                "with a prompt instead.")
         tools = payload.get("tools")
-        prompt = self.tokenizer.apply_chat_template(
+        prompt = str(self.tokenizer.apply_chat_template(
             messages, chat_template=self.template, tools=list(tools) if tools else None,
-            add_generation_prompt=True, tokenize=False, **template_kwargs(payload))
+            add_generation_prompt=True, tokenize=False, **template_kwargs(payload))) + prefill
         pictures = [open_image(data) for data in images]
         try:
-            return self.processor(text=[str(prompt)], images=pictures or None,
-                                  return_tensors="pt", add_special_tokens=False)
+            return prompt, self.processor(text=[prompt], images=pictures or None,
+                                          return_tensors="pt", add_special_tokens=False)
         except ValueError as exc:
             raise InvalidInput(f"The images could not be prepared for this model: {exc}"
                                ) from exc
