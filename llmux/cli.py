@@ -1,8 +1,9 @@
-"""``llmux serve | check-config | state | move``.
+"""``llmux serve | check-config | state | move | pull``.
 
 ``serve`` owns the root task group: the runtime's actors start in it, Hypercorn
-serves inside it, and a signal or Hypercorn's exit cancels it, so every actor's
-cleanup stops its worker before the process exits.
+serves inside it, and Hypercorn's exit cancels it, so every actor's cleanup stops
+its worker before the process exits. SIGTERM/SIGINT first drains the requests in
+progress for up to ``server.shutdown_grace_s`` (``llmux/shutdown.py``).
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import ipaddress
 import json
 import logging
 import os
-import signal
 import sys
 import urllib.error
 import urllib.request
@@ -22,8 +22,9 @@ from typing import Any
 import anyio
 
 from llmux.auth import KeyStore
-from llmux.config import Config, ConfigError, load_config
+from llmux.config import Config, ConfigError, load_config, parse_size
 from llmux.config_report import format_bytes, render_summary
+from llmux.model_files import render_missing
 
 log = logging.getLogger("llmux")
 
@@ -54,31 +55,33 @@ async def serve(config: Config, host: str, port: int, keys: KeyStore) -> None:
 
     from llmux.http.app import create_app
     from llmux.runtime import Runtime
+    from llmux.shutdown import DRAIN_BACKSTOP_S, Drain, RequestGauge, watch_signals
 
     runtime = Runtime(config, state_dir=config.server.resolved_state_dir())
     hconfig = HypercornConfig()
     hconfig.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
-    hconfig.graceful_timeout = 5.0
+    # NOTE: on its shutdown trigger Hypercorn closes the listeners (new connections are
+    # refused) and waits for the requests in progress, which watch_signals cuts when
+    # shutdown_grace_s is over; see llmux/shutdown.py.
+    hconfig.graceful_timeout = config.server.shutdown_grace_s + DRAIN_BACKSTOP_S
     hconfig.accesslog = None  # llmux.http.auth logs each request with its key's name
     hconfig.errorlog = logging.getLogger("llmux.hypercorn")
     shutdown = anyio.Event()
-
-    async def watch_signals() -> None:
-        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async for signum in signals:
-                log.info("received %s: shutting down", signal.Signals(signum).name)
-                shutdown.set()
-                return
+    gauge = RequestGauge(create_app(runtime, keys))
+    drain = Drain(gauge, config.server.shutdown_grace_s)
 
     async with anyio.create_task_group() as tg:
-        tg.start_soon(watch_signals)
+        tg.start_soon(watch_signals, drain, shutdown.set)
         await tg.start(runtime.run)
         log.info("llmux serving %d virtual models on http://%s:%d",
                  len(config.virtual_models), host, port)
-        await hypercorn_serve(create_app(runtime, keys), hconfig,  # type: ignore[arg-type]
-                              shutdown_trigger=shutdown.wait)
+        await hypercorn_serve(gauge, hconfig,  # type: ignore[arg-type]
+                              shutdown_trigger=shutdown.wait, mode="asgi")
+        drain.end()
+        # The runtime's cancellation stops every worker (unload, then SIGTERM and
+        # SIGKILL to its process group), each bounded: nothing outlives this block.
         tg.cancel_scope.cancel()
-    log.info("llmux stopped")
+    drain.stopped()
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -122,7 +125,27 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         print_problems(args.file, exc)
         return 1
     print(render_summary(config))
+    print(render_missing(config))  # a missing file is news, not an invalid config
     return 0
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    """Download the model files the config names (see llmux.pull)."""
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print_problems(args.config, exc)
+        return 1
+    from llmux.pull import PullError, pull  # huggingface_hub loads for this command only
+
+    try:
+        return pull(config, args.models, reserve_bytes=args.reserve)
+    except PullError as exc:
+        print(f"llmux pull: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("llmux pull: interrupted; files already complete are kept", file=sys.stderr)
+        return 130
 
 
 def fetch_state(url: str, api_key: str | None) -> dict[str, Any]:
@@ -209,6 +232,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--url", default=os.environ.get("LLMUX_URL", "http://127.0.0.1:8081"))
     p.add_argument("--api-key")
     p.set_defaults(func=cmd_move)
+    p = sub.add_parser("pull", help="download the model files a config names")
+    p.add_argument("models", nargs="*", metavar="MODEL",
+                   help="physical or virtual models (default: every model with a source)")
+    p.add_argument("--config", default=os.environ.get("LLMUX_CONFIG", DEFAULT_CONFIG))
+    p.add_argument("--reserve", type=parse_size, default=0, metavar="SIZE",
+                   help="disk space to leave free, e.g. 20GB (default 0)")
+    p.set_defaults(func=cmd_pull)
     return parser
 
 

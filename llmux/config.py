@@ -45,6 +45,7 @@ Size = Annotated[int, "size"]
 Capacity = Annotated[int | None, "capacity"]
 
 _DEVICE_ID = re.compile(r"cpu|cuda:(0|[1-9][0-9]*)")
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 _SIZE = re.compile(r"([0-9]+(?:\.[0-9]+)?|\.[0-9]+)\s*([a-z]*)", re.IGNORECASE)
 _UNITS: Final = {"": 1, "b": 1} | {
     f"{prefix}{binary}b": (1024 if binary else 1000) ** power
@@ -130,6 +131,17 @@ class Server:
     # Chat image parts may be http(s) URLs the server fetches (size-capped by
     # max_body_bytes); off by default: a fetch on a client's behalf can reach internal hosts.
     allow_remote_images: bool = False
+    # GET /metrics: "open" (no key) or "admin"; unset: open on a loopback bind, else admin.
+    metrics: str | None = None
+    # On SIGTERM: stop accepting, let in-flight requests finish for up to this many
+    # seconds, then kill the workers.
+    shutdown_grace_s: float = 30.0
+
+    def metrics_access(self) -> str:
+        """"open" or "admin", as configured or by the bind address."""
+        if self.metrics is not None:
+            return self.metrics
+        return "open" if self.host in ("127.0.0.1", "::1", "localhost") else "admin"
 
     def resolved_state_dir(self, environ: Mapping[str, str] | None = None) -> Path:
         """``state_dir``, else ``$XDG_STATE_HOME/llmux``, else ``~/.local/state/llmux``."""
@@ -172,6 +184,22 @@ class VirtualModel:
 
 
 @attrs.frozen(kw_only=True)
+class Source:
+    """Where ``llmux pull`` fetches a physical model's files from: a Hugging Face model repo.
+
+    ``files`` are repo paths or glob patterns (none: the whole repo), ``exclude`` drops
+    matches. They land in ``local_dir``; unset, that is the directory ``model_path``
+    names, or the folder holding it when ``model_path`` is one of the files.
+    """
+
+    repo: str
+    revision: str = "main"
+    files: list[str] = attrs.field(factory=list)
+    exclude: list[str] = attrs.field(factory=list)
+    local_dir: str | None = None
+
+
+@attrs.frozen(kw_only=True)
 class PhysicalModel:
     """Weights one worker process loads; the unit of placement and eviction."""
 
@@ -195,6 +223,7 @@ class PhysicalModel:
     # Speech models: the voice names clients use -> the backend's own voice (a reference
     # clip, a speaker); "" = the backend's default. The first one is the default voice.
     voices: dict[str, str] = attrs.field(factory=dict)
+    source: Source | None = None  # where `llmux pull` downloads the files from
 
     def priority(self, policy: Policy) -> int:
         """Rank of this model's class (its type unless set); bigger is evicted later."""
@@ -507,6 +536,9 @@ def _check(config: Config, broken: _Broken) -> _Found:
     need(1 <= server.port <= 65535, ("server", "port"), "must be between 1 and 65535")
     need(server.max_body_bytes > 0, ("server", "max_body_bytes"), "must be positive")
     need(server.max_upload_bytes > 0, ("server", "max_upload_bytes"), "must be positive")
+    if server.metrics is not None:
+        one_of(("server", "metrics"), "metrics access", server.metrics, ("open", "admin"))
+    need(server.shutdown_grace_s >= 0, ("server", "shutdown_grace_s"), "must not be negative")
     need(policy.min_residency_s >= 0, ("policy", "min_residency_s"), "must not be negative")
     need(policy.max_queue_per_model >= 1, ("policy", "max_queue_per_model"), "must be at least 1")
     need(policy.max_turn_requests >= 1, ("policy", "max_turn_requests"), "must be at least 1")
@@ -538,6 +570,8 @@ def _check(config: Config, broken: _Broken) -> _Found:
         need(model.max_concurrency >= 1, (*path, "max_concurrency"), "must be at least 1")
         need(not model.voices or model.type == "tts", (*path, "voices"),
              f"only speech (tts) models have voices, this is a {model.type} model")
+        if model.source is not None:
+            found += _check_source(model, model.source, path)
         klass = model.priority_class or model.type
         need(
             broken.policy
@@ -566,6 +600,28 @@ def _check(config: Config, broken: _Broken) -> _Found:
         known = virtual.physical in config.physical_models or virtual.physical in broken.physical
         path = ("virtual_models", virtual.name, "physical")
         need(known, path, f"unknown physical model {_show(virtual.physical)}")
+    return found
+
+
+def _check_source(model: PhysicalModel, source: Source, path: _Path) -> _Found:
+    """A source must name a repo, paths inside it, and somewhere to download to."""
+    path = (*path, "source")
+    found: _Found = []
+    if not _REPO_ID.fullmatch(source.repo):
+        found.append(((*path, "repo"), f'{_show(source.repo)} is not a Hugging Face repo id '
+                                       '(like "Qwen/Qwen3-8B-GGUF")'))
+    if not source.revision:
+        found.append(((*path, "revision"), "must not be empty"))
+    for key, patterns in (("files", source.files), ("exclude", source.exclude)):
+        for i, pattern in enumerate(patterns):
+            if not pattern or pattern.startswith("/") or ".." in pattern.split("/"):
+                found.append(((*path, key, i), f"{_show(pattern)} is not a path inside the repo"))
+    pkg = [v for v in (model.model_path, source.local_dir) if v and v.startswith("pkg:")]
+    if pkg:
+        found.append((path, "a pkg: model ships in a Python package: there is nothing to "
+                            "download"))
+    elif model.model_path is None and source.local_dir is None:
+        found.append((path, "needs model_path or source.local_dir: where to download to"))
     return found
 
 

@@ -13,7 +13,7 @@ import logging
 import math
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,7 @@ from llmux.actors.model_actor import ModelActor, ModelSettings, SpawnWorker, Sta
 from llmux.actors.placement import Rules
 from llmux.config import Config, PhysicalModel, VirtualModel
 from llmux.errors import BadRequest, ModelNotFound, QueueFull, ShuttingDown
+from llmux.metrics import Metrics
 from llmux.workers.handle import WorkerHandle
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,8 @@ class Ticket:
         self._actor = actor
         self._replies = replies
         self.ended = False
+        # Metrics: the HTTP layer hangs a JobWatch here that sees every reply.
+        self.watch: Callable[[Reply], None] | None = None
 
     async def next(self, timeout_s: float = math.inf) -> Reply | None:
         """The next reply; None when the job's stream has ended.
@@ -74,6 +77,8 @@ class Ticket:
             except (anyio.EndOfStream, anyio.ClosedResourceError):
                 self.ended = True
                 return None
+        if self.watch is not None:
+            self.watch(reply)
         if isinstance(reply, Finished | Failure):
             self.ended = True
         return reply
@@ -175,6 +180,8 @@ class Runtime:
             )
         for arbiter in self.arbiters.values():
             arbiter.connect(self.actors)
+        # /metrics: counters fed by the event log, gauges read from snapshot() at scrape.
+        self.metrics = Metrics(config, self.events, self.snapshot)
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
                   ) -> None:
@@ -270,10 +277,12 @@ class Runtime:
                 "backend": physical.backend,
                 "footprint_bytes": footprint,
                 "footprint_source": "measured" if measured else "estimated",
+                "estimated_bytes": int(physical.estimated_vram),
                 "virtual_models": virtuals.get(model_id, []),
             })
         return {
             "devices": [arbiter.snapshot() for arbiter in self.arbiters.values()],
             "models": models,
             "events": [event.to_dict() for event in self.events.recent()],
+            "event_subscribers": self.events.subscribers,
         }

@@ -17,6 +17,7 @@ METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
 ROUTES = [
     ("get", "/health"),
     ("get", "/openapi.json"),
+    ("get", "/metrics"),
     ("get", "/v1/models"),
     ("get", "/v1/models/{model_id}"),
     ("post", "/apply-template"),
@@ -31,12 +32,15 @@ ROUTES = [
     ("get", "/v1/audio/models"),
     ("get", "/v1/audio/voices"),
     ("get", "/admin/state"),
+    ("get", "/admin/events"),
+    ("get", "/"),
+    ("get", "/status"),
     ("post", "/admin/models/{model_id}/device"),
     ("post", "/admin/models/{model_id}/load"),
     ("post", "/admin/models/{model_id}/unload"),
 ]
-OPEN = {("get", "/health"), ("get", "/openapi.json"), ("get", "/v1/audio/models"),
-        ("get", "/v1/audio/voices")}
+OPEN = {("get", "/health"), ("get", "/openapi.json"), ("get", "/"), ("get", "/status"),
+        ("get", "/v1/audio/models"), ("get", "/v1/audio/voices")}
 
 Document = dict[str, Any]
 
@@ -160,7 +164,7 @@ def test_every_security_requirement_names_a_defined_scheme(document: Document) -
         assert set(requirement) <= set(schemes)
 
 
-def test_only_health_openapi_and_the_audio_lists_are_open(document: Document) -> None:
+def test_only_health_openapi_status_and_audio_lists_are_open(document: Document) -> None:
     assert document["security"] == [{"bearerAuth": []}]
     open_ = {(m, p) for m, p, op in operations(document) if op.get("security") == []}
     assert open_ == OPEN

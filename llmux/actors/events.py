@@ -1,12 +1,14 @@
 """The recent-events log shown in ``/admin/state``: transitions, evictions and
-refusals with their reasons. Actors append; nobody else mutates it."""
+refusals with their reasons. Actors append; nobody else mutates it. Listeners (the
+``/admin/events`` stream, metrics) are called with each new event, synchronously, on
+the event loop: they must not block."""
 
 from __future__ import annotations
 
 import collections
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import attrs
 
@@ -32,12 +34,30 @@ class EventLog:
     def __init__(self, size: int = 500) -> None:
         self._events: collections.deque[Event] = collections.deque(maxlen=size)
         self.counts: collections.Counter[str] = collections.Counter()
+        self._listeners: list[Callable[[Event], None]] = []
+
+    def subscribe(self, listener: Callable[[Event], None]) -> Callable[[], None]:
+        """Call ``listener(event)`` for every event from now on; returns the function
+        that unsubscribes it."""
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener) if listener in self._listeners \
+            else None
+
+    @property
+    def subscribers(self) -> int:
+        """How many listeners are subscribed (in /admin/state, where a leak would show)."""
+        return len(self._listeners)
 
     def record(self, model: str, kind: str, reason: str, **states: str | None) -> Event:
         event = Event(at=time.time(), model=model, kind=kind, reason=reason, **states)
         self._events.append(event)
         self.counts[kind] += 1
         log.info("%s %s: %s", model, kind, reason)
+        for listener in list(self._listeners):
+            try:
+                listener(event)
+            except Exception:
+                log.exception("an event listener failed on %s %s", model, kind)
         return event
 
     def __iter__(self) -> Iterator[Event]:

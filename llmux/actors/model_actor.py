@@ -15,6 +15,7 @@ import collections
 import enum
 import logging
 import math
+import signal
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final
@@ -67,7 +68,7 @@ from llmux.errors import (
     ShuttingDown,
 )
 from llmux.workers import protocol as wp
-from llmux.workers.handle import WorkerDied, WorkerHandle
+from llmux.workers.handle import WorkerDied, WorkerHandle, describe_exit
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +145,7 @@ class ModelActor(Actor[Message]):
         self._last_used = clock()
         self._last_used_wall: float | None = None
         self._reported = (False, 0)
+        self._killed_job: int | None = None  # the job whose worker was killed (once)
 
     @property
     def state(self) -> State:
@@ -197,7 +199,8 @@ class ModelActor(Actor[Message]):
                 self._job_finished(job_id)
             case WorkerExited(worker=worker, reason=reason):
                 self._worker_exited(worker, reason)
-            case WorkerStopped():
+            case WorkerStopped(worker=worker):
+                self._note_signalled(worker)
                 self._transition(State.UNLOADED, "worker exited")
                 self._arbiter.post(Released(self.name, "unloaded"))
             case _:
@@ -389,7 +392,12 @@ class ModelActor(Actor[Message]):
                 current.reply.close()
                 self._send_to_worker(wp.Cancel(current.id))
             elif current.deadline + CANCEL_GRACE_S <= now and self._worker is not None:
-                log.warning("%s: worker ignores cancel; killing it", self.name)
+                if self._killed_job != current.id:  # the timer repeats until it is reaped
+                    self._killed_job = current.id
+                    log.warning("%s: worker ignores cancel; killing it", self.name)
+                    # An event, so /admin/state and the metrics tell this kill from a crash.
+                    self._events.record(self.name, "kill", "worker ignored cancel past the "
+                                        "request deadline: SIGKILL")
                 self._worker.kill()
         idle = self.settings.idle_timeout_s
         if self._state is State.READY and idle is not None and now - self._last_used >= idle:
@@ -471,6 +479,14 @@ class ModelActor(Actor[Message]):
         except (anyio.BrokenResourceError, anyio.ClosedResourceError):
             job.cancelled = True  # the client left: stop generating within one token
             self._send_to_worker(wp.Cancel(job.id))
+
+    def _note_signalled(self, worker: WorkerHandle | None) -> None:
+        """A worker that ignored unload and had to be signalled is a "kill" event
+        (for /admin/state and the metrics); one that exited by itself is not."""
+        code = getattr(worker, "returncode", None)
+        if code in (-signal.SIGTERM, -signal.SIGKILL):
+            self._events.record(self.name, "kill",
+                                f"worker ignored unload and {describe_exit(code)}")
 
     def _note_stopped(self, job: Job, data: dict[str, Any]) -> None:
         """The worker confirmed a cancel: count it, and say how far it had got."""

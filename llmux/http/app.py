@@ -16,10 +16,18 @@ from llmux.http.chat import ChatCompletions
 from llmux.http.completions import Completions
 from llmux.http.disconnect import ASGIApp, DisconnectWatcher
 from llmux.http.embeddings import Embeddings
+from llmux.http.events import AdminEvents
 from llmux.http.forecast import Forecast
+from llmux.http.metrics_route import (
+    MetricsResource,
+    RequestLabels,
+    RequestObserver,
+    metrics_access,
+)
 from llmux.http.models import Health, Models
 from llmux.http.openapi import OpenAPI, openapi_document
 from llmux.http.speech import AudioModels, AudioVoices, Speech
+from llmux.http.status_page import StatusPage
 from llmux.http.transcribe import Transcribe
 from llmux.http.transcriptions import Transcriptions
 from llmux.runtime import Runtime
@@ -35,12 +43,15 @@ def llmux_version() -> str:
 
 
 def create_falcon_app(runtime: Runtime, keys: KeyStore) -> FalconApp:
-    app = falcon.asgi.App(cors_enable=False, middleware=[AuthMiddleware(keys)])
+    app = FalconApp(cors_enable=False, middleware=[AuthMiddleware(keys), RequestLabels()])
     app.req_options.strip_url_path_trailing_slash = True
     errors.install(app)
     models = Models(runtime, created=int(time.time()))
     admin_models = AdminModels(runtime)
     lists: Access = "open" if runtime.config.server.open_audio_lists else "key"
+    status_page = StatusPage()
+    app.add_route("/", status_page)
+    app.add_route("/status", status_page)
     app.add_route("/health", Health(runtime))
     app.add_route("/openapi.json", OpenAPI(openapi_document(llmux_version())))
     app.add_route("/v1/models", models)
@@ -57,6 +68,9 @@ def create_falcon_app(runtime: Runtime, keys: KeyStore) -> FalconApp:
     app.add_route("/v1/audio/models", AudioModels(runtime, lists))
     app.add_route("/v1/audio/voices", AudioVoices(runtime, lists))
     app.add_route("/admin/state", AdminState(runtime))
+    app.add_route("/admin/events", AdminEvents(runtime))
+    app.add_route("/metrics", MetricsResource(
+        runtime.metrics, metrics_access(runtime.config.server.metrics_access())))
     app.add_route("/admin/models/{model_id}/load", admin_models, suffix="load")
     app.add_route("/admin/models/{model_id}/unload", admin_models, suffix="unload")
     app.add_route("/admin/models/{model_id}/device", admin_models, suffix="device")
@@ -64,5 +78,7 @@ def create_falcon_app(runtime: Runtime, keys: KeyStore) -> FalconApp:
 
 
 def create_app(runtime: Runtime, keys: KeyStore) -> ASGIApp:
-    """The ASGI app Hypercorn serves: Falcon inside the disconnect watcher."""
-    return DisconnectWatcher(create_falcon_app(runtime, keys))  # type: ignore[arg-type]
+    """The ASGI app Hypercorn serves: Falcon inside the disconnect watcher, inside the
+    request metrics (which see each response end, streams included)."""
+    watched = DisconnectWatcher(create_falcon_app(runtime, keys))  # type: ignore[arg-type]
+    return RequestObserver(watched, runtime.metrics)

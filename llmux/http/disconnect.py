@@ -65,7 +65,8 @@ class DisconnectWatcher:
         async def app_receive() -> Message:
             try:
                 return await inbox.receive()
-            except anyio.EndOfStream:
+            except (anyio.EndOfStream, anyio.ClosedResourceError):
+                # The request is over (the pump ended, or the response was cut).
                 return {"type": "http.disconnect"}
 
         async with anyio.create_task_group() as tg, inbox:

@@ -15,6 +15,7 @@ import falcon.asgi
 from llmux.actors.messages import Failure, Finished, Reply, Status
 from llmux.errors import ShuttingDown
 from llmux.http.disconnect import on_disconnect
+from llmux.http.metrics_route import watch_job
 from llmux.runtime import Ticket
 
 PREFLIGHT_S = 0.5  # wait this long for a fast refusal before committing to a 200 stream
@@ -36,6 +37,7 @@ async def run_whole(req: falcon.asgi.Request, ticket: Ticket
         LlmuxError: the job failed.
     """
     on_disconnect(req.scope, ticket.cancel)
+    watch_job(req, ticket)
     try:
         return await ticket.collect()
     finally:
@@ -50,6 +52,7 @@ async def start_stream(req: falcon.asgi.Request, ticket: Ticket) -> Reply:
         LlmuxError: the job failed at once.
     """
     on_disconnect(req.scope, ticket.cancel)
+    watch_job(req, ticket)
     try:
         reply = await ticket.next(PREFLIGHT_S)
     except TimeoutError:

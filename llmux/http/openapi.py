@@ -456,6 +456,10 @@ def paths() -> dict[str, Schema]:
               "content": {t: {"schema": string(format="binary")} for t in SPEECH_TYPES}}
     open_list = ("Open by default, because Open WebUI asks without a key; the server's "
                  "`open_audio_lists: false` requires one.")
+    page = {"description": "One self-contained HTML page (no external resources).",
+            "content": {"text/html": {"schema": string()}}}
+    page_about = ("Holds no data: it reads /admin/events (or polls /admin/state) with the "
+                  "admin key it asks for, kept in the browser's session storage.")
 
     def admin(action: str) -> Schema:
         return {"post": operation(
@@ -472,6 +476,22 @@ def paths() -> dict[str, Schema]:
         "/openapi.json": {"get": operation(
             "getOpenApi", "meta", "Return this OpenAPI description.",
             {"200": json_response("This document.", obj({}))}, (), public=True)},
+        "/": {"get": operation(
+            "getStatusPage", "meta", "The live status page, for a browser.", {"200": page},
+            (), public=True, description=page_about)},
+        "/status": {"get": operation(
+            "getStatusPageAgain", "meta", "The live status page, as at /.", {"200": page},
+            (), public=True, description=page_about)},
+        "/metrics": {"get": operation(
+            "getMetrics", "meta", "Prometheus metrics: requests, latencies, tokens, model "
+            "loads and evictions, device memory and model states.",
+            {"200": {"description": "The Prometheus text exposition format (version 0.0.4 "
+                                    "or 1.0.0).",
+                     "content": {"text/plain": {"schema": string()}}}}, AUTH, description=(
+                "Needs an admin key when `server.metrics` is `admin`, which is the default "
+                "on any bind but loopback; with `open` (the default on loopback) no key is "
+                "needed. Labels carry route templates, configured model names and API key "
+                "names, never keys."))},
         "/v1/models": {"get": operation(
             "listModels", "models", "List every model clients can name, loaded or not.",
             {"200": json_response("The models.", ref("ModelList"))}, AUTH)},
@@ -544,6 +564,17 @@ def paths() -> dict[str, Schema]:
             "getAdminState", "admin", "Dump the devices, the models and recent events.",
             {"200": json_response("The state.", ref("AdminState"))}, AUTH,
             description="Requires an admin key.")},
+        "/admin/events": {"get": operation(
+            "streamAdminEvents", "admin", "Stream the state and every new event as "
+            "server-sent events.", {"200": {
+                "description": "An endless SSE stream: `event: state` (the /admin/state "
+                               "document) first and after events (at most a few per "
+                               "second), `event: event` for each event as it happens, a "
+                               "`: keep-alive` comment after 15 s of silence. A client "
+                               "too slow to read loses events (a comment says how many); "
+                               "the next state holds them.",
+                "content": {"text/event-stream": {"schema": string()}}}}, AUTH,
+            description="Requires an admin key. The stream ends when the server drains.")},
         "/admin/models/{model_id}/load": admin("load"),
         "/admin/models/{model_id}/unload": admin("unload"),
         "/admin/models/{model_id}/device": {"post": operation(

@@ -10,6 +10,7 @@ from llmux.config import PhysicalModel, VirtualModel
 from llmux.errors import BadRequest
 from llmux.http.auth import check_model
 from llmux.http.body import field, read_json
+from llmux.http.metrics_route import note_model
 from llmux.runtime import Runtime
 
 
@@ -22,6 +23,7 @@ def resolve_for(req: falcon.asgi.Request, runtime: Runtime, name: str,
         ModelNotFound, Forbidden, BadRequest.
     """
     virtual, physical = runtime.resolve(name)
+    note_model(req, name)  # a configured name: the metrics' model label
     check_model(req, name)
     if physical.type not in types:
         raise BadRequest(f"'{name}' is a {physical.type} model and {refusal}.", param="model")

@@ -1,0 +1,65 @@
+"""Which model files a config names that are not on this machine (``llmux check-config``).
+
+Looks at every physical model's ``model_path`` and ``files``; ``pkg:`` paths are found
+with ``importlib.util.find_spec``, which locates a package without importing it, so
+checking a config never loads torch. A missing file is reported, not an error: the
+config itself may be fine, and ``llmux pull`` fetches what has a ``source``.
+"""
+
+from __future__ import annotations
+
+import attrs
+
+from llmux.backends.paths import PREFIX, resolve_model_path
+from llmux.config import Config
+
+__all__ = ["ModelFile", "missing_files", "render_missing"]
+
+
+@attrs.frozen
+class ModelFile:
+    """One path of one physical model that is not on disk, and why."""
+
+    model: str
+    role: str  # "model_path" or a key of `files` ("mmproj")
+    value: str  # as the config writes it
+    problem: str
+    pullable: bool  # the model has a source: `llmux pull` can fetch it
+
+
+def missing_files(config: Config) -> list[ModelFile]:
+    """Every configured model path that does not exist here, in config order."""
+    missing: list[ModelFile] = []
+    for model in config.physical_models.values():
+        paths = [("model_path", model.model_path), *model.files.items()]
+        for role, value in paths:
+            if not value:
+                continue
+            if value.startswith(PREFIX) and model.python is not None:
+                continue  # NOTE: the package lives in another interpreter's environment
+            try:
+                resolve_model_path(value)
+            except FileNotFoundError as exc:
+                why = str(exc).removeprefix(f"{value}: ").removesuffix(f" ({value})")
+                missing.append(ModelFile(model=model.id, role=role, value=value,
+                                         problem=why, pullable=model.source is not None))
+    return missing
+
+
+def render_missing(config: Config) -> str:
+    """The report's last section: the missing files, or that none is missing."""
+    missing = missing_files(config)
+    title = "Model files on this machine"
+    if not missing:
+        return f"{title}\n{'=' * len(title)}\nnone missing\n"
+    rows = [(m.model, m.role, m.value, "missing", m.problem) for m in missing]
+    headers = ("MODEL", "FILE", "PATH", "STATUS", "WHY")
+    widths = [max(len(c) for c in col) for col in zip(headers, *rows, strict=True)]
+    lines = [title, "=" * len(title)]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+              for row in (headers, *rows)]
+    count = f"{len(missing)} model file{'s' if len(missing) != 1 else ''} missing"
+    if any(m.pullable for m in missing):
+        source = f" --config {config.source}" if config.source else ""
+        count += f"; `llmux pull{source}` downloads those whose model has a source"
+    return "\n".join([*lines, count]) + "\n"

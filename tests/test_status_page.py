@@ -1,0 +1,378 @@
+"""The status page and its live feed: ``GET /`` (and ``/status``) serves one
+self-contained HTML file to anybody; ``GET /admin/events`` streams the state and every
+event to an admin key, and forgets a client the moment it leaves."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import re
+import shutil
+import signal
+import subprocess
+from collections.abc import Iterator
+from importlib.resources import files
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast
+
+import anyio
+import httpx
+import pytest
+import yaml
+
+from llmux.actors.events import EventLog
+from llmux.http.events import AdminEvents, Pacing, Subscription
+from llmux.http.openapi import openapi_document
+from llmux.runtime import Runtime
+from tests.conftest import Server, fake_config, fake_model, live_workers, wait_until
+
+ADMIN_KEY = "sk-status-admin-0123456789"
+USER_KEY = "sk-status-user-0123456789"
+KEYS = {"keys": [{"name": "operator", "key": ADMIN_KEY, "admin": True},
+                 {"name": "user", "key": USER_KEY}]}
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+# 400 MB: "small" (est. 200 MB) and "big" (est. 300 MB) do not fit together.
+CONFIG: dict[str, Any] = {
+    "devices": {"cpu": {"capacity": "400MB"}},
+    **fake_config(small=fake_model(), big=fake_model(footprint="250MB")
+                  | {"estimated_vram": "300MB"}),
+}
+PAGE = (files("llmux.http") / "static" / "status.html").read_text(encoding="utf-8")
+Sse = tuple[str, str]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    tmp = tmp_path_factory.mktemp("status")
+    keys = tmp / "api_keys.yaml"
+    keys.write_text(yaml.safe_dump(KEYS))
+    server = Server(json.loads(json.dumps(CONFIG)), tmp, "--api-keys", str(keys),
+                    admin_key=ADMIN_KEY)
+    yield server
+    server.stop()
+    wait_until(lambda: not live_workers(), 10, "workers to exit")
+
+
+def sse_events(lines: Iterator[str]) -> Iterator[Sse]:
+    """(event name, data) for each event of an SSE body; comments are skipped."""
+    name, data = "message", list[str]()
+    for line in lines:
+        if not line:
+            if data:
+                yield name, "\n".join(data)
+            name, data = "message", []
+        elif line.startswith("event: "):
+            name = line.removeprefix("event: ")
+        elif line.startswith("data: "):
+            data.append(line.removeprefix("data: "))
+
+
+def subscribers(server: Server) -> int:
+    count: int = server.state()["event_subscribers"]
+    return count
+
+
+def chat(server: Server, model: str) -> None:
+    response = httpx.post(f"{server.url}/v1/chat/completions", headers=ADMIN, timeout=30,
+                          json={"model": model, "messages": [{"role": "user", "content": "hi"}]})
+    assert response.status_code == 200, response.text
+
+
+def read_until(events: Iterator[Sse], wanted: Any, what: str, limit: int = 300) -> list[Sse]:
+    """Events up to and including the first for which ``wanted(name, data)`` holds."""
+    seen: list[Sse] = []
+    for name, data in events:
+        seen.append((name, data))
+        if wanted(name, json.loads(data)):
+            return seen
+        assert len(seen) < limit, f"no {what} in {seen}"
+    raise AssertionError(f"the stream ended before {what}: {seen}")
+
+
+# -- the page ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["/", "/status"])
+def test_the_page_is_served_to_anybody_as_html(server: Server, path: str) -> None:
+    response = httpx.get(f"{server.url}{path}")
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "text/html; charset=utf-8"
+    assert response.headers["cache-control"] == "no-cache"
+    assert response.text == PAGE
+    assert "<title>llmux status</title>" in response.text
+
+
+def test_the_page_loads_nothing_from_anywhere() -> None:
+    assert "http://" not in PAGE and "https://" not in PAGE
+    assert not re.search(r"<script[^>]*\bsrc\s*=", PAGE, re.IGNORECASE)
+    assert not re.search(r"""(?:src|href)\s*=\s*["']?(?!data:)[^"'\s>]""", PAGE,
+                         re.IGNORECASE)
+    assert "@import" not in PAGE and "url(" not in PAGE
+    assert ".innerHTML" not in PAGE and "insertAdjacentHTML" not in PAGE
+
+
+def test_the_page_may_run_only_its_own_inline_blocks(server: Server) -> None:
+    policy = httpx.get(f"{server.url}/status").headers["content-security-policy"]
+    directives = dict(d.split(" ", 1) for d in policy.split("; "))
+    blocks = re.findall(r"<(script|style)>(.*?)</\1>", PAGE, re.DOTALL)
+    assert len(blocks) == 3
+
+    def digest(body: str) -> str:
+        return f"'sha256-{base64.b64encode(hashlib.sha256(body.encode()).digest()).decode()}'"
+
+    assert directives["script-src"] == " ".join(digest(b) for t, b in blocks if t == "script")
+    assert directives["style-src"] == " ".join(digest(b) for t, b in blocks if t == "style")
+    assert directives["default-src"] == "'none'"
+    assert directives["connect-src"] == "'self'"
+    assert directives["frame-ancestors"] == "'none'"
+
+
+def test_the_document_describes_the_page_as_html_and_the_feed_as_sse() -> None:
+    paths = openapi_document("1")["paths"]
+    for path in ("/", "/status"):
+        assert set(paths[path]["get"]["responses"]["200"]["content"]) == {"text/html"}
+    assert set(paths["/admin/events"]["get"]["responses"]["200"]["content"]) == {
+        "text/event-stream"}
+
+
+# -- the pure parts of the page, under node ----------------------------------------------
+
+NODE_HARNESS = r"""
+const sample = 'event: state\ndata: {"a": 1}\n\n: keep-alive\n\n' +
+  'event: event\r\ndata: line1\r\ndata:line2\r\n\r\nid: 7\ndata: plain\n\nevent: x\ndata\n\n' +
+  'data: unfinished';
+const whole = createSSEParser()(sample);
+let splitsAgree = true;
+for (let i = 0; i <= sample.length; i++) {
+  for (let j = i; j <= sample.length; j += 3) {
+    const feed = createSSEParser();
+    const got = [sample.slice(0, i), sample.slice(i, j), sample.slice(j)].flatMap(feed);
+    if (JSON.stringify(got) !== JSON.stringify(whole)) splitsAgree = false;
+  }
+}
+const device = {free_bytes: 100e6, ledger: [
+  {model: "a", bytes: 150e6, measured: true, residency: "loaded"},
+  {model: "b", bytes: 150e6, measured: false, residency: "loading"}]};
+const full = {free_bytes: -50e6, ledger: [
+  {model: "a", bytes: 450e6, measured: false, residency: "loaded"}]};
+console.log(JSON.stringify({
+  whole, splitsAgree,
+  segments: deviceSegments(device, [{id: "a", estimated_bytes: 200e6}]),
+  overfull: deviceSegments(full, []).map((s) => [s.kind, s.percent]),
+  bytes: [formatBytes(150e6), formatBytes(4.06e9), formatBytes(null)],
+  ago: [formatAgo(null), formatAgo(0.2), formatAgo(12.7), formatAgo(600), formatAgo(7380)],
+}));
+"""
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
+def test_the_pages_parser_and_helpers_under_node(tmp_path: Path) -> None:
+    pure = re.findall(r"<script>(.*?)</script>", PAGE, re.DOTALL)[0]
+    assert "document" not in pure and "fetch(" not in pure
+    script = tmp_path / "harness.js"
+    script.write_text(pure + NODE_HARNESS)
+    run = subprocess.run(["node", str(script)], capture_output=True, text=True, timeout=30,
+                         check=True)
+    result = json.loads(run.stdout)
+    assert result["whole"] == [
+        {"event": "state", "data": '{"a": 1}'},
+        {"event": "event", "data": "line1\nline2"},
+        {"event": "message", "data": "plain"},
+        {"event": "x", "data": ""},
+    ]
+    assert result["splitsAgree"] is True
+    assert [(s["model"], s["kind"], s["estimate"], round(s["percent"], 3))
+            for s in result["segments"]] == [
+        ("a", "measured", 200e6, 37.5), ("b", "reserved", None, 37.5), (None, "free", None, 25)]
+    assert result["overfull"] == [["estimated", 100], ["free", 0]]
+    assert result["bytes"] == ["150 MB", "4.1 GB", "?"]
+    assert result["ago"] == ["never", "just now", "12 s ago", "10 min ago", "2 h 3 min ago"]
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
+def test_the_page_asks_for_the_key_then_shows_a_load_live_and_unloads(
+        server: Server, tmp_path: Path) -> None:
+    """The page's own scripts under node, with a minimal DOM, against the live server:
+    a wrong key shows the server's error, the right one opens the feed, a load shows
+    without a reload, the Unload button asks, then unloads."""
+    driver = (Path(__file__).parent / "data" / "status_page_driver.js").read_text()
+    script = tmp_path / "page.js"
+    script.write_text("\n".join([driver, *re.findall(r"<script>(.*?)</script>", PAGE,
+                                                      re.DOTALL), "scenario();"]))
+    run = subprocess.run(["node", str(script)], capture_output=True, text=True, timeout=60,
+                         env={"LLMUX_URL": server.url, "LLMUX_ADMIN_KEY": ADMIN_KEY,
+                              "LLMUX_FIRST_KEY": "sk-wrong-0123456789", "PATH": "/usr/bin"})
+    steps = {s["step"]: s["page"] for s in map(json.loads, run.stdout.splitlines())
+             if "step" in s}
+    assert run.returncode == 0, (run.stdout, run.stderr)
+    asked = steps["the key form shows the error"]
+    assert (asked["conn"], asked["loginError"]) == ("admin key needed",
+                                                    "The API key is not valid.")
+    loaded = steps["small loaded"]
+    assert re.search(r"small: \d+ MB measured, estimated 200 MB", loaded["devices"]), loaded
+    assert "small transition unloaded \u2192 loading granted by the arbiter" in loaded["events"]
+    assert loaded["models"]["small"][:3] == ["smallsmall", "llm / fake", "cpu"]
+    unloaded = steps["small unloaded"]
+    assert unloaded["confirmed"] == ["Unload small?"]
+    assert unloaded["notice"] == "Unload small: accepted"
+    assert "small transition ready \u2192 unloading unloaded by an admin" in unloaded["events"]
+
+
+# -- the feed ------------------------------------------------------------------------------
+
+
+def test_the_feed_needs_a_key_and_an_admin_one(server: Server) -> None:
+    url = f"{server.url}/admin/events"
+    missing = httpx.get(url)
+    assert missing.status_code == 401
+    assert missing.json()["error"]["message"] == ("Send your API key as "
+                                                  "'Authorization: Bearer <key>'.")
+    user = httpx.get(url, headers={"Authorization": f"Bearer {USER_KEY}"})
+    assert user.status_code == 403
+    assert user.json()["error"]["message"] == (
+        "The API key 'user' is not an admin key; /admin/events needs one.")
+
+
+def test_the_feed_sends_the_state_then_each_event_and_a_fresh_state(server: Server) -> None:
+    with httpx.stream("GET", f"{server.url}/admin/events", headers=ADMIN,
+                      timeout=httpx.Timeout(10.0)) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"] == "text/event-stream"
+        assert response.headers["cache-control"] == "no-cache"
+        events = sse_events(response.iter_lines())  # keep it: dropping it closes the stream
+        name, data = next(events)
+        assert name == "state"
+        first = json.loads(data)
+        assert {m["id"]: m["state"] for m in first["models"]} == {"small": "unloaded",
+                                                                "big": "unloaded"}
+        assert [d["id"] for d in first["devices"]] == ["cpu"]
+
+        chat(server, "small")
+        seen = read_until(events, lambda n, d: n == "event" and d["model"] == "small"
+                          and d["to_state"] == "ready", "small becoming ready")
+        assert ("small", "unloaded", "loading") in [
+            (d["model"], d["from_state"], d["to_state"])
+            for d in (json.loads(data) for name, data in seen if name == "event")]
+        read_until(events, lambda n, d: n == "state" and any(
+            m["id"] == "small" and m["state"] in ("ready", "busy") for m in d["models"]),
+            "a state with small loaded")
+
+        chat(server, "big")
+        seen = read_until(events, lambda n, d: n == "event" and d["kind"] == "evict",
+                          "the eviction")
+        evicted = json.loads(seen[-1][1])
+        assert evicted["model"] == "small"
+        assert re.fullmatch(r"evicted small \(llm\) for big \(llm\): needed 0\.3 GB, "
+                            r"free 0\.\d GB", evicted["reason"]), evicted
+        state = json.loads(read_until(events, lambda n, d: n == "state" and any(
+            m["id"] == "big" and m["state"] in ("ready", "busy") for m in d["models"]),
+            "a state with big loaded")[-1][1])
+        assert [e for e in state["events"] if e["kind"] == "evict"][-1] == evicted
+
+
+def test_a_client_that_leaves_is_unsubscribed(server: Server) -> None:
+    baseline = subscribers(server)
+    for _ in range(3):
+        with httpx.stream("GET", f"{server.url}/admin/events", headers=ADMIN,
+                          timeout=10) as response:
+            events = sse_events(response.iter_lines())
+            assert next(events)[0] == "state"
+            assert subscribers(server) == baseline + 1
+        wait_until(lambda: subscribers(server) == baseline, 5,
+                   "the stream to unsubscribe")
+
+
+def test_the_feed_ends_when_the_server_drains(tmp_path: Path) -> None:
+    # NOTE: not start_server: its clean-up would also wait for the module's server.
+    server = Server(fake_config(small=fake_model()), tmp_path)  # open: no keys, loopback
+    try:
+        with httpx.stream("GET", f"{server.url}/admin/events", timeout=10) as response:
+            events = sse_events(response.iter_lines())
+            assert next(events)[0] == "state"
+            server.proc.send_signal(signal.SIGTERM)
+            assert list(events) == []  # it ends, well before the 30 s grace period
+        assert server.proc.wait(timeout=10) == 0
+        assert "drained in" in server.logs()
+    finally:
+        server.stop()
+
+
+# -- the pure parts of the feed ------------------------------------------------------------
+
+
+def test_pacing_sends_a_state_after_events_at_most_every_interval() -> None:
+    pacing = Pacing(last_write=0.0, last_state=0.0, state_interval_s=0.25, keepalive_s=15.0)
+    assert pacing.due(0.1) is None
+    assert pacing.wait_s(0.1) == pytest.approx(14.9)
+    pacing.wrote(0.1, "event")
+    assert pacing.due(0.1) is None
+    assert pacing.wait_s(0.1) == pytest.approx(0.15)
+    assert pacing.due(0.25) == "state"
+    pacing.wrote(0.25, "state")
+    pacing.wrote(0.3, "event")
+    assert pacing.due(0.4) is None
+    assert pacing.due(0.5) == "state"
+
+
+def test_pacing_sends_a_keepalive_after_silence() -> None:
+    pacing = Pacing(last_write=10.0, last_state=10.0, keepalive_s=15.0)
+    assert pacing.due(24.9) is None
+    assert pacing.due(25.0) == "keepalive"
+    pacing.wrote(25.0, "comment")
+    assert pacing.due(25.0) is None
+    assert pacing.wait_s(26.0) == pytest.approx(14.0)
+
+
+@pytest.mark.anyio
+async def test_a_slow_client_loses_events_instead_of_blocking_the_actors() -> None:
+    log = EventLog()
+    subscription = Subscription(log, buffer=2)
+    for i in range(5):
+        log.record("m", "transition", f"step {i}")  # returns at once: never waits
+    assert subscription.dropped == 3
+    received = [await subscription.next(1.0, None) for _ in range(2)]
+    assert [e.reason for e in received if e is not None] == ["step 0", "step 1"]
+    assert await subscription.next(0.01, None) is None
+    subscription.end()
+    subscription.end()
+    assert log.subscribers == 0
+
+
+@pytest.mark.anyio
+async def test_a_client_that_fell_behind_hears_what_it_lost_then_gets_a_state() -> None:
+    log = EventLog()
+    runtime = SimpleNamespace(events=log, snapshot=lambda: {"events": len(list(log))})
+    now = 0.0
+    feed = AdminEvents(cast(Runtime, runtime), clock=lambda: now)
+    stream = feed.stream(Subscription(log, buffer=2), None)
+    assert (await anext(stream)).serialize() == b'event: state\ndata: {"events": 0}\n\n'
+    for i in range(5):
+        log.record("m", "transition", f"step {i}")
+    assert (await anext(stream)).serialize() == (
+        b": dropped 3 events: the next state has them\n\n")
+    for i in range(2):
+        name, data = (await anext(stream)).serialize().decode().splitlines()[:2]
+        assert name == "event: event"
+        assert json.loads(data.removeprefix("data: "))["reason"] == f"step {i}"
+    now = 1.0
+    assert (await anext(stream)).serialize() == b'event: state\ndata: {"events": 5}\n\n'
+    await stream.aclose()
+    assert log.subscribers == 0
+
+
+@pytest.mark.anyio
+async def test_a_draining_server_ends_a_waiting_subscription() -> None:
+    log = EventLog()
+    subscription = Subscription(log)
+    drain = anyio.Event()
+
+    async def drain_soon() -> None:
+        drain.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(drain_soon)
+        with pytest.raises(anyio.EndOfStream):
+            await subscription.next(30.0, drain)
+    assert log.subscribers == 0
