@@ -6,6 +6,11 @@ CONFIG ?= config/llmux.yaml
 STAMP := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.bench-installed
 TORCH := 2.13.0
+# Debian packages, installed once when a command is missing: espeak-ng and sox (speech);
+# chromium and its driver (the status page test); shellcheck and systemd-analyze (the
+# deploy tests).
+APT_COMMANDS := espeak-ng sox chromium chromedriver shellcheck systemd-analyze
+APT_PACKAGES := espeak-ng sox chromium chromium-driver shellcheck systemd
 
 .PHONY: serve test lint bench setup clean chatterbox-venv
 
@@ -29,8 +34,8 @@ setup: $(STAMP)
 # torch first, pinned to the local CPU build; then everything else under that pin.
 # llama-cpp-python compiles from source (~6 min on 2 cores); pip caches the wheel.
 $(STAMP): pyproject.toml
-	command -v espeak-ng >/dev/null && command -v sox >/dev/null || \
-		{ apt-get update -q && apt-get install -y -q espeak-ng sox; }
+	( for c in $(APT_COMMANDS); do command -v $$c >/dev/null || exit 1; done ) || \
+		{ apt-get update -q && apt-get install -y -q $(APT_PACKAGES); }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==$(TORCH)

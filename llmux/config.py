@@ -32,6 +32,7 @@ MODEL_TYPES: Final = ("llm", "vlm", "ocr", "asr", "tts", "embedding", "forecast"
 BACKENDS: Final = (
     "fake",
     "llama_cpp",
+    "llama_server",
     "transformers",
     "faster_whisper",
     "piper",
@@ -113,8 +114,14 @@ class Policy:
     min_residency_s: float = 10.0
     max_queue_per_model: int = 64
     max_turn_requests: int = 8
+    max_turn_wait_s: float = 30.0  # while others wait, a loaded model's turn lasts at most this
     request_deadline_s: float = 600.0
     priority_classes: dict[str, int] = attrs.field(factory=_default_priority_classes)
+    # A warm spare worker per worker interpreter (llmux/spare.py): a process that has
+    # imported these modules and waits for a load, counted on the cpu ledger. Off by
+    # default: it holds host RAM (~60-100 MB) at all times; the GPU configs turn it on.
+    warm_spare: bool = False
+    warm_spare_imports: list[str] = attrs.field(factory=lambda: ["llmux.backends.llama_cpp"])
 
 
 @attrs.frozen(kw_only=True)
@@ -133,9 +140,14 @@ class Server:
     allow_remote_images: bool = False
     # GET /metrics: "open" (no key) or "admin"; unset: open on a loopback bind, else admin.
     metrics: str | None = None
+    # "text" (human-readable) or "json" (one object a line); `serve --log-format` wins.
+    log_format: str = "text"
     # On SIGTERM: stop accepting, let in-flight requests finish for up to this many
     # seconds, then kill the workers.
     shutdown_grace_s: float = 30.0
+    # A client sending a request body may go silent this long before the request is
+    # refused and its connection closed (nginx's client_body_timeout).
+    read_timeout_s: float = 60.0
 
     def metrics_access(self) -> str:
         """"open" or "admin", as configured or by the bind address."""
@@ -538,10 +550,13 @@ def _check(config: Config, broken: _Broken) -> _Found:
     need(server.max_upload_bytes > 0, ("server", "max_upload_bytes"), "must be positive")
     if server.metrics is not None:
         one_of(("server", "metrics"), "metrics access", server.metrics, ("open", "admin"))
+    one_of(("server", "log_format"), "log format", server.log_format, ("text", "json"))
     need(server.shutdown_grace_s >= 0, ("server", "shutdown_grace_s"), "must not be negative")
+    need(server.read_timeout_s > 0, ("server", "read_timeout_s"), "must be positive")
     need(policy.min_residency_s >= 0, ("policy", "min_residency_s"), "must not be negative")
     need(policy.max_queue_per_model >= 1, ("policy", "max_queue_per_model"), "must be at least 1")
     need(policy.max_turn_requests >= 1, ("policy", "max_turn_requests"), "must be at least 1")
+    need(policy.max_turn_wait_s > 0, ("policy", "max_turn_wait_s"), "must be positive")
     need(policy.request_deadline_s > 0, ("policy", "request_deadline_s"), "must be positive")
     some_devices = bool(devices) or broken.devices is None or bool(broken.devices)
     need(some_devices, ("devices",), "at least one device is required")

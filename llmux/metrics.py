@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from llmux.actors.events import Event, EventLog
-from llmux.actors.messages import Finished, Piece, Reply, Started
+from llmux.actors.messages import Failure, Finished, Piece, Reply, Started
 from llmux.actors.model_actor import State
 from llmux.config import Config
 
@@ -85,6 +85,13 @@ def kill_reason(text: str) -> str:
 # --- one job's replies -----------------------------------------------------------------
 
 
+def token_count(value: object) -> int:
+    """A usage count as reported; 0 for anything that is not a positive int."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    return 0
+
+
 class JobWatch:
     """Sees a job's replies as its ticket hands them out: queue wait at ``Started``,
     time to first token (or first audio bytes) at the first ``Piece``, tokens at
@@ -97,27 +104,35 @@ class JobWatch:
         self._model = model
         self._clock = clock
         self._since = clock()
-        self._started = False
-        self._first = False
+        # The same facts for the request log, so the log and the metrics always agree.
+        self.queue_wait_s: float | None = None
+        self.first_token_s: float | None = None
+        self.tokens_in: int | None = None  # None until the job finished
+        self.tokens_out: int | None = None
+        self.error: str | None = None  # the failure's code (or type), if it failed
 
     def __call__(self, reply: Reply | None) -> None:
         match reply:
-            case Started() if not self._started:
-                self._started = True
-                self._metrics.queue_wait.labels(*self._labels).observe(self._elapsed())
-            case Piece() if not self._first:
-                self._first = True
-                self._metrics.first_token.labels(*self._labels).observe(self._elapsed())
+            case Started() if self.queue_wait_s is None:
+                self.queue_wait_s = self._elapsed()
+                self._metrics.queue_wait.labels(*self._labels).observe(self.queue_wait_s)
+            case Piece() if self.first_token_s is None:
+                self.first_token_s = self._elapsed()
+                self._metrics.first_token.labels(*self._labels).observe(self.first_token_s)
             case Finished(data=data):
                 usage = data.get("usage") or {}
-                self._count(self._metrics.tokens_in, usage.get("prompt_tokens"))
-                self._count(self._metrics.tokens_out, usage.get("completion_tokens"))
+                self.tokens_in = token_count(usage.get("prompt_tokens"))
+                self.tokens_out = token_count(usage.get("completion_tokens"))
+                self._count(self._metrics.tokens_in, self.tokens_in)
+                self._count(self._metrics.tokens_out, self.tokens_out)
+            case Failure(error=error):
+                self.error = error.code or error.type
 
     def _elapsed(self) -> float:
         return max(0.0, self._clock() - self._since)
 
-    def _count(self, counter: Counter, tokens: object) -> None:
-        if isinstance(tokens, int) and not isinstance(tokens, bool) and tokens > 0:
+    def _count(self, counter: Counter, tokens: int) -> None:
+        if tokens > 0:
             counter.labels(self._model).inc(tokens)
 
 
@@ -183,12 +198,14 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.virtual_models = frozenset(config.virtual_models)
         self.physical_models = frozenset(config.physical_models)
+        self.physical_of = {name: v.physical for name, v in config.virtual_models.items()}
         self._loading_since: dict[str, float] = {}
         self._killed: set[str] = set()  # models whose worker we signalled: not a crash
         r = self.registry
         self.requests = Counter(
             "llmux_requests", "HTTP requests by route template, virtual model, status and "
-            "API key name.", ["route", "model", "status", "key"], registry=r)
+            "API key name (status 499: the client left before the response ended).",
+            ["route", "model", "status", "key"], registry=r)
         self.request_duration = Histogram(
             "llmux_request_duration_seconds", "From the request's arrival to the last byte "
             "of its response (streams included).", ["route", "model"],

@@ -41,7 +41,9 @@ from llmux.actors.model_actor import ModelActor, ModelSettings, SpawnWorker, Sta
 from llmux.actors.placement import Rules
 from llmux.config import Config, PhysicalModel, VirtualModel
 from llmux.errors import BadRequest, ModelNotFound, QueueFull, ShuttingDown
+from llmux.leftovers import PID_FILE, WorkerPids
 from llmux.metrics import Metrics
+from llmux.spare import SparePool
 from llmux.workers.handle import WorkerHandle
 
 log = logging.getLogger(__name__)
@@ -139,10 +141,24 @@ class Runtime:
         self._clock = clock
         self._ids = itertools.count(1)
         footprints = FootprintStore(state_dir / "footprints.json" if state_dir else None)
+        # Guarantee 4: a previous instance's leftovers die before our first load.
+        self.worker_pids = WorkerPids(state_dir / PID_FILE if state_dir else None)
+        spawn_worker = self.worker_pids.track(spawn_worker)
         policy = config.policy
         rules = Rules(strict_priority=policy.strict_priority,
-                      min_residency_s=policy.min_residency_s)
+                      min_residency_s=policy.min_residency_s,
+                      max_turn_requests=policy.max_turn_requests,
+                      max_turn_wait_s=policy.max_turn_wait_s)
         self.arbiters: dict[str, GpuArbiter] = {}
+        # Warm spare workers: host memory, so on the cpu ledger (when there is one).
+        self.spares = SparePool(
+            interpreters=[m.python or sys.executable for m in config.physical_models.values()],
+            preload=policy.warm_spare_imports, enabled=policy.warm_spare, spawn=spawn_worker,
+            room=lambda: self.arbiters["cpu"].snapshot()["free_bytes"]
+            if "cpu" in self.arbiters else None,
+            quiet=lambda: not any(a.state in (State.LOADING, State.BUSY)
+                                  for a in self.actors.values()),
+        )
         # Every arbiter knows every model: an admin may move a model to any device.
         on_device = list(config.physical_models.values())
         for device_id, device in config.devices.items():
@@ -159,6 +175,7 @@ class Runtime:
                 footprints=footprints,
                 events=self.events,
                 clock=clock,
+                spares=self.spares if device_id == "cpu" else None,
             )
         self.actors: dict[str, ModelActor] = {}
         for model in config.physical_models.values():
@@ -176,7 +193,7 @@ class Runtime:
                 arbiter=self.arbiters[device_id],
                 events=self.events,
                 clock=clock,
-                spawn_worker=spawn_worker,
+                spawn_worker=self.spares.spawn,
             )
         for arbiter in self.arbiters.values():
             arbiter.connect(self.actors)
@@ -185,19 +202,25 @@ class Runtime:
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
                   ) -> None:
-        """Run every actor until cancelled; preload models once all are up."""
-        async with anyio.create_task_group() as tg:
-            for arbiter in self.arbiters.values():
-                await tg.start(arbiter.run)
-            for actor in self.actors.values():
-                await tg.start(actor.run)
-            for model in self.config.physical_models.values():
-                if model.preload or model.pinned:
-                    self.actors[model.id].tell(RequestLoad())
-            log.info("runtime started: %d devices, %d models (pid %d)",
-                     len(self.arbiters), len(self.actors), os.getpid())
-            task_status.started()
-            await anyio.sleep(math.inf)
+        """Run every actor until cancelled; preload models once all are up. Kills a
+        previous instance's leftovers first; its own pid file goes once all stopped."""
+        self.worker_pids.clean_previous()
+        try:
+            async with anyio.create_task_group() as tg:
+                for arbiter in self.arbiters.values():
+                    await tg.start(arbiter.run)
+                for actor in self.actors.values():
+                    await tg.start(actor.run)
+                await tg.start(self.spares.run)
+                for model in self.config.physical_models.values():
+                    if model.preload or model.pinned:
+                        self.actors[model.id].tell(RequestLoad())
+                log.info("runtime started: %d devices, %d models (pid %d)",
+                         len(self.arbiters), len(self.actors), os.getpid())
+                task_status.started()
+                await anyio.sleep(math.inf)
+        finally:
+            self.worker_pids.close()
 
     # -- what resources use -------------------------------------------------------------
 
@@ -285,4 +308,5 @@ class Runtime:
             "models": models,
             "events": [event.to_dict() for event in self.events.recent()],
             "event_subscribers": self.events.subscribers,
+            "spares": self.spares.snapshot(),
         }

@@ -1,9 +1,11 @@
 """A hypothesis stateful test of the GpuArbiter: random model traffic, scripted
 memory and time, the arbiter's handler driven directly (it never awaits).
 
-Invariants: the ledger never exceeds capacity; no busy or pinned model is told to
-evict; an exclusive group holds at most one model; every Acquire is answered
-before its deadline; the ledger equals the sum of the loaded footprints."""
+Invariants: the ledger never exceeds capacity; no pinned model is told to evict,
+and a busy one only once it has had a full turn (``max_turn_requests`` requests or
+``max_turn_wait_s`` since it loaded: it then drains); an exclusive group holds at most
+one model; every Acquire is answered before its deadline; the ledger equals the sum
+of the loaded footprints."""
 
 from __future__ import annotations
 
@@ -31,6 +33,8 @@ from llmux.actors.placement import Residency, Rules
 GB = 1_000_000_000
 CAPACITY = 16 * GB
 DEADLINE_S = 30.0
+RULES = Rules(strict_priority=False, min_residency_s=5.0, max_turn_requests=3,
+              max_turn_wait_s=15.0)
 MODELS = {
     "qwen9": ModelSpec(model="qwen9", klass="llm", priority=10, estimate=9 * GB, group="llm"),
     "qwen4": ModelSpec(model="qwen4", klass="llm", priority=10, estimate=4 * GB, group="llm"),
@@ -63,6 +67,9 @@ class ScriptedProbe:
     def footprint(self, pid: int, used_at_grant: int) -> int:
         return self.held[self.pids[pid]]
 
+    def process_bytes(self, pid: int) -> int | None:
+        return self.held.get(self.pids[pid])
+
 
 class Recorder:
     """A model actor's mailbox: records what the arbiter tells it."""
@@ -81,13 +88,15 @@ class ArbiterMachine(RuleBasedStateMachine):
         self.probe = ScriptedProbe()
         self.arbiter = GpuArbiter(
             device="cuda:0", capacity=CAPACITY, safety_margin=0, probe=self.probe,
-            rules=Rules(strict_priority=False, min_residency_s=5.0), models=MODELS,
+            rules=RULES, models=MODELS,
             footprints=FootprintStore(None), events=EventLog(), clock=lambda: self.now,
         )
         self.arbiter.connect({m: Recorder(self, m) for m in MODELS})
         # simulated model actors
         self.state = dict.fromkeys(MODELS, "unloaded")
         self.busy: set[str] = set()
+        self.started = dict.fromkeys(MODELS, 0)  # requests started since it loaded
+        self.loaded_at = dict.fromkeys(MODELS, 0.0)
         self.deadlines: dict[str, float] = {}
         self.violations: list[str] = []
 
@@ -104,7 +113,9 @@ class ArbiterMachine(RuleBasedStateMachine):
                 self.state[model] = "unloaded"
                 self.deadlines.pop(model)
             case Evict():
-                if model in self.busy:
+                had_turn = (self.started[model] >= RULES.max_turn_requests
+                            or self.now - self.loaded_at[model] >= RULES.max_turn_wait_s)
+                if model in self.busy and not had_turn:
                     self.violations.append(f"{model} told to evict while busy")
                 if MODELS[model].pinned:
                     self.violations.append(f"pinned {model} told to evict")
@@ -130,6 +141,7 @@ class ArbiterMachine(RuleBasedStateMachine):
             self.probe.pids[pid] = model
             self.probe.held[model] = int(MODELS[model].estimate * share)
             self.state[model] = "loaded"
+            self.started[model], self.loaded_at[model] = 0, self.now
             self.handle(Loaded(model, pid, None))
 
     @rule(model=names)
@@ -142,13 +154,14 @@ class ArbiterMachine(RuleBasedStateMachine):
     def start_work(self, model: str) -> None:
         if self.state[model] == "loaded" and model not in self.busy:
             self.busy.add(model)
-            self.handle(Usage(model, True, 1, self.now))
+            self.started[model] += 1
+            self.handle(Usage(model, True, 1, self.now, self.started[model]))
 
     @rule(model=names)
     def finish_work(self, model: str) -> None:
         if model in self.busy:
             self.busy.discard(model)
-            self.handle(Usage(model, False, 0, self.now))
+            self.handle(Usage(model, False, 0, self.now, self.started[model]))
 
     @rule(model=names)
     def finish_eviction(self, model: str) -> None:

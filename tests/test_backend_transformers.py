@@ -11,7 +11,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import huggingface_hub.constants
 import numpy as np
 import pytest
 import torch
@@ -75,12 +74,8 @@ def generating_threads() -> list[threading.Thread]:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _hub_offline() -> Iterator[None]:
-    """HF_HUB_OFFLINE=1, also when transformers was imported before this module."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("HF_HUB_OFFLINE", "1")
-        patch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-        yield
+def _hub_offline(hub_offline: None) -> None:
+    """Every test here runs with the hub offline (conftest.hub_offline)."""
 
 
 @pytest.fixture(scope="module")

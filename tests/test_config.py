@@ -389,7 +389,8 @@ def test_out_of_range_numbers_and_unknown_names_are_named() -> None:
         'physical_models.qwen3.5-4b.type: unknown type "chat" '
         "(expected one of llm, vlm, ocr, asr, tts, embedding, forecast)",
         'physical_models.qwen3.5-4b.backend: unknown backend "vllm" (expected one of fake, '
-        "llama_cpp, transformers, faster_whisper, piper, chatterbox, rapidocr)",
+        "llama_cpp, llama_server, transformers, faster_whisper, piper, chatterbox, "
+        "rapidocr)",
         'physical_models.qwen3.5-4b.capabilities[1]: unknown capability "fly" '
         "(expected one of vision, tools, reasoning, translate)",
         "physical_models.qwen3.5-4b.load_timeout_s: must be positive",

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import huggingface_hub.constants
 import pytest
 import torch
 from hypothesis import given
@@ -34,12 +33,8 @@ ALL_QUANTILES = ["0.1", "0.2", "0.3", "0.4", "0.5", "0.6", "0.7", "0.8", "0.9"]
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _hub_offline() -> Iterator[None]:
-    """HF_HUB_OFFLINE=1 here and in the server's workers (they inherit it)."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("HF_HUB_OFFLINE", "1")
-        patch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-        yield
+def _hub_offline(hub_offline: None) -> None:
+    """Every test here runs with the hub offline (conftest.hub_offline)."""
 
 
 @pytest.fixture(scope="module")

@@ -36,6 +36,7 @@ WRONG_KEY = "sk-metrics-wrong-zyxwvutsrq"
 KEYS = {"keys": [{"name": "ops", "key": ADMIN_KEY, "admin": True},
                  {"name": "alice", "key": ALICE_KEY}]}
 CHAT = "/v1/chat/completions"
+CRASH_AFTER = 40
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -187,11 +188,13 @@ def auth(key: str) -> dict[str, str]:
 
 def config(**server: Any) -> dict[str, Any]:
     # One budget, two models that do not fit together: asking for the other evicts.
+    # m-a's worker dies on its 41st token: a short reply is fine, a long one crashes it.
     return {
         "server": server,
         "devices": {"cpu": {"capacity": "300MB"}},
         "policy": {"min_residency_s": 0},
-        "physical_models": {"m-a": fake_model(), "m-b": fake_model()},
+        "physical_models": {"m-a": fake_model(crash_after_tokens=CRASH_AFTER),
+                            "m-b": fake_model()},
         "virtual_models": {"chat-a": {"physical": "m-a"}, "chat-b": {"physical": "m-b"}},
     }
 
@@ -214,90 +217,146 @@ def keyed_server(tmp_path: Path) -> Iterator[Any]:
     wait_until(lambda: not live_workers(), 10, "workers to exit")
 
 
-def chat(server: Server, model: str, key: str = ALICE_KEY) -> httpx.Response:
+def chat(server: Server, model: str, key: str = ALICE_KEY,
+         content: str = "count these four words") -> httpx.Response:
     return httpx.post(f"{server.url}{CHAT}", headers=auth(key), timeout=30, json={
-        "model": model, "messages": [{"role": "user", "content": "count these four words"}]})
+        "model": model, "messages": [{"role": "user", "content": content}]})
 
 
-def stream(server: Server, model: str) -> int:
-    """A streamed chat; returns the completion tokens its final chunk reported."""
+def stream(server: Server, model: str) -> dict[str, int]:
+    """A streamed chat; returns the usage its final chunk reported."""
     body = {"model": model, "stream": True, "messages": [{"role": "user", "content": "hi"}]}
-    tokens = -1
+    usage: dict[str, int] = {}
     with httpx.stream("POST", f"{server.url}{CHAT}", headers=auth(ALICE_KEY), json=body,
                       timeout=30) as response:
         assert response.status_code == 200
         for line in response.iter_lines():
             if line.startswith("data: {"):
-                usage = json.loads(line[6:]).get("usage")
-                tokens = usage["completion_tokens"] if usage else tokens
-    assert tokens > 0
-    return tokens
+                usage = json.loads(line[6:]).get("usage") or usage
+    assert usage["completion_tokens"] > 0
+    return usage
 
 
-def settled(server: Server) -> bool:
-    state = server.state()
-    states = {m["id"]: m["state"] for m in state["models"]}
-    return states == {"m-a": "unloaded", "m-b": "ready"} and \
-        state["devices"][0]["reserved_bytes"] == 0
+def leave_mid_stream(server: Server, model: str) -> None:
+    """Start a long streamed chat, read its first token, and hang up."""
+    body = {"model": model, "stream": True,
+            "messages": [{"role": "user", "content": "word " * 2000}]}  # ~10 s of tokens
+    with httpx.Client(timeout=30) as client, \
+            client.stream("POST", f"{server.url}{CHAT}", headers=auth(ALICE_KEY),
+                          json=body) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if '"content": "echo' in line or '"content":"echo' in line:
+                break  # the first token came: the job is running; leave now
 
 
-def test_metrics_count_what_happened_and_match_the_admin_state(keyed_server: Any) -> None:
+def total(usages: list[dict[str, int]], field: str) -> float:
+    return float(sum(usage[field] for usage in usages))
+
+
+def counters(got: Samples) -> Samples:
+    """Every counter and histogram count (what moves when something happens)."""
+    return {k: v for k, v in got.items() if k[0].endswith(("_total", "_count"))}
+
+
+def moved(before: Samples, after: Samples) -> dict[tuple[str, tuple[str, ...]], float]:
+    """What each counter moved by between two scrapes, zeros left out; labels as a
+    tuple sorted by label name, for readable failures."""
+    deltas = {}
+    for key in counters(before).keys() | counters(after).keys():
+        delta = after.get(key, 0.0) - before.get(key, 0.0)
+        if delta:
+            name, labels = key
+            deltas[(name, tuple(v for _, v in sorted(labels)))] = delta
+    return deltas
+
+
+def test_metrics_move_by_exactly_what_happened_and_match_the_admin_state(
+        keyed_server: Any) -> None:
     server = keyed_server()
-    tokens_a = 0
+    polls = 0
+
+    def settled() -> bool:
+        nonlocal polls
+        polls += 1  # each one is an /admin/state request, counted too
+        state = server.state()
+        models = {m["id"]: (m["state"], m["in_flight"]) for m in state["models"]}
+        return models == {"m-a": ("unloaded", 0), "m-b": ("ready", 0)} and \
+            state["devices"][0]["reserved_bytes"] == 0
+
+    def scrape() -> tuple[str, Samples]:
+        response = httpx.get(f"{server.url}/metrics", timeout=10)  # open on loopback
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/plain")
+        return response.text, parse(response.text)
+
+    _, before = scrape()
+    usage_a = []
     for _ in range(2):
         reply = chat(server, "chat-a")
         assert reply.status_code == 200, reply.text
-        tokens_a += reply.json()["usage"]["completion_tokens"]
-    tokens_a += stream(server, "chat-a")
+        usage_a.append(reply.json()["usage"])
+    failed = chat(server, "chat-a", content="word " * 60)  # the worker dies mid-reply
+    assert failed.status_code == 503, failed.text
+    usage_a.append(stream(server, "chat-a"))  # loads m-a again
     assert chat(server, "no-such-model").status_code == 404
     assert chat(server, "chat-a", key=WRONG_KEY).status_code == 401
     reply = chat(server, "chat-b")  # evicts m-a: the budget holds one of them
     assert reply.status_code == 200, reply.text
-    tokens_b = reply.json()["usage"]["completion_tokens"]
-    wait_until(lambda: settled(server), 15, "m-a to leave and m-b to be ready")
-
-    scrape = httpx.get(f"{server.url}/metrics", timeout=10)  # open on loopback: no key
+    usage_b = [reply.json()["usage"]]
+    leave_mid_stream(server, "chat-b")
+    wait_until(lambda: '"POST /v1/chat/completions" 499 key=alice' in server.logs(), 15,
+               "the request log line of the client that left")
+    wait_until(settled, 15, "m-a to leave and m-b to be idle and ready")
+    text, after = scrape()
     state = server.state()
-    assert scrape.status_code == 200
-    assert scrape.headers["content-type"].startswith("text/plain")
-    text = scrape.text
-    got = parse(text)
 
-    requests = {dict(labels)["model"] + " " + dict(labels)["status"] + " "
-                + dict(labels)["key"]: count for (name, labels), count in got.items()
-                if name == "llmux_requests_total" and dict(labels)["route"] == CHAT}
-    assert requests == {"chat-a 200 alice": 3, "chat-b 200 alice": 1, " 404 alice": 1,
-                        " 401 none": 1}
-    assert value(got, "llmux_requests_total", route="/admin/state", model="", status="200",
-                 key="ops") >= 1
-    for model, jobs in (("chat-a", 3), ("chat-b", 1)):
-        for histogram in ("llmux_queue_wait_seconds", "llmux_time_to_first_token_seconds",
-                          "llmux_request_duration_seconds"):
-            assert value(got, f"{histogram}_count", route=CHAT, model=model) == jobs, \
-                (histogram, model)
-    assert value(got, "llmux_request_duration_seconds_count", route=CHAT, model="") == 2
-    assert value(got, "llmux_output_tokens_total", model="chat-a") == tokens_a
-    assert value(got, "llmux_output_tokens_total", model="chat-b") == tokens_b
-    assert value(got, "llmux_input_tokens_total", model="chat-a") > 0
-
-    for model in ("m-a", "m-b"):
-        assert value(got, "llmux_model_loads_total", model=model, result="loaded") == 1
-        assert value(got, "llmux_model_load_duration_seconds_count", model=model) == 1
-    assert value(got, "llmux_model_evictions_total", model="m-a", reason="make_room") == 1
-    assert value(got, "llmux_model_unloads_total", model="m-a", reason="evicted") == 1
-    assert not [k for k in got if k[0] in ("llmux_worker_crashes_total",
-                                          "llmux_worker_kills_total")]
+    assert moved(before, after) == {
+        ("llmux_requests_total", ("alice", "chat-a", CHAT, "200")): 3,
+        ("llmux_requests_total", ("alice", "chat-a", CHAT, "503")): 1,
+        ("llmux_requests_total", ("alice", "", CHAT, "404")): 1,
+        ("llmux_requests_total", ("none", "", CHAT, "401")): 1,
+        ("llmux_requests_total", ("alice", "chat-b", CHAT, "200")): 1,
+        ("llmux_requests_total", ("alice", "chat-b", CHAT, "499")): 1,
+        ("llmux_requests_total", ("ops", "", "/admin/state", "200")): polls,
+        ("llmux_requests_total", ("none", "", "/metrics", "200")): 1,  # the first scrape
+        ("llmux_request_duration_seconds_count", ("chat-a", CHAT)): 4,
+        ("llmux_request_duration_seconds_count", ("", CHAT)): 2,
+        ("llmux_request_duration_seconds_count", ("chat-b", CHAT)): 2,
+        ("llmux_request_duration_seconds_count", ("", "/admin/state")): polls,
+        ("llmux_request_duration_seconds_count", ("", "/metrics")): 1,
+        # Every job that reached its model: its start and its first token (the failed
+        # one crashed after CRASH_AFTER tokens; the client that left read one).
+        ("llmux_queue_wait_seconds_count", ("chat-a", CHAT)): 4,
+        ("llmux_queue_wait_seconds_count", ("chat-b", CHAT)): 2,
+        ("llmux_time_to_first_token_seconds_count", ("chat-a", CHAT)): 4,
+        ("llmux_time_to_first_token_seconds_count", ("chat-b", CHAT)): 2,
+        # Tokens of finished jobs only.
+        ("llmux_input_tokens_total", ("chat-a",)): total(usage_a, "prompt_tokens"),
+        ("llmux_output_tokens_total", ("chat-a",)): total(usage_a, "completion_tokens"),
+        ("llmux_input_tokens_total", ("chat-b",)): total(usage_b, "prompt_tokens"),
+        ("llmux_output_tokens_total", ("chat-b",)): total(usage_b, "completion_tokens"),
+        ("llmux_model_loads_total", ("m-a", "loaded")): 2,
+        ("llmux_model_loads_total", ("m-b", "loaded")): 1,
+        ("llmux_model_load_duration_seconds_count", ("m-a",)): 2,
+        ("llmux_model_load_duration_seconds_count", ("m-b",)): 1,
+        ("llmux_worker_crashes_total", ("m-a",)): 1,
+        ("llmux_model_unloads_total", ("m-a", "crash")): 1,
+        ("llmux_model_evictions_total", ("m-a", "make_room")): 1,
+        ("llmux_model_unloads_total", ("m-a", "evicted")): 1,
+    }
 
     device = state["devices"][0]
     for field in ("capacity_bytes", "used_bytes", "reserved_bytes", "free_bytes"):
-        assert value(got, f"llmux_device_{field}", device="cpu") == device[field], field
+        assert value(after, f"llmux_device_{field}", device="cpu") == device[field], field
     for model in state["models"]:
-        one_hot = {dict(labels)["state"]: v for (name, labels), v in got.items()
+        one_hot = {dict(labels)["state"]: v for (name, labels), v in after.items()
                    if name == "llmux_model_state" and dict(labels)["model"] == model["id"]}
         assert one_hot[model["state"]] == 1 and sum(one_hot.values()) == 1, one_hot
-        assert value(got, "llmux_model_queue_depth", model=model["id"]) == model["queue_depth"]
-        assert value(got, "llmux_model_in_flight", model=model["id"]) == model["in_flight"]
-        assert value(got, "llmux_model_footprint_bytes", model=model["id"],
+        assert value(after, "llmux_model_queue_depth", model=model["id"]) == \
+            model["queue_depth"]
+        assert value(after, "llmux_model_in_flight", model=model["id"]) == model["in_flight"]
+        assert value(after, "llmux_model_footprint_bytes", model=model["id"],
                      device="cpu") == model["footprint_bytes"]
     for secret in (ADMIN_KEY, ALICE_KEY, WRONG_KEY):
         assert secret not in text

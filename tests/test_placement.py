@@ -19,6 +19,7 @@ from llmux.actors.placement import (
     Want,
     eviction_order,
     plan,
+    relieve,
 )
 from llmux.config import Config, load_config
 
@@ -219,3 +220,108 @@ def test_eviction_order_is_class_then_least_recently_used(seed: Config) -> None:
     ], want(seed, "chatterbox-turbo"))
     assert [r.model for r in order] == [
         "qwen3.5-9b-fp8", "qwen3.5-4b", "chatterbox", "cohere-transcribe"]
+
+
+# --- turns: the loaded model's queue first, up to a bound (guarantee 2) -----------------
+
+TURNS = Rules(strict_priority=False, min_residency_s=10.0, max_turn_requests=8,
+              max_turn_wait_s=30.0, turn_linger_s=0.5)
+
+
+def in_turn(seed: Config, model: str, **kw: object) -> Resident:
+    """A model loaded long ago whose turn began at NOW - 5 (others wait since)."""
+    fields: dict[str, object] = dict(turn_since=NOW - 5, loaded_at=NOW - 100)
+    fields.update(kw)
+    return resident(seed, model, **fields)
+
+
+def test_a_busy_model_in_its_turn_keeps_the_device(seed: Config) -> None:
+    v = view(seed, in_turn(seed, "qwen3.5-9b-fp8", busy=True, turn_requests=3, queued=2))
+    assert plan(v, want(seed, "qwen3.5-4b"), TURNS, NOW) == Wait(
+        "qwen3.5-9b-fp8 is serving its turn (3 of 8 requests, 25.0 s left)")
+
+
+def test_a_model_that_served_in_its_turn_lingers_for_its_clients_next_request(
+    seed: Config,
+) -> None:
+    v = view(seed, in_turn(seed, "qwen3.5-9b-fp8", turn_requests=3, last_used=NOW - 0.2))
+    assert isinstance(plan(v, want(seed, "qwen3.5-4b"), TURNS, NOW), Wait)
+
+
+def test_the_linger_ends_half_a_second_after_the_last_request(seed: Config) -> None:
+    v = view(seed, in_turn(seed, "qwen3.5-9b-fp8", turn_requests=3, last_used=NOW - 0.6))
+    assert isinstance(plan(v, want(seed, "qwen3.5-4b"), TURNS, NOW), Evict)
+
+
+def test_an_idle_model_that_served_nothing_in_its_turn_goes_at_once(seed: Config) -> None:
+    v = view(seed, in_turn(seed, "qwen3.5-9b-fp8", turn_requests=0, last_used=NOW - 0.1))
+    assert isinstance(plan(v, want(seed, "qwen3.5-4b"), TURNS, NOW), Evict)
+
+
+def test_after_max_turn_requests_a_busy_model_is_evicted_and_drains(seed: Config) -> None:
+    v = view(seed, in_turn(seed, "qwen3.5-9b-fp8", busy=True, turn_requests=8, queued=5))
+    assert plan(v, want(seed, "qwen3.5-4b"), TURNS, NOW) == Evict(
+        ("qwen3.5-9b-fp8",),
+        ("evicted qwen3.5-9b-fp8 (llm) for qwen3.5-4b (llm): exclusive group 'llm' (its turn "
+         "is over after 8 requests in 5.0 s; it finishes its running request)",),
+    )
+
+
+def test_after_max_turn_wait_a_busy_model_is_evicted(seed: Config) -> None:
+    v = view(seed, in_turn(seed, "qwen3.5-9b-fp8", busy=True, turn_requests=2,
+                           turn_since=NOW - 30))
+    assert isinstance(plan(v, want(seed, "qwen3.5-4b"), TURNS, NOW), Evict)
+
+
+def test_a_turn_over_overrides_the_minimum_residency(seed: Config) -> None:
+    v = view(seed, in_turn(seed, "qwen3.5-9b-fp8", loaded_at=NOW - 1, queued=3,
+                           turn_requests=8))
+    assert isinstance(plan(v, want(seed, "qwen3.5-4b"), TURNS, NOW), Evict)
+
+
+def test_without_a_turn_a_busy_model_is_never_evicted(seed: Config) -> None:
+    v = view(seed, resident(seed, "qwen3.5-9b-fp8", busy=True, queued=50))
+    assert plan(v, want(seed, "qwen3.5-4b"), TURNS, NOW + 1e6) == Wait("qwen3.5-9b-fp8 is busy")
+
+
+def test_a_turn_never_makes_a_pinned_model_evictable(seed: Config) -> None:
+    v = view(seed, in_turn(seed, "qwen3.5-9b-fp8", pinned=True, turn_requests=99))
+    assert isinstance(plan(v, want(seed, "qwen3.5-4b"), TURNS, NOW), Refuse)
+
+
+# --- relieve: a device over capacity after a model grew ---------------------------------
+
+
+def test_a_device_within_capacity_needs_no_relief(seed: Config) -> None:
+    assert relieve(view(seed, resident(seed, "qwen3.5-9b-fp8")), TURNS, NOW) is None
+
+
+def test_a_grown_model_sheds_the_lowest_class_least_recently_used_first(seed: Config) -> None:
+    v = view(seed, resident(seed, "qwen3.5-9b-fp8", bytes=12_500_000_000, last_used=5.0),
+             resident(seed, "chatterbox", last_used=1.0),
+             resident(seed, "cohere-transcribe", last_used=0.0))
+    decision = relieve(v, TURNS, NOW)
+    assert isinstance(decision, Evict) and decision.victims == ("qwen3.5-9b-fp8",)
+    assert decision.reasons[0] == (
+        "evicted qwen3.5-9b-fp8 (llm): cuda:0 holds 18.5 GB of 16.0 GB after a model grew "
+        "past its footprint")
+
+
+def test_relief_skips_busy_and_pinned_models(seed: Config) -> None:
+    v = view(seed, resident(seed, "qwen3.5-9b-fp8", bytes=12_500_000_000, busy=True),
+             resident(seed, "chatterbox", pinned=True),
+             resident(seed, "cohere-transcribe"))
+    decision = relieve(v, TURNS, NOW)
+    assert isinstance(decision, Evict) and decision.victims == ("cohere-transcribe",)
+
+
+def test_relief_waits_when_nothing_may_go_now(seed: Config) -> None:
+    v = view(seed, resident(seed, "qwen3.5-9b-fp8", bytes=17_000_000_000, busy=True))
+    assert relieve(v, TURNS, NOW) == Wait(
+        "cuda:0 is 1.0 GB over capacity and nothing can be unloaded now")
+
+
+def test_relief_already_on_its_way_is_not_asked_again(seed: Config) -> None:
+    v = view(seed, resident(seed, "qwen3.5-9b-fp8", bytes=12_500_000_000),
+             resident(seed, "cohere-transcribe", residency=Residency.EVICTING))
+    assert relieve(v, TURNS, NOW) is None

@@ -1,6 +1,7 @@
 """The status page and its live feed: ``GET /`` (and ``/status``) serves one
 self-contained HTML file to anybody; ``GET /admin/events`` streams the state and every
-event to an admin key, and forgets a client the moment it leaves."""
+event to an admin key, and forgets a client the moment it leaves. The page itself runs
+in headless chromium (Debian's, driven by selenium through its chromedriver)."""
 
 from __future__ import annotations
 
@@ -19,8 +20,14 @@ from typing import Any, cast
 
 import anyio
 import httpx
+import psutil
 import pytest
 import yaml
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service as ChromeService
+from selenium.webdriver.chrome.webdriver import WebDriver
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.wait import WebDriverWait
 
 from llmux.actors.events import EventLog
 from llmux.http.events import AdminEvents, Pacing, Subscription
@@ -218,6 +225,171 @@ def test_the_page_asks_for_the_key_then_shows_a_load_live_and_unloads(
     assert unloaded["confirmed"] == ["Unload small?"]
     assert unloaded["notice"] == "Unload small: accepted"
     assert "small transition ready \u2192 unloading unloaded by an admin" in unloaded["events"]
+
+
+# -- the page in a real browser -----------------------------------------------------------
+
+# Root in a container, and no network: no sandbox, no GPU, nothing fetched on start.
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                  "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
+                  "--window-size=1280,1000"]
+WAIT_S = 30  # per step; the machine is shared, a step normally takes well under 1 s
+# "alpha" and "beta" (est. 300 MB each) do not fit together in 400 MB.
+SWAP_CONFIG: dict[str, Any] = {
+    "devices": {"cpu": {"capacity": "400MB"}},
+    "policy": {"min_residency_s": 0},
+    **fake_config(alpha=fake_model(footprint="250MB") | {"estimated_vram": "300MB"},
+                  beta=fake_model(footprint="250MB") | {"estimated_vram": "300MB"}),
+}
+# What the page shows, read in one go (the page redraws whole tables: elements found one
+# by one could go stale in between).
+READ_PAGE = """
+const text = (id) => document.getElementById(id).textContent;
+const shown = (id) => document.getElementById(id).checkVisibility();
+const models = {};
+for (const row of document.querySelectorAll("#models tr")) {
+  models[row.cells[0].querySelector("b").textContent] = row.cells[3].textContent.trim();
+}
+return {
+  conn: text("conn"), login: shown("login"), loginMessage: text("login-message"),
+  loginError: shown("login-error") ? text("login-error") : "", main: shown("main"),
+  models,
+  events: [...document.querySelectorAll("#events li")].map((li) => li.textContent),
+  bars: [...document.querySelectorAll("#devices .card")].map((card) =>
+    [...card.querySelectorAll(".bar .seg")].map((seg) => seg.title)),
+  marker: window.llmuxTestMarker || null,
+  storedKey: sessionStorage.getItem("llmux.adminKey"),
+};
+"""
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[WebDriver]:
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if chromium is None or driver is None:
+        pytest.fail("chromium and chromedriver are not installed: `make setup` installs them")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in [*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'chromium-profile'}"]:
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    # An explicit driver: selenium then never looks for (downloads) one of its own.
+    service = ChromeService(executable_path=driver,
+                            log_output=str(tmp_path / "chromedriver.log"))
+    chrome = webdriver.Chrome(options=options, service=service)
+    chrome.set_page_load_timeout(WAIT_S)
+    chrome.set_script_timeout(WAIT_S)
+    try:
+        yield chrome
+    finally:
+        chrome.quit()
+
+
+def read_page(browser: WebDriver) -> dict[str, Any]:
+    page: dict[str, Any] = browser.execute_script(READ_PAGE)
+    return page
+
+
+def wait_for(browser: WebDriver, what: str, predicate: Any) -> dict[str, Any]:
+    """The page once ``predicate(page)`` holds; on a time-out, what it showed last."""
+    last: dict[str, Any] = {}
+
+    def check(driver: WebDriver) -> dict[str, Any] | None:
+        nonlocal last
+        last = read_page(driver)
+        return last if predicate(last) else None
+
+    try:
+        page: dict[str, Any] = WebDriverWait(browser, WAIT_S, poll_frequency=0.1).until(check)
+    except Exception as exc:
+        raise AssertionError(f"the page never showed {what}; it showed {last}") from exc
+    return page
+
+
+def log_in(browser: WebDriver, key: str) -> None:
+    browser.find_element(By.ID, "key").send_keys(key)
+    browser.find_element(By.CSS_SELECTOR, "#login button[type=submit]").click()
+
+
+def test_the_page_in_chromium_asks_for_the_key_then_shows_a_swap_live(
+        tmp_path: Path, browser: WebDriver) -> None:
+    """A wrong key shows the server's error (not a blank page); the right one shows the
+    models; a request to beta evicts alpha, and the page shows beta loaded, alpha's
+    eviction with its reason and the memory bar of each device, without a reload."""
+    keys = tmp_path / "api_keys.yaml"
+    keys.write_text(yaml.safe_dump(KEYS))
+    server = Server(json.loads(json.dumps(SWAP_CONFIG)), tmp_path, "--api-keys", str(keys),
+                    admin_key=ADMIN_KEY)
+    workers: list[psutil.Process] = []
+    try:
+        browser.get(f"{server.url}/")
+        asked = wait_for(browser, "the key form", lambda p: p["login"])
+        assert asked["loginMessage"] == "This server needs its admin key."
+        assert (asked["main"], asked["conn"]) == (False, "admin key needed")
+
+        log_in(browser, "sk-wrong-0123456789")
+        refused = wait_for(browser, "the refusal", lambda p: p["loginError"])
+        assert refused["loginError"] == "The API key is not valid."
+        assert refused["loginMessage"] == "The server refused this key."
+        assert (refused["login"], refused["main"]) == (True, False)
+        assert browser.save_screenshot(str(tmp_path / "status-page-refused.png"))
+
+        log_in(browser, ADMIN_KEY)
+        shown = wait_for(browser, "the models", lambda p: p["main"] and p["models"])
+        assert shown["models"] == {"alpha": "unloaded", "beta": "unloaded"}
+        assert (shown["login"], shown["loginError"], shown["storedKey"]) == (
+            False, "", ADMIN_KEY)
+        wait_for(browser, "the live feed", lambda p: p["conn"] == "live")
+        browser.execute_script("window.llmuxTestMarker = 'no reload since';")
+
+        chat(server, "alpha")
+        wait_for(browser, "alpha loaded", lambda p: p["models"]["alpha"] in ("ready", "busy"))
+        chat(server, "beta")
+        evicted = re.compile(r"alpha evict evicted alpha \(llm\) for beta \(llm\): "
+                             r"needed 0\.3 GB, free 0\.\d GB$")
+        page = wait_for(browser, "beta loaded and alpha evicted", lambda p: (
+            p["models"] == {"alpha": "unloaded", "beta": "ready"}
+            and any(evicted.search(e) for e in p["events"])
+            and any(s.startswith("beta ") for bar in p["bars"] for s in bar)))
+        assert page["marker"] == "no reload since"
+        assert page["conn"] == "live"
+        devices = server.state()["devices"]
+        assert len(page["bars"]) == len(devices) == 1
+        [bar] = page["bars"]
+        assert re.fullmatch(r"beta \d+ MB \(measured\)", bar[0]), bar
+        assert re.fullmatch(r"free \d+ MB \(free\)", bar[-1]), bar
+        assert not any(s.startswith("alpha") for s in bar)
+
+        screenshot = tmp_path / "status-page.png"
+        assert browser.save_screenshot(str(screenshot))
+        assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert screenshot.stat().st_size > 10_000
+
+        # An admin action asks first, then shows the server's answer.
+        unload = browser.find_element(
+            By.XPATH, "//tbody[@id='models']/tr[td[1]/b='beta']//button[.='Unload']")
+        unload.click()
+        question = WebDriverWait(browser, WAIT_S).until(lambda d: d.switch_to.alert)
+        assert question.text == "Unload beta?"
+        question.accept()
+        page = wait_for(browser, "beta unloaded", lambda p: p["models"]["beta"] == "unloaded")
+        assert browser.find_element(By.ID, "notice").text == "Unload beta: accepted"
+        assert page["marker"] == "no reload since"
+
+        # No script error, nothing the policy blocked: only the feed's two 401s (no key
+        # yet, then the wrong one).
+        severe = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+        unauthorized = f"{server.url}/admin/events - Failed to load resource: the server " \
+                  "responded with a status of 401"
+        assert [e["source"] for e in severe if e["message"].startswith(unauthorized)] == [
+            "network"] * 2
+        assert [e for e in severe if not e["message"].startswith(unauthorized)] == []
+        workers = psutil.Process(server.proc.pid).children(recursive=True)
+    finally:
+        server.stop()
+    _, alive = psutil.wait_procs(workers, timeout=10)
+    assert alive == []
 
 
 # -- the feed ------------------------------------------------------------------------------

@@ -19,7 +19,6 @@ from typing import Any
 
 import anyio
 import httpx
-import huggingface_hub.constants
 import openai
 import pytest
 import torch
@@ -298,12 +297,8 @@ def test_an_unconverted_image_url_part_is_invalid_input() -> None:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _hub_offline() -> Iterator[None]:
-    """HF_HUB_OFFLINE=1 here and in the workers the live server starts."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("HF_HUB_OFFLINE", "1")
-        patch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-        yield
+def _hub_offline(hub_offline: None) -> None:
+    """Every test here runs with the hub offline (conftest.hub_offline)."""
 
 
 def tiny_vl(path: Path, family: str) -> Path:

@@ -6,8 +6,12 @@ model loads, measured footprints once ``Loaded``, and a released model's bytes
 until the device shows them free (on probes that can tell). Loads are serialised
 per device, so a used-memory delta during a load is that model's.
 
-The decisions come from the pure ``placement.plan``; this module only applies
-them, records events, and keeps time.
+The decisions come from the pure ``placement.plan`` (and ``placement.relieve``
+when the device is over capacity); this module only applies them, records events,
+and keeps time. It also keeps each loaded model's turn (guarantee 2: since when
+others wait, and how many requests it started since), and re-measures loaded
+workers every ``measure_interval_s``: one that grew past its footprint gets the new
+figure in the ledger (and the footprint store), and the arbiter re-plans.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ from llmux.actors.placement import (
     Want,
     gb,
     plan,
+    relieve,
 )
 from llmux.actors.placement import Evict as EvictPlan
 
@@ -58,10 +63,23 @@ MAILBOX_SIZE = 4096
 REPLAN_INTERVAL_S = 0.25
 RELEASE_TIMEOUT_S = 10.0
 RELEASED_FRACTION = 0.9  # share of a footprint that must show up free to count as released
+MEASURE_INTERVAL_S = 2.0
+GROWTH_TOLERANCE = 0.1  # a worker this much above its footprint has grown: re-measured
 
 
 class Mailbox(Protocol):
     def post(self, message: Any) -> None: ...
+
+
+class Spares(Protocol):
+    """Warm spare workers (llmux/spare.py) holding memory on this device outside the
+    ledger of models: counted by their measured size, and the first thing to go."""
+
+    def held_bytes(self) -> int: ...
+
+    def drop(self) -> bool:
+        """Kill every spare now; True if any held memory."""
+        ...
 
 
 @attrs.frozen(kw_only=True)
@@ -87,6 +105,10 @@ class _Entry:
     busy: bool = False
     queued: int = 0
     used_baseline: int = 0  # device usage while the model still held its memory
+    pid: int | None = None  # the loaded worker, for re-measuring it
+    started: int = 0  # requests started since it loaded
+    turn_since: float | None = None  # others have waited for the device since then
+    turn_base: int = 0  # ``started`` when its turn began
 
 
 @attrs.define(kw_only=True)
@@ -111,8 +133,11 @@ class GpuArbiter(Actor[Message]):
         events: EventLog,
         clock: Clock,
         release_timeout_s: float = RELEASE_TIMEOUT_S,
+        measure_interval_s: float = MEASURE_INTERVAL_S,
+        spares: Spares | None = None,
     ) -> None:
         super().__init__(f"arbiter[{device}]", mailbox_size=MAILBOX_SIZE, clock=clock)
+        self._spares = spares
         self.device = device
         self._capacity = capacity
         self._margin = safety_margin
@@ -122,9 +147,14 @@ class GpuArbiter(Actor[Message]):
         self._footprints = footprints
         self._events = events
         self._release_timeout_s = release_timeout_s
+        self._measure_interval_s = measure_interval_s
+        self._next_measure = math.inf
         self._actors: dict[str, Mailbox] = {}
         self._ledger: dict[str, _Entry] = {}
         self._pending: list[_Pending] = []
+        # Each model's last reported queue, also while it is not in the ledger: a model
+        # granted with work waiting has it from its first plan (else it looks idle).
+        self._queued: dict[str, int] = {}
         self._seq = 0
         self._loading: str | None = None
 
@@ -145,12 +175,14 @@ class GpuArbiter(Actor[Message]):
         return self._models[model].estimate, False
 
     def usable(self) -> int:
-        """Capacity for planning: budget or total, minus margin, minus foreign use."""
+        """Capacity for planning: budget or total, minus margin, minus foreign use,
+        minus what warm spares hold."""
+        held = self._spares.held_bytes() if self._spares is not None else 0
         if self._capacity is not None:
-            return self._capacity - self._margin
-        ours = sum(e.bytes for e in self._ledger.values())
+            return self._capacity - self._margin - held
+        ours = sum(e.bytes for e in self._ledger.values()) + held
         foreign = max(0, self._probe.used_bytes() - ours)
-        return self._probe.total_bytes() - self._margin - foreign
+        return self._probe.total_bytes() - self._margin - foreign - held
 
     def view(self) -> DeviceView:
         residents = tuple(
@@ -166,6 +198,8 @@ class GpuArbiter(Actor[Message]):
                 queued=e.queued,
                 loaded_at=e.loaded_at,
                 last_used=e.last_used,
+                turn_since=e.turn_since,
+                turn_requests=e.started - e.turn_base,
             )
             for m, e in self._ledger.items()
         )
@@ -197,9 +231,12 @@ class GpuArbiter(Actor[Message]):
                         f"{self.device} did not show the memory of {model} free "
                         f"within {self._release_timeout_s:.0f} s",
                     )
-            case Usage(model=model, busy=busy, queued=queued, last_used=last_used):
+            case Usage(model=model, busy=busy, queued=queued, last_used=last_used,
+                       started=started):
+                self._queued[model] = queued
                 if (entry := self._ledger.get(model)) is not None:
                     entry.busy, entry.queued, entry.last_used = busy, queued, last_used
+                    entry.started = started
             case _:
                 log.error("%s: unexpected message %r", self.name, message)
         self._replan()
@@ -227,8 +264,30 @@ class GpuArbiter(Actor[Message]):
         entry.residency = Residency.LOADED
         entry.loaded_at = entry.last_used = self.clock()
         entry.used_baseline = self._probe.used_bytes()
+        entry.pid, entry.started = pid, 0
         self._footprints.put(model, self.device, measured)
         self._finish_loading(model)
+        if self._next_measure == math.inf:
+            self._next_measure = self.clock() + self._measure_interval_s
+
+    def _remeasure(self) -> None:
+        """Re-read each loaded worker's memory; one that grew past its footprint gets
+        the new figure (a re-plan follows: it may now need room)."""
+        for model, entry in self._ledger.items():
+            if entry.residency is not Residency.LOADED or entry.pid is None:
+                continue
+            now_bytes = self._probe.process_bytes(entry.pid)
+            if now_bytes is None or now_bytes <= entry.bytes * (1 + GROWTH_TOLERANCE):
+                continue
+            self._events.record(
+                model, "measure",
+                f"footprint on {self.device}: grew from {gb(entry.bytes)} to "
+                f"{gb(now_bytes)} while loaded; re-measured",
+            )
+            entry.bytes = now_bytes
+            self._footprints.put(model, self.device, now_bytes)
+        loaded = any(e.residency is Residency.LOADED for e in self._ledger.values())
+        self._next_measure = self.clock() + self._measure_interval_s if loaded else math.inf
 
     def _finish_loading(self, model: str) -> None:
         if self._loading == model:
@@ -266,6 +325,12 @@ class GpuArbiter(Actor[Message]):
                 pending.model, f"timed out waiting for memory on {self.device}: "
                 f"{pending.reason}", permanent=False,
             ))
+        self._update_turns(now)
+        relief = relieve(self.view(), self._rules, now)
+        if isinstance(relief, EvictPlan) and self._spares is not None and self._spares.drop():
+            relief = relieve(self.view(), self._rules, now)  # a spare goes before a model
+        if isinstance(relief, EvictPlan):
+            self._evict(relief)
         while self._pending and self._loading is None:
             head = self._pending[0]
             spec = self._models[head.model]
@@ -273,17 +338,14 @@ class GpuArbiter(Actor[Message]):
             want = Want(model=spec.model, klass=spec.klass, priority=spec.priority,
                         bytes=size, group=spec.group)
             decision = plan(self.view(), want, self._rules, now)
+            if self._drop_spares_for(decision, want, now):
+                continue
             match decision:
                 case Grant():
                     self._grant(head, size)
-                case EvictPlan(victims=victims, reasons=reasons):
+                case EvictPlan(reasons=reasons) as evict:
                     head.reason = "; ".join(reasons)
-                    for victim, reason in zip(victims, reasons, strict=True):
-                        entry = self._ledger[victim]
-                        entry.residency = Residency.EVICTING
-                        entry.used_baseline = self._probe.used_bytes()
-                        self._events.record(victim, "evict", reason)
-                        self._tell(victim, Evict(reason))
+                    self._evict(evict)
                     return
                 case Wait(reason=reason):
                     head.reason = reason
@@ -293,6 +355,38 @@ class GpuArbiter(Actor[Message]):
                     self._events.record(head.model, "refuse", reason)
                     self._tell(head.model, Refused(head.model, reason, permanent=True))
 
+    def _drop_spares_for(self, decision: object, want: Want, now: float) -> bool:
+        """Drop the warm spares if their memory would turn ``decision`` into a grant
+        or spare a victim: a spare never costs a model its place (True: replan)."""
+        held = self._spares.held_bytes() if self._spares is not None else 0
+        if not held or isinstance(decision, Grant):
+            return False
+        view = self.view()
+        roomier = plan(attrs.evolve(view, capacity=view.capacity + held), want,
+                       self._rules, now)
+        better = isinstance(roomier, Grant) or (
+            isinstance(roomier, EvictPlan) and isinstance(decision, EvictPlan)
+            and len(roomier.victims) < len(decision.victims))
+        return better and self._spares is not None and self._spares.drop()
+
+    def _evict(self, evict: EvictPlan) -> None:
+        for victim, reason in zip(evict.victims, evict.reasons, strict=True):
+            entry = self._ledger[victim]
+            entry.residency = Residency.EVICTING
+            entry.used_baseline = self._probe.used_bytes()
+            self._events.record(victim, "evict", reason)
+            self._tell(victim, Evict(reason))
+
+    def _update_turns(self, now: float) -> None:
+        """A loaded model's turn begins when others start waiting for the device (or
+        when it loads while they wait) and ends when nobody waits any more."""
+        contended = bool(self._pending)
+        for entry in self._ledger.values():
+            if not contended or entry.residency is not Residency.LOADED:
+                entry.turn_since = None
+            elif entry.turn_since is None:
+                entry.turn_since, entry.turn_base = now, entry.started
+
     def _grant(self, head: _Pending, size: int) -> None:
         self._pending.pop(0)
         now = self.clock()
@@ -300,7 +394,7 @@ class GpuArbiter(Actor[Message]):
         self._ledger[head.model] = _Entry(
             spec=self._models[head.model], bytes=size, measured=measured,
             residency=Residency.LOADING, loaded_at=now, last_used=now,
-            used_baseline=self._probe.used_bytes(),
+            used_baseline=self._probe.used_bytes(), queued=self._queued.get(head.model, 0),
         )
         self._loading = head.model
         self._tell(head.model, Granted(head.model))
@@ -310,11 +404,13 @@ class GpuArbiter(Actor[Message]):
 
     def next_wakeup(self) -> float:
         if not self._pending:
-            return math.inf
+            return self._next_measure
         soonest = min(p.deadline for p in self._pending)
-        return min(soonest, self.clock() + REPLAN_INTERVAL_S)
+        return min(soonest, self.clock() + REPLAN_INTERVAL_S, self._next_measure)
 
     def on_timer(self) -> None:
+        if self.clock() >= self._next_measure:
+            self._remeasure()
         self._replan()
 
     # -- observation -------------------------------------------------------------------
@@ -335,6 +431,7 @@ class GpuArbiter(Actor[Message]):
             "reserved_bytes": reserved,
             "free_bytes": capacity - used - reserved,
             "loading": self._loading,
+            "spare_bytes": self._spares.held_bytes() if self._spares is not None else 0,
             "ledger": [
                 {
                     "model": m,
@@ -343,6 +440,8 @@ class GpuArbiter(Actor[Message]):
                     "residency": e.residency.value,
                     "busy": e.busy,
                     "queued": e.queued,
+                    "turn_requests": e.started - e.turn_base if e.turn_since is not None
+                    else None,
                 }
                 for m, e in self._ledger.items()
             ],

@@ -28,6 +28,11 @@ class DeviceProbe(Protocol):
         probes that can only measure by difference."""
         ...
 
+    def process_bytes(self, pid: int) -> int | None:
+        """Bytes held now by the worker ``pid`` (and its children), for re-measuring
+        a loaded worker; None where the device cannot attribute memory to a process."""
+        ...
+
 
 def process_tree_rss(pid: int) -> int:
     """Resident memory of a process and its children; 0 if it is gone."""
@@ -60,6 +65,9 @@ class CpuProbe:
     def footprint(self, pid: int, used_at_grant: int) -> int:
         return process_tree_rss(pid)
 
+    def process_bytes(self, pid: int) -> int | None:
+        return process_tree_rss(pid) or None
+
 
 class NvmlProbe:
     """One CUDA device through NVML (nvidia-ml-py, the ``cuda`` extra).
@@ -85,6 +93,12 @@ class NvmlProbe:
         return int(self._nvml.nvmlDeviceGetMemoryInfo(self._handle).used)
 
     def footprint(self, pid: int, used_at_grant: int) -> int:
+        mine = self.process_bytes(pid)
+        if mine is not None:
+            return mine
+        return max(0, self.used_bytes() - used_at_grant)
+
+    def process_bytes(self, pid: int) -> int | None:
         pids = {pid}
         try:
             pids |= {p.pid for p in psutil.Process(pid).children(recursive=True)}
@@ -92,9 +106,7 @@ class NvmlProbe:
             pass
         procs = self._nvml.nvmlDeviceGetComputeRunningProcesses(self._handle)
         mine = [p.usedGpuMemory for p in procs if p.pid in pids and p.usedGpuMemory]
-        if mine:
-            return int(sum(mine))
-        return max(0, self.used_bytes() - used_at_grant)
+        return int(sum(mine)) if mine else None
 
 
 def probe_for(device_id: str) -> DeviceProbe:

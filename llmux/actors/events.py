@@ -12,6 +12,8 @@ from collections.abc import Callable, Iterator
 
 import attrs
 
+from llmux.logging_setup import FIELDS
+
 log = logging.getLogger("llmux.events")
 
 
@@ -52,7 +54,10 @@ class EventLog:
         event = Event(at=time.time(), model=model, kind=kind, reason=reason, **states)
         self._events.append(event)
         self.counts[kind] += 1
-        log.info("%s %s: %s", model, kind, reason)
+        moved = f" {event.from_state} -> {event.to_state}" if event.to_state else ""
+        log.info("%s %s%s: %s", model, kind, moved, reason, extra={FIELDS: {
+            "model": model, "kind": kind, "reason": reason,
+            "from_state": event.from_state, "to_state": event.to_state}})
         for listener in list(self._listeners):
             try:
                 listener(event)

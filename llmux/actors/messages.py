@@ -189,6 +189,7 @@ class Usage(Message):
     busy: bool
     queued: int
     last_used: float
+    started: int = 0  # requests started since it loaded (turns count them)
 
 
 @attrs.frozen

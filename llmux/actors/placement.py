@@ -14,6 +14,14 @@ Rules (DESIGN.md, "Placement policy"):
 - pinned models are never evicted;
 - busy models, models still loading, and models within their minimum residency
   that still have queued work are not evicted *now*: the requester waits;
+- turns (guarantee 2): while others wait for the device, a loaded model keeps it for
+  one turn while it has work: busy, queued, or within a short linger after each
+  request (its client's next one is likely on the way), so alternating clients cause
+  few swaps.
+  A turn ends after ``max_turn_requests`` requests or ``max_turn_wait_s``; then the
+  model is evicted even if busy or queued (it drains its running request first);
+- a device over capacity (a model grew past its measured footprint) sheds idle
+  models by the same order (``relieve``);
 - a model that could only fit by evicting what may never be evicted, or that is
   bigger than the device, is refused at once, with the reason.
 """
@@ -50,6 +58,10 @@ class Resident:
     queued: int = 0  # requests waiting for it
     loaded_at: float = 0.0
     last_used: float = 0.0
+    # Its turn: since when others have waited for the device while it held it (None:
+    # nobody waits), and how many requests it started since then.
+    turn_since: float | None = None
+    turn_requests: int = 0
 
 
 @attrs.frozen(kw_only=True)
@@ -67,6 +79,9 @@ class Want:
 class Rules:
     strict_priority: bool = False
     min_residency_s: float = 0.0
+    max_turn_requests: int = 8
+    max_turn_wait_s: float = 30.0
+    turn_linger_s: float = 0.5
 
 
 @attrs.frozen(kw_only=True)
@@ -123,9 +138,31 @@ def may_ever_evict(resident: Resident, want: Want, rules: Rules) -> bool:
     return not (rules.strict_priority and resident.priority > want.priority)
 
 
+def turn_over(resident: Resident, rules: Rules, now: float) -> bool:
+    """Whether ``resident`` has had its turn while others waited: it is then evicted
+    even if busy (it drains first) or with queued work."""
+    if resident.turn_since is None:
+        return False
+    return (resident.turn_requests >= rules.max_turn_requests
+            or now - resident.turn_since >= rules.max_turn_wait_s)
+
+
+def _lingering(resident: Resident, rules: Rules, now: float) -> bool:
+    """In its turn, a model keeps the device while it has queued work, and briefly
+    after each request it served (its client's next one is likely on the way)."""
+    if resident.turn_since is None:
+        return False
+    return resident.queued > 0 or (resident.turn_requests > 0
+                                   and now - resident.last_used < rules.turn_linger_s)
+
+
 def may_evict_now(resident: Resident, rules: Rules, now: float) -> bool:
     """Whether ``resident`` can be told to unload right now."""
-    if resident.residency is not Residency.LOADED or resident.busy:
+    if resident.residency is not Residency.LOADED:
+        return False
+    if turn_over(resident, rules, now):
+        return True
+    if resident.busy or _lingering(resident, rules, now):
         return False
     fresh = now - resident.loaded_at < rules.min_residency_s
     return not (fresh and resident.queued > 0)
@@ -134,6 +171,10 @@ def may_evict_now(resident: Resident, rules: Rules, now: float) -> bool:
 def _why_not_now(resident: Resident, rules: Rules, now: float) -> str:
     if resident.residency is Residency.LOADING:
         return f"{resident.model} is still loading"
+    if resident.turn_since is not None and (resident.busy or _lingering(resident, rules, now)):
+        left = rules.max_turn_wait_s - (now - resident.turn_since)
+        return (f"{resident.model} is serving its turn ({resident.turn_requests} of "
+                f"{rules.max_turn_requests} requests, {left:.1f} s left)")
     if resident.busy:
         return f"{resident.model} is busy"
     left = rules.min_residency_s - (now - resident.loaded_at)
@@ -210,6 +251,45 @@ def plan(view: DeviceView, want: Want, rules: Rules, now: float) -> Decision:
             if v in conflicts
             else f"needed {gb(want.bytes)}, free {free_text}"
         )
+        + _turn_note(v, rules, now)
+        for v in victims
+    )
+    return Evict(tuple(v.model for v in victims), reasons)
+
+
+def _turn_note(victim: Resident, rules: Rules, now: float) -> str:
+    if not (turn_over(victim, rules, now) and (victim.busy or victim.queued)):
+        return ""
+    return (f" (its turn is over after {victim.turn_requests} requests in "
+            f"{now - (victim.turn_since or now):.1f} s; it finishes its running request)")
+
+
+def relieve(view: DeviceView, rules: Rules, now: float) -> Evict | Wait | None:
+    """What to unload when the device holds more than its capacity (a model grew past
+    its measured footprint, or a measurement came out above the estimate): unpinned
+    models that may go now, in eviction order, until the excess is covered (those that
+    may not go now are asked on a later plan). None: nothing to do
+    (within capacity, or the excess is already being released). Pure."""
+    excess = view.used - view.capacity
+    leaving = sum(r.bytes for r in view.residents
+                  if r.residency in (Residency.EVICTING, Residency.RELEASING))
+    if excess <= 0 or excess <= leaving:
+        return None
+    excess -= leaving
+    loaded = [r for r in view.residents if r.residency is Residency.LOADED and not r.pinned]
+    order = sorted(loaded, key=lambda r: (r.priority, r.busy, r.last_used, r.model))
+    victims: list[Resident] = []
+    for candidate in order:
+        if sum(v.bytes for v in victims) >= excess:
+            break
+        if may_evict_now(candidate, rules, now):
+            victims.append(candidate)
+    if not victims:  # what can go now goes now; the rest when it is idle
+        return Wait(f"{view.device} is {gb(excess)} over capacity and nothing can be "
+                    "unloaded now")
+    reasons = tuple(
+        f"evicted {v.model} ({v.klass}): {view.device} holds {gb(view.used)} of "
+        f"{gb(view.capacity)} after a model grew past its footprint"
         for v in victims
     )
     return Evict(tuple(v.model for v in victims), reasons)

@@ -20,6 +20,7 @@ BACKEND_MODULES: Final[Mapping[str, str]] = {
     "fake": "llmux.backends.fake:FakeBackend",
     "faster_whisper": "llmux.backends.faster_whisper:FasterWhisperBackend",
     "llama_cpp": "llmux.backends.llama_cpp:LlamaCppBackend",
+    "llama_server": "llmux.backends.llama_server:LlamaServerBackend",
     "piper": "llmux.backends.piper:PiperBackend",
     "rapidocr": "llmux.backends.rapidocr:RapidOcrBackend",
     "transformers": "llmux.backends.transformers_backend:TransformersBackend",

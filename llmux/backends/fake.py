@@ -6,9 +6,12 @@ SIGTERM, noise on stdout) against a real worker process:
 
     load_time_s, footprint ("200MB", "64MiB" or bytes), tokens_per_s, reply, reasoning,
     fail_on_load, crash_after_tokens, hang_after_tokens, hang_on_load, embedding_dim,
-    sample_rate, print_noise, ignore_sigterm, spawn_child, context_length (a longer
+    sample_rate, print_noise, ignore_sigterm, spawn_child, unload_time_s (how long an
+    unload takes, as a runtime tearing down CUDA does), context_length (a longer
     prompt, in words, is refused as invalid input), tool_calls (true: when tools are
-    offered, call the first with ``{"text": <last user message>}``)
+    offered, call the first with ``{"text": <last user message>}``), fail_on_warmup
+    (the warm-up inference fails: the model never becomes ready), grow_per_request (a
+    size: each request adds that much held memory, as a leaking runtime does)
 """
 
 from __future__ import annotations
@@ -147,6 +150,8 @@ class FakeBackend(Backend):
 
     def warmup(self) -> None:
         """One token, without the scripted crashes, which belong to real requests."""
+        if self.options.get("fail_on_warmup"):
+            raise RuntimeError("fake warm-up failure: the model answered nothing")
         for _ in self._tokens([("text", "warm")], 1, threading.Event(), hazards=False):
             pass
 
@@ -154,6 +159,7 @@ class FakeBackend(Backend):
         return len(self._memory)
 
     def unload(self) -> None:
+        time.sleep(float(self.options.get("unload_time_s", 0.0)))
         self._memory = bytearray()
         if self._child is not None:
             self._child.kill()
@@ -163,6 +169,10 @@ class FakeBackend(Backend):
 
     def infer(self, op: str, payload: Mapping[str, Any], cancelled: threading.Event) -> Stream:
         self._noise(op)
+        if grow := parse_size(self.options.get("grow_per_request", 0)):
+            more = bytearray(grow)
+            more[::_PAGE] = b"\x01" * len(range(0, grow, _PAGE))
+            self._memory += more
         match op:
             case "chat":
                 messages = payload.get("messages") or []

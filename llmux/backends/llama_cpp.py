@@ -9,7 +9,7 @@ the template exactly as the model's authors wrote it. Options, all optional:
     n_ctx         context length in tokens (4096); prompt + answer must fit
     n_gpu_layers  layers on the GPU: -1 (the default on cuda) all, 0 (the only value on cpu)
     n_batch       prompt-processing batch size (512)
-    n_threads     generation threads (llama.cpp's default: half the cores)
+    n_threads     generation threads (default: the cores less one, ``default_threads``)
     flash_attn    flash attention (false)
     type_k        KV cache type of K: "f16" (default), "q8_0", "q4_0", ... (KV_CACHE_TYPES)
     type_v        same for V; a quantised V cache needs ``flash_attn: true``
@@ -35,8 +35,6 @@ Sampling defaults, where a request leaves a parameter out: the GGUF's recommende
 from __future__ import annotations
 
 import codecs
-import datetime
-import functools
 import gc
 import json
 import logging
@@ -46,20 +44,27 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 import jinja2
-import jinja2.ext
-import jinja2.sandbox
 import llama_cpp  # type: ignore[import-untyped,unused-ignore]
 from llama_cpp import llama_grammar  # type: ignore[import-untyped,unused-ignore]
 
-from llmux.backends.base import Backend, InvalidInput, ProgressFn, Stream, parse_device
+from llmux.backends.base import (
+    Backend,
+    InvalidInput,
+    ProgressFn,
+    Stream,
+    default_threads,
+    parse_device,
+)
 from llmux.backends.llama_tools import demanded_tools, tool_call_grammar
 from llmux.backends.llama_vision import Projector
 from llmux.backends.paths import resolve_model_path
 from llmux.chat.output import output_formats, output_parser, parsed
+from llmux.chat.render import FALLBACK_TEMPLATE, compile_template, render_chat
 from llmux.chat.stops import StopText
 from llmux.chat.templates import marked_messages, template_messages
 
-__all__ = ["KV_CACHE_TYPES", "LlamaCppBackend", "render_chat", "template_messages"]
+__all__ = ["FALLBACK_TEMPLATE", "KV_CACHE_TYPES", "LlamaCppBackend", "render_chat",
+           "template_messages"]
 
 log = logging.getLogger(__name__)
 
@@ -87,72 +92,6 @@ _SAMPLING: Final = (
     ("presence_penalty", "presence_penalty", None, 0.0),
     ("frequency_penalty", "frequency_penalty", None, 0.0),
 )
-FALLBACK_TEMPLATE: Final = (
-    "{% for message in messages %}{{ message['role'] + ': ' + message['content'] + '\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
-)
-"""For a GGUF without a chat template: one "role: content" line per message."""
-
-
-# -- chat templates (pure) --------------------------------------------------------------
-
-
-class TemplateRefusal(Exception):
-    """The template's own ``raise_exception(message)``: it refuses this conversation."""
-
-
-def _raise_exception(message: str) -> None:
-    raise TemplateRefusal(message)
-
-
-def _strftime_now(fmt: str) -> str:
-    return datetime.datetime.now().strftime(fmt)
-
-
-def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
-            separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
-    # NOTE: Jinja's own tojson escapes <, > and & for HTML; prompts need plain JSON.
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent,
-                      separators=separators, sort_keys=sort_keys)
-
-
-@functools.lru_cache(maxsize=8)
-def _compile(source: str) -> jinja2.Template:
-    """Raises jinja2.TemplateSyntaxError."""
-    env = jinja2.sandbox.ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = _strftime_now
-    return env.from_string(source)
-
-
-def render_chat(template: str, messages: Sequence[Mapping[str, Any]], *, bos: str, eos: str,
-                tools: Sequence[Any] | None = None,
-                kwargs: Mapping[str, Any] | None = None) -> str:
-    """The prompt text of ``messages`` (already :func:`template_messages`-shaped) under
-    the Jinja chat ``template``, ending with the assistant's generation prompt.
-
-    ``kwargs`` (``chat_template_kwargs``) become template variables too; they may
-    change ``add_generation_prompt`` but not the messages, tools or special tokens.
-    ``tools`` is defined only when given, since templates test ``tools is defined``.
-
-    Raises:
-        InvalidInput: the template refused the conversation (``raise_exception``) or
-            failed on it.
-        jinja2.TemplateSyntaxError: ``template`` is not a valid template.
-    """
-    variables: dict[str, Any] = {"add_generation_prompt": True, **(kwargs or {})}
-    variables.update(messages=list(messages), bos_token=bos, eos_token=eos)
-    if tools:
-        variables["tools"] = list(tools)
-    try:
-        prompt: str = _compile(template).render(**variables)
-    except TemplateRefusal as exc:
-        raise InvalidInput(f"The chat template refused this conversation: {exc}") from exc
-    except jinja2.TemplateError as exc:
-        raise InvalidInput(f"The chat template failed on this conversation: {exc}") from exc
-    return prompt
 
 
 # -- options ----------------------------------------------------------------------------
@@ -221,7 +160,7 @@ def llama_arguments(options: Mapping[str, Any], device: str) -> dict[str, Any]:
     arguments: dict[str, Any] = {
         "n_ctx": _int_option(options, "n_ctx", 4096, 16),
         "n_batch": _int_option(options, "n_batch", 512, 1),
-        "n_threads": _int_option(options, "n_threads", None, 1),
+        "n_threads": _int_option(options, "n_threads", default_threads(), 1),
         "n_gpu_layers": layers,
         "flash_attn": flash_attn,
         "type_k": _kv_type(options, "type_k"),
@@ -291,7 +230,7 @@ class LlamaCppBackend(Backend):
             "tokenizer.chat_template")
         if source:
             try:
-                _compile(str(source))
+                compile_template(str(source))
             except jinja2.TemplateSyntaxError as exc:
                 raise ValueError(f"{path}: its chat template does not compile: {exc}") \
                     from exc

@@ -17,12 +17,11 @@ from llmux.chat.parsing import (
     Delta,
     IdFactory,
     Segment,
+    TagScanner,
     call_arguments,
     call_start,
-    find_tag,
     merged,
     new_call_id,
-    partial_tag_length,
 )
 
 MESSAGE: Final = "<|message|>"
@@ -35,15 +34,15 @@ _CHANNEL: Final = re.compile(r"<\|channel\|>\s*([A-Za-z_]+)")
 _RECIPIENT: Final = re.compile(r"\bto=([^\s<]+)")
 
 
-class HarmonyParser:
+class HarmonyParser(TagScanner):
     """``tools``: turn ``functions.*`` messages into tool calls (when tools were offered;
     otherwise they are reasoning the user does not see)."""
 
     def __init__(self, *, tools: bool, new_id: IdFactory = new_call_id) -> None:
+        super().__init__()
         self.tools = tools
         self.called = False
         self._new_id = new_id
-        self._buffer = ""
         self._header: str | None = ""  # None inside a body
         self._segment: Segment | None = None  # the body, unless it is a tool call
         self._call: int | None = None  # the index of the tool call being written
@@ -51,29 +50,11 @@ class HarmonyParser:
         self._plain = False  # no harmony header came: everything is answer text
         self._opened = False  # a message has begun
 
-    def feed(self, text: str) -> list[Delta]:
-        self._buffer += text
-        out: list[Delta] = []
-        while True:
-            if self._plain:
-                rest, self._buffer = self._buffer, ""
-                return merged(out + ([{"text": rest}] if rest else []))
-            tags = (MESSAGE, START) if self._header is not None else BODY_ENDS
-            hit = find_tag(self._buffer, tags)
-            if hit is None:
-                keep = partial_tag_length(self._buffer, tags)
-                ready = self._buffer[:len(self._buffer) - keep]
-                self._buffer = self._buffer[len(ready):]
-                out += self._add(ready)
-                if not self._plain:
-                    return merged(out)
-                continue
-            index, tag = hit
-            out += self._add(self._buffer[:index])
-            if self._plain:  # the text before the tag made the header too long
-                continue
-            self._buffer = self._buffer[index + len(tag):]
-            out += self._switch(tag)
+    def _tags(self) -> tuple[str, ...]:
+        return (MESSAGE, START) if self._header is not None else BODY_ENDS
+
+    def _gave_up(self) -> bool:
+        return self._plain
 
     def finish(self) -> list[Delta]:
         if self._plain:

@@ -95,6 +95,51 @@ class Segment:
         return [] if at_tag or not spaces else [{self.kind: spaces}]
 
 
+class TagScanner:
+    """The loop both tag-based parsers share: buffered text is cut at the tags of the
+    current state (``_tags``); text between tags goes to ``_add``, each tag to
+    ``_switch``. Text that may be the start of a tag waits for more. A parser that
+    gives up on its format (``_gave_up``) lets the rest through as answer text."""
+
+    def __init__(self) -> None:
+        self._buffer = ""
+
+    def _tags(self) -> tuple[str, ...]:
+        raise NotImplementedError
+
+    def _add(self, text: str) -> list[Delta]:
+        raise NotImplementedError
+
+    def _switch(self, tag: str) -> list[Delta]:
+        raise NotImplementedError
+
+    def _gave_up(self) -> bool:
+        return False
+
+    def feed(self, text: str) -> list[Delta]:
+        self._buffer += text
+        out: list[Delta] = []
+        while not self._gave_up():
+            tags = self._tags()
+            hit = find_tag(self._buffer, tags)
+            if hit is None:
+                keep = partial_tag_length(self._buffer, tags)
+                ready = self._buffer[:len(self._buffer) - keep]
+                self._buffer = self._buffer[len(ready):]
+                out += self._add(ready)
+                if not self._gave_up():
+                    return merged(out)
+                break
+            index, tag = hit
+            out += self._add(self._buffer[:index])
+            if self._gave_up():  # the text before the tag ended the format
+                break
+            self._buffer = self._buffer[index + len(tag):]
+            out += self._switch(tag)
+        rest, self._buffer = self._buffer, ""
+        return merged(out + ([{"text": rest}] if rest else []))
+
+
 def call_start(index: int, call_id: str, name: str) -> Delta:
     """The first delta of a tool call: its id and name, no arguments yet."""
     return {"tool_calls": [{"index": index, "id": call_id, "type": "function",

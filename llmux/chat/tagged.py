@@ -18,12 +18,11 @@ from llmux.chat.parsing import (
     Delta,
     IdFactory,
     Segment,
+    TagScanner,
     call_arguments,
     call_start,
-    find_tag,
     merged,
     new_call_id,
-    partial_tag_length,
 )
 
 THINK_OPEN: Final = "<think>"
@@ -37,18 +36,18 @@ _CALL_HEAD: Final = re.compile(
     r'\s*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"arguments"\s*:\s*(?=\S)')
 
 
-class TaggedParser:
+class TaggedParser(TagScanner):
     """``think``: parse ``<think>`` blocks; ``tools``: parse ``<tool_call>`` blocks
     (only when the request offered tools). ``prompt``: the rendered prompt, whose end
     says whether the model starts inside a think block."""
 
     def __init__(self, *, think: bool, tools: bool, prompt: str = "",
                  new_id: IdFactory = new_call_id) -> None:
+        super().__init__()
         self.think = think
         self.tools = tools
         self.called = False
         self._new_id = new_id
-        self._buffer = ""
         tail = prompt.rstrip()
         opened = think and tail.endswith(THINK_OPEN)
         self._segment: Segment | None = Segment(
@@ -64,23 +63,6 @@ class TaggedParser:
         if self._segment.kind == "reasoning":
             return (THINK_CLOSE,)
         return ((THINK_OPEN,) if self.think else ()) + ((CALL_OPEN,) if self.tools else ())
-
-    def feed(self, text: str) -> list[Delta]:
-        self._buffer += text
-        out: list[Delta] = []
-        while True:
-            tags = self._tags()
-            hit = find_tag(self._buffer, tags)
-            if hit is None:
-                keep = partial_tag_length(self._buffer, tags)
-                ready = self._buffer[:len(self._buffer) - keep]
-                self._buffer = self._buffer[len(ready):]
-                out += self._add(ready)
-                return merged(out)
-            index, tag = hit
-            out += self._add(self._buffer[:index])
-            self._buffer = self._buffer[index + len(tag):]
-            out += self._switch(tag)
 
     def finish(self) -> list[Delta]:
         out = self._add(self._buffer)

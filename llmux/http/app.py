@@ -13,6 +13,7 @@ from llmux.http.admin import AdminModels, AdminState
 from llmux.http.apply_template import ApplyTemplate
 from llmux.http.auth import Access, AuthMiddleware
 from llmux.http.chat import ChatCompletions
+from llmux.http.complete_body import CompleteBodies
 from llmux.http.completions import Completions
 from llmux.http.disconnect import ASGIApp, DisconnectWatcher
 from llmux.http.embeddings import Embeddings
@@ -78,7 +79,10 @@ def create_falcon_app(runtime: Runtime, keys: KeyStore) -> FalconApp:
 
 
 def create_app(runtime: Runtime, keys: KeyStore) -> ASGIApp:
-    """The ASGI app Hypercorn serves: Falcon inside the disconnect watcher, inside the
-    request metrics (which see each response end, streams included)."""
-    watched = DisconnectWatcher(create_falcon_app(runtime, keys))  # type: ignore[arg-type]
+    """The ASGI app Hypercorn serves: Falcon (behind the check that refuses bodies cut
+    short) inside the disconnect watcher, inside the request metrics (which see each
+    response end, streams included)."""
+    falcon_app = create_falcon_app(runtime, keys)
+    watched = DisconnectWatcher(CompleteBodies(falcon_app),  # type: ignore[arg-type]
+                                runtime.config.server.read_timeout_s)
     return RequestObserver(watched, runtime.metrics)

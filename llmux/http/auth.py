@@ -1,16 +1,15 @@
-"""Who may call what: the bearer key checked before any resource runs, and the access log.
+"""Who may call what: the bearer key checked before any resource runs.
 
 Each resource says what it needs in a class attribute ``access``: ``"open"`` (no key:
 health probes, the OpenAPI document, Open WebUI's voice lists), ``"key"`` (any valid
 key; the model allowlist is checked where the model is named, by ``check_model``) or
-``"admin"``. The key's *name* goes into ``req.context.key_name`` for the access log and
-metrics; the key itself is never kept or logged.
+``"admin"``. The key's *name* goes into ``req.context.key_name`` for the request log
+and metrics (``llmux.http.request_log``, written once the response has ended); the key
+itself is never kept or logged.
 """
 
 from __future__ import annotations
 
-import logging
-import time
 from typing import Any, Literal
 
 import falcon.asgi
@@ -19,10 +18,6 @@ from llmux.auth import ApiKey, KeyStore
 from llmux.errors import Forbidden
 
 Access = Literal["open", "key", "admin"]
-
-access_log = logging.getLogger("llmux.access")
-
-END_USER_HEADER = "X-OpenWebUI-User-Name"
 
 
 def access_of(resource: object) -> Access:
@@ -44,14 +39,13 @@ def check_model(req: falcon.asgi.Request, model: str) -> None:
 
 
 class AuthMiddleware:
-    """Authenticates every routed request and writes one access-log line per request."""
+    """Authenticates every routed request and names its key for the log and metrics."""
 
     def __init__(self, keys: KeyStore) -> None:
         self.keys = keys
 
     async def process_request(self, req: falcon.asgi.Request,
                               resp: falcon.asgi.Response) -> None:
-        req.context.started = time.monotonic()
         req.context.key = None
         req.context.key_name = "-"
 
@@ -66,13 +60,3 @@ class AuthMiddleware:
         if access_of(resource) == "admin" and not key.admin:
             raise Forbidden(f"The API key '{key.name}' is not an admin key; "
                             f"{req.path} needs one.")
-
-    async def process_response(self, req: falcon.asgi.Request, resp: falcon.asgi.Response,
-                               resource: object, req_succeeded: bool) -> None:
-        started: float = req.context.get("started") or time.monotonic()
-        access_log.info(
-            '%s "%s %s" %s key=%s user=%s %.1fms', req.remote_addr, req.method, req.path,
-            resp.status[:3] if isinstance(resp.status, str) else resp.status,
-            req.context.get("key_name", "-"), req.get_header(END_USER_HEADER) or "-",
-            (time.monotonic() - started) * 1000,
-        )

@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 import falcon.asgi
 
 from llmux.errors import BadRequest, PayloadTooLarge
+from llmux.http import json_shape
 
 T = TypeVar("T")
 
@@ -26,7 +27,8 @@ async def read_json(req: falcon.asgi.Request, limit: int) -> dict[str, Any]:
 
     Raises:
         PayloadTooLarge: the body exceeds ``limit`` bytes.
-        BadRequest: the body is not a JSON object.
+        BadRequest: the body is not a JSON object, or holds what llmux cannot carry
+            (see :mod:`llmux.http.json_shape`).
     """
     if req.content_length is not None and req.content_length > limit:
         raise PayloadTooLarge(f"The request body has {req.content_length} bytes; "
@@ -37,7 +39,9 @@ async def read_json(req: falcon.asgi.Request, limit: int) -> dict[str, Any]:
     if not raw:
         raise BadRequest("The request body is empty; send a JSON object.")
     try:
-        data = json.loads(raw)
+        data = json_shape.parse(raw)
+    except json_shape.Unrepresentable as exc:
+        raise BadRequest(exc.message, param=exc.param) from exc
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(f"The request body is not valid JSON: {exc}") from exc
     if not isinstance(data, dict):

@@ -5,11 +5,17 @@ plain responses. This ASGI wrapper reads the request's ``receive`` channel in a
 side task, passes messages on to the app, and calls the callbacks a resource
 registered (``on_disconnect(req, ticket.cancel)``) the moment the client leaves,
 so a queued job leaves its queue and a running one stops within a token.
+
+It also bounds a request body that stalls: no body bytes for ``body_timeout_s`` count
+as the client leaving mid-body (llmux.http.complete_body then refuses the request and
+the connection closes). Once the body is complete, nothing is timed: a long reply to a
+client that sends nothing more is never cut.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -38,8 +44,9 @@ def on_disconnect(scope: Scope, callback: Callable[[], None]) -> None:
 
 
 class DisconnectWatcher:
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, body_timeout_s: float = math.inf) -> None:
         self.app = app
+        self.body_timeout_s = body_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -62,12 +69,24 @@ class DisconnectWatcher:
                         return
                     await forward.send(message)
 
+        body_done = False
+
         async def app_receive() -> Message:
+            nonlocal body_done
             try:
-                return await inbox.receive()
+                with anyio.fail_after(math.inf if body_done else self.body_timeout_s):
+                    message = await inbox.receive()
             except (anyio.EndOfStream, anyio.ClosedResourceError):
                 # The request is over (the pump ended, or the response was cut).
                 return {"type": "http.disconnect"}
+            except TimeoutError:
+                log.info("%s %s: the request body stalled for %.0f s", scope.get("method"),
+                         scope.get("path"), self.body_timeout_s)
+                body_done = True
+                return {"type": "http.disconnect"}
+            if message["type"] != "http.request" or not message.get("more_body"):
+                body_done = True
+            return message
 
         async with anyio.create_task_group() as tg, inbox:
             tg.start_soon(pump)

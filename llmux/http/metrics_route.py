@@ -1,16 +1,19 @@
 """``GET /metrics`` and the HTTP side of the metrics: what each request and job reports.
 
-A request's labels are gathered as it runs, in a :class:`RequestRecord` kept in the ASGI
+A request's facts are gathered as it runs, in a :class:`RequestRecord` kept in the ASGI
 scope: the route template and key name by :class:`RequestLabels` (Falcon middleware,
-after routing and auth), the virtual model by :func:`note_model` once it resolved. The
-outer ASGI wrapper :class:`RequestObserver` reports the request when its response has
-really ended, streams included (Falcon runs ``process_response`` before an SSE body).
+after routing and auth), the virtual model by :func:`note_model` once it resolved, each
+job's queue wait, first token and tokens by its :class:`JobWatch`. The outer ASGI
+wrapper :class:`RequestObserver` reports the request to the metrics and writes its one
+request-log line when its response has really ended, streams included (Falcon runs
+``process_response`` before an SSE body). A client that left before the end is
+reported with status 499 (nginx's "client closed request"), whatever was sent.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Final
+from typing import Any, Final
 
 import attrs
 import falcon.asgi
@@ -18,16 +21,19 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from llmux.http.auth import Access
 from llmux.http.disconnect import ASGIApp, Message, Receive, Scope, Send
-from llmux.metrics import NO_KEY, Metrics
+from llmux.http.request_log import MAX_PATH, end_user, log_request, printable
+from llmux.metrics import NO_KEY, JobWatch, Metrics
 from llmux.runtime import Ticket
 
 RECORD_KEY: Final = "llmux.request"
 UNMATCHED: Final = "unmatched"  # the route label of a path no route matched
+CLIENT_CLOSED: Final = 499  # nginx's "client closed request"
 
 
 @attrs.define(kw_only=True)
 class RequestRecord:
-    """The labels of one request, filled in as it is handled."""
+    """The facts of one request, filled in as it is handled: the one place the metrics
+    and the request log read them from."""
 
     metrics: Metrics
     started: float
@@ -35,6 +41,38 @@ class RequestRecord:
     model: str | None = None
     key: str = NO_KEY
     status: int | None = None
+    client_left: bool = False  # the client disconnected before the response's end
+    jobs: list[JobWatch] = attrs.field(factory=list)
+
+    def final_status(self) -> int:
+        """What the request ended as: 499 if the client left before the end, else the
+        status sent; 500 if no response started (the app failed or was cancelled)."""
+        return CLIENT_CLOSED if self.client_left else self.status or 500
+
+    def log_fields(self, scope: Scope, seconds: float) -> dict[str, Any]:
+        """The request log's facts. A request that ran several jobs (one per page) shows
+        the first job's waits and the sum of the tokens."""
+        first = self.jobs[0] if self.jobs else None
+        finished = [job for job in self.jobs if job.tokens_in is not None]
+        client = scope.get("client")
+        virtual = self.metrics.model_label(self.model) or None
+        return {
+            "client": client[0] if client else "-",
+            "method": str(scope.get("method", "-")),
+            "path": printable(str(scope.get("path", "")), MAX_PATH),
+            "route": self.route,
+            "status": self.final_status(),
+            "key": self.key,
+            "user": end_user(scope.get("headers") or ()),
+            "model": virtual,
+            "physical_model": self.metrics.physical_of.get(virtual) if virtual else None,
+            "queue_wait_s": first.queue_wait_s if first else None,
+            "time_to_first_token_s": first.first_token_s if first else None,
+            "duration_s": seconds,
+            "tokens_in": sum(job.tokens_in or 0 for job in finished) if finished else None,
+            "tokens_out": sum(job.tokens_out or 0 for job in finished) if finished else None,
+            "error": next((job.error for job in self.jobs if job.error), None),
+        }
 
 
 def record_of(req: falcon.asgi.Request) -> RequestRecord | None:
@@ -51,7 +89,9 @@ def note_model(req: falcon.asgi.Request, name: str) -> None:
 def watch_job(req: falcon.asgi.Request, ticket: Ticket) -> None:
     """Time this request's job (queue wait, first token) and count its tokens."""
     if (record := record_of(req)) is not None:
-        ticket.watch = record.metrics.job_watch(req.uri_template or UNMATCHED, record.model)
+        watch = record.metrics.job_watch(req.uri_template or UNMATCHED, record.model)
+        record.jobs.append(watch)
+        ticket.watch = watch
 
 
 class RequestLabels:
@@ -67,7 +107,8 @@ class RequestLabels:
 
 
 class RequestObserver:
-    """ASGI wrapper: one count and one duration per HTTP request, when it has ended."""
+    """ASGI wrapper: one count, one duration and one log line per HTTP request, when it
+    has ended."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
@@ -79,20 +120,32 @@ class RequestObserver:
             return
         record = RequestRecord(metrics=self.metrics, started=time.monotonic())
         scope[RECORD_KEY] = record
+        ended = False  # the response's last body message was sent
+
+        async def watched_receive() -> Message:
+            message = await receive()
+            # NOTE: Hypercorn also reports a disconnect once a response is complete;
+            # only one before the end means the client left.
+            if message["type"] == "http.disconnect" and not ended:
+                record.client_left = True
+            return message
 
         async def watched_send(message: Message) -> None:
+            nonlocal ended
             if message["type"] == "http.response.start":
                 record.status = int(message["status"])
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                ended = True
             await send(message)
 
         try:
-            await self.app(scope, receive, watched_send)
+            await self.app(scope, watched_receive, watched_send)
         finally:
-            # NOTE: no response started means the app failed (the server answers 500)
-            # or the request was cancelled before it could answer.
+            seconds = time.monotonic() - record.started
             self.metrics.observe_request(
-                route=record.route, model=record.model, status=record.status or 500,
-                key=record.key, seconds=time.monotonic() - record.started)
+                route=record.route, model=record.model, status=record.final_status(),
+                key=record.key, seconds=seconds)
+            log_request(record.log_fields(scope, seconds))
 
 
 class MetricsResource:

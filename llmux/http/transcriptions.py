@@ -19,6 +19,7 @@ import falcon.asgi
 from llmux.audio.decode import decode_to_pcm, duration_s
 from llmux.audio.transcript import CONTENT_TYPES, RESPONSE_FORMATS, render
 from llmux.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
+from llmux.http import json_shape
 from llmux.http.body import read_json
 from llmux.http.jobs import run_whole
 from llmux.http.target import resolve_for
@@ -39,6 +40,7 @@ async def read_multipart(req: falcon.asgi.Request, limit: int,
 
     Raises:
         PayloadTooLarge: the file (or the whole body) is over the limit.
+        BadRequest: a field is not valid Unicode.
     """
     if req.content_length is not None and req.content_length > limit + FORM_SLACK:
         raise PayloadTooLarge(f"The upload has {req.content_length} bytes; the limit is "
@@ -47,7 +49,12 @@ async def read_multipart(req: falcon.asgi.Request, limit: int,
     audio: bytes | None = None
     fields: dict[str, Any] = {}
     async for part in form:
-        if part.name == "file":
+        try:
+            name = part.name
+        except UnicodeDecodeError as exc:  # NOTE: Falcon decodes the header as strict UTF-8
+            raise BadRequest("A form part's Content-Disposition header is not valid "
+                             "UTF-8.") from exc
+        if name == "file":
             data = bytearray()
             while chunk := await part.stream.read(READ_CHUNK):
                 data += chunk
@@ -55,10 +62,16 @@ async def read_multipart(req: falcon.asgi.Request, limit: int,
                     raise PayloadTooLarge(f"The uploaded file is over the limit of {limit} "
                                           f"bytes. {advice}")
             audio = bytes(data)
-        elif part.name in ("timestamp_granularities[]", "timestamp_granularities"):
+        elif name in ("timestamp_granularities[]", "timestamp_granularities"):
             fields.setdefault("timestamp_granularities", []).append(await part.get_text())
         else:
-            fields[part.name] = await part.get_text()
+            fields[name] = await part.get_text()
+    try:
+        # NOTE: a part's charset may be any Python codec; utf-7 and unicode_escape
+        # decode to unpaired surrogates, which no worker frame can carry.
+        json_shape.check(fields)
+    except json_shape.Unrepresentable as exc:
+        raise BadRequest(exc.message, param=exc.param) from exc
     return audio, fields
 
 

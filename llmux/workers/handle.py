@@ -15,7 +15,7 @@ import os
 import signal
 import subprocess
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Final
 
@@ -82,6 +82,9 @@ class WorkerHandle:
         self._send_lock = anyio.Lock()
         self._receiving = False
         self._stopped = False
+        # Whether stop() had to signal the worker: its exit code alone cannot tell that
+        # from a signal someone else sent (an operator's kill, the OOM killer).
+        self.escalated = False
 
     def __repr__(self) -> str:
         return f"<WorkerHandle {self.model_id} pid={self.pid} {describe_exit(self.returncode)}>"
@@ -94,11 +97,13 @@ class WorkerHandle:
         model_id: str,
         env: Mapping[str, str] | None = None,
         start_timeout_s: float = 30.0,
+        args: Sequence[str] = (),
     ) -> WorkerHandle:
         """Start ``python -m llmux.worker`` and wait for its Hello.
 
-        ``env`` is added to the server's environment. The worker's stderr is the
-        server's stderr, so its logs land in the server log.
+        ``env`` is added to the server's environment; ``args`` to the worker's command
+        line (a spare's ``--preload``). The worker's stderr is the server's stderr, so
+        its logs land in the server log.
 
         Raises:
             WorkerDied: the interpreter cannot start, the worker died or sent
@@ -106,7 +111,7 @@ class WorkerHandle:
                 process group is killed and reaped before raising, and also when the
                 caller is cancelled (cancellation then propagates).
         """
-        command = [python, "-m", "llmux.worker", "--model-id", model_id]
+        command = [python, "-m", "llmux.worker", "--model-id", model_id, *args]
         try:
             process = await anyio.open_process(
                 command,
@@ -215,6 +220,7 @@ class WorkerHandle:
                 await self._wait_draining()
             if self.returncode is None:
                 log.warning("%s ignored unload for %s s: SIGTERM", self._name, grace_s)
+                self.escalated = True
                 self._signal_group(signal.SIGTERM)
                 with anyio.move_on_after(grace_s):
                     await self._wait_draining()

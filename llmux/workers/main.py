@@ -1,7 +1,9 @@
 """The worker process: one model, one backend, driven by frames on stdin/stdout.
 
 Run as ``python -m llmux.worker --model-id ID`` by ``WorkerHandle.spawn``. This is
-the only place backend modules (and so torch, llama.cpp, ...) are imported.
+the only place backend modules (and so torch, llama.cpp, ...) are imported. A warm
+spare (``llmux/spare.py``) is started as ``--model-id spare --preload MODULE ...``: it
+imports those modules before its Hello, then waits for whichever model's Load comes.
 
 Threads: a reader thread owns stdin. It sets a request's cancel event the moment a
 Cancel arrives, even while the main thread is deep in a generation, and queues every
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import importlib
 import logging
 import os
 import queue
@@ -26,6 +29,9 @@ from collections.abc import Sequence
 from typing import Any, BinaryIO, Final, NoReturn
 
 from llmux.backends.base import Backend, InvalidInput
+from llmux.logging_setup import ENV as LOG_FORMAT_ENV
+from llmux.logging_setup import FORMATS as LOG_FORMATS
+from llmux.logging_setup import setup_logging
 from llmux.workers.protocol import (
     Cancel,
     Chunk,
@@ -182,6 +188,7 @@ class Worker:
         if self._backend is not None:
             self._writer.send(LoadFailed("this worker already holds a model"))
             return
+        _setup_logs(str(spec.get("model_id") or "?"))  # a spare learns its model here
         log.info("loading with backend %r", spec.get("backend"))
         try:
             from llmux.backends import load_backend_class
@@ -223,11 +230,37 @@ class Worker:
             self._requests.finish(request_id)
 
 
+def _setup_logs(model_id: str) -> None:
+    """The server's log format (LLMUX_LOG_FORMAT, set by `llmux serve`): JSON lines name
+    the worker in fields, text lines in a prefix. Called again once a spare knows its
+    model."""
+    log_format = os.environ.get(LOG_FORMAT_ENV, "text")
+    setup_logging(
+        log_format if log_format in LOG_FORMATS else "text",
+        os.environ.get("LLMUX_WORKER_LOG_LEVEL", "INFO"),
+        text_format=f"[worker {model_id} {os.getpid()}] %(levelname)s %(name)s: "
+                    "%(message)s",
+        static={"worker": model_id, "pid": os.getpid()},
+    )
+
+
+def _preload(modules: Sequence[str]) -> None:
+    """Import what a spare's future model will need; a module this interpreter lacks
+    is logged and skipped (the spare is still a started interpreter)."""
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # any import-time failure: the load will report it
+            log.warning("spare: cannot preload %s: %s", name, exc)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of ``python -m llmux.worker``; never returns."""
     parent_pid = os.getppid()
     parser = argparse.ArgumentParser(prog="llmux.worker")
     parser.add_argument("--model-id", required=True)
+    parser.add_argument("--preload", action="append", default=[],
+                        help="a module to import before the Hello (warm spares)")
     args = parser.parse_args(argv)
     _die_with_parent(parent_pid)
     # NOTE: a SIGTERM handler installed by Python code would wait for the main
@@ -244,17 +277,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     os.dup2(2, 1)
     sys.stdout = sys.stderr
 
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=os.environ.get("LLMUX_WORKER_LOG_LEVEL", "INFO").upper(),
-        format=f"[worker {args.model_id} {os.getpid()}] %(levelname)s %(name)s: %(message)s",
-    )
+    _setup_logs(args.model_id)
     writer = FrameWriter(os.fdopen(proto_out, "wb"))
     requests = Requests()
     inbox: queue.Queue[Frame] = queue.Queue()
     threading.Thread(
         target=_read_frames, args=(proto_in, inbox, requests), name="frame-reader", daemon=True
     ).start()
+    _preload(args.preload)
     writer.send(Hello(pid=os.getpid()))
     worker = Worker(writer, requests)
     while True:

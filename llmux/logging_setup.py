@@ -1,0 +1,97 @@
+"""How llmux logs: one line per record, human-readable (``text``) or one JSON object a
+line (``json``, for log collectors).
+
+Structured facts ride on a record as ``extra={FIELDS: {...}}`` (the request log, the
+lifecycle events): the text format shows them only through the message, which already
+says them in words; the JSON format adds them as keys beside ``time``, ``level``,
+``logger`` and ``message``. Worker processes inherit the choice through
+``LLMUX_LOG_FORMAT``, so their Python logs are JSON too (a native runtime printing to
+stderr by itself is not).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import sys
+from collections.abc import Mapping
+from typing import Any, Final
+
+FORMATS: Final = ("text", "json")
+FIELDS: Final = "llmux_fields"  # the LogRecord attribute carrying structured facts
+ENV: Final = "LLMUX_LOG_FORMAT"  # how workers learn the server's format
+TEXT_FORMAT: Final = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+RESERVED: Final = frozenset({"time", "level", "logger", "message", "exception"})
+
+
+def fields_of(record: logging.LogRecord) -> Mapping[str, Any]:
+    """The structured facts a record carries (empty for a plain log call)."""
+    fields = getattr(record, FIELDS, None)
+    return fields if isinstance(fields, Mapping) else {}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record: time (UTC, ISO 8601), level, logger, message, then
+    the record's fields and the formatter's ``static`` ones (a worker's model and pid).
+    A field named like one of the five fixed keys is dropped rather than overwrite it."""
+
+    def __init__(self, static: Mapping[str, Any] | None = None) -> None:
+        super().__init__()
+        self.static = dict(static or {})
+
+    def format(self, record: logging.LogRecord) -> str:
+        at = datetime.datetime.fromtimestamp(record.created, datetime.UTC)
+        line: dict[str, Any] = {
+            "time": at.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for source in (self.static, fields_of(record)):
+            line.update((k, v) for k, v in source.items() if k not in RESERVED)
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        elif record.stack_info:
+            line["exception"] = self.formatStack(record.stack_info)
+        # NOTE: default=str so an odd field value degrades to text instead of losing
+        # the line; ensure_ascii keeps each object on one line whatever a user sent.
+        return json.dumps(line, default=str, ensure_ascii=True)
+
+
+class _LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Each record as one ``write(2)`` on stderr's file descriptor: the server and its
+    workers share that file, and a record split over two writes (a text stream's
+    buffer boundary) could be torn by another process's line."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = (self.format(record) + self.terminator).encode("utf-8", "replace")
+            self.flush()  # whatever the text stream still holds goes first
+            os.write(self.stream.fileno(), line)
+        except Exception:
+            self.handleError(record)
+
+
+def setup_logging(log_format: str = "text", level: str | None = None, *,
+                  text_format: str = TEXT_FORMAT,
+                  static: Mapping[str, Any] | None = None) -> None:
+    """Send every log record to stderr in ``log_format`` ("text" or "json"), replacing
+    whatever handlers the root logger had (safe to call again, e.g. once the config
+    named a format). ``level`` defaults to ``$LLMUX_LOG_LEVEL``, else INFO.
+
+    Raises:
+        ValueError: an unknown format.
+    """
+    if log_format not in FORMATS:
+        raise ValueError(f"unknown log format {log_format!r} (expected one of "
+                         f"{', '.join(FORMATS)})")
+    handler = _LineHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter(static) if log_format == "json"
+                         else logging.Formatter(text_format))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel((level or os.environ.get("LLMUX_LOG_LEVEL") or "INFO").upper())

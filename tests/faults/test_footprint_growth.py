@@ -1,0 +1,67 @@
+"""A worker that grows past its measured footprint (a runtime's cache filling up) is
+re-measured while loaded, and the arbiter re-plans with the new figure: the device's
+ledger goes back within its capacity, and the next load is placed by the true sizes."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import httpx
+
+from tests.conftest import Server
+from tests.faults.support import check_ledger_and_processes, three_models
+
+GROW_MB = 70
+
+
+def ask(server: Server, model: str) -> None:
+    reply = httpx.post(f"{server.url}/v1/chat/completions", timeout=60, json={
+        "model": model, "messages": [{"role": "user", "content": f"hi {model}"}]})
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["choices"][0]["message"]["content"] == f"echo: hi {model}"
+
+
+def wait_for(server: Server, predicate: Any, timeout: float, what: str) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while not predicate(state := server.state()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}: {state['devices']}")
+        time.sleep(0.1)
+    return state
+
+
+def ledger(state: dict[str, Any]) -> dict[str, int]:
+    return {e["model"]: e["bytes"] for e in state["devices"][0]["ledger"]}
+
+
+def test_a_worker_that_grows_is_remeasured_and_the_arbiter_replans(start_server: Any) -> None:
+    config = three_models()  # ~125 MB each measured, 300 MB: room for two
+    config["physical_models"]["a"]["options"]["grow_per_request"] = f"{GROW_MB}MB"
+    config["policy"] = {"min_residency_s": 0.2}
+    server: Server = start_server(config)
+    capacity = server.state()["devices"][0]["capacity_bytes"]
+    ask(server, "a")  # a grows by GROW_MB with every request: ~195 MB now
+    loaded = ledger(server.state())["a"]
+    ask(server, "b")  # with a's growth, a and b no longer fit together
+
+    state = wait_for(server, lambda s: any(
+        e["model"] == "a" and e["kind"] == "measure" and "grew" in e["reason"]
+        for e in s["events"]), 15, "a's growth to be re-measured")
+    state = wait_for(server, lambda s: s["devices"][0]["used_bytes"] <= capacity
+                     and s["devices"][0]["reserved_bytes"] == 0
+                     and len(ledger(s)) == 1, 15, "the device to fit again")
+    # Re-planned with a's true size: a and b no longer share the device.
+    evictions = [e for e in state["events"] if e["kind"] == "evict"]
+    assert evictions, state["events"][-10:]
+    # The store remembers the grown size: the next plan for a counts it.
+    grown = server.model("a")["footprint_bytes"]
+    assert grown > loaded + GROW_MB * 1e6 * 0.8, (loaded, grown)
+    check_ledger_and_processes(server)
+
+    # (Not a again: each request grows it anew, and the check below would race the
+    # next re-measure.)
+    for model in "cb":
+        ask(server, model)
+    state = check_ledger_and_processes(server)
+    assert sum(ledger(state).values()) <= capacity

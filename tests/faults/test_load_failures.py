@@ -1,0 +1,71 @@
+"""A model that cannot load, hammered by its clients on a budget it shares with two
+healthy models: its loads are retried with a growing backoff (not once per request),
+every one of its clients gets a fast 503 that says why and when to retry, /health and
+/admin/state report it, and the healthy models keep serving meanwhile."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+
+from tests.conftest import Server
+from tests.faults.support import Outcome, check_ledger_and_processes, stream_chat, three_models
+
+pytestmark = pytest.mark.anyio
+
+RUN_S = 12.0
+REASON = "no such weights"
+
+
+async def test_a_model_that_fails_to_load_backs_off_and_blocks_nobody(
+    start_server: Any,
+) -> None:
+    config = three_models()
+    config["physical_models"]["c"]["options"]["fail_on_load"] = REASON
+    config["policy"] = {"min_residency_s": 0.5, "request_deadline_s": 30}
+    server: Server = start_server(config)
+    outcomes: list[Outcome] = []
+
+    async def client_loop(client: httpx.AsyncClient, model: str, i: int) -> None:
+        n = 0
+        with anyio.move_on_after(RUN_S):
+            while True:
+                outcomes.append(await stream_chat(client, server.url, model,
+                                                  f"{model}{i}-{n}", deadline_s=40))
+                n += 1
+                await anyio.sleep(0.05)
+
+    with anyio.fail_after(RUN_S + 45):
+        async with httpx.AsyncClient() as client, anyio.create_task_group() as tg:
+            for i, model in enumerate("aabbcc"):
+                tg.start_soon(client_loop, client, model, i)
+
+    healthy = [o for o in outcomes if o.model != "c"]
+    broken = [o for o in outcomes if o.model == "c"]
+    assert healthy and all(o.whole for o in healthy), [o.describe() for o in healthy
+                                                       if not o.whole][:5]
+    assert len(healthy) >= 20, len(healthy)  # they were served, not held behind c
+    assert max(o.elapsed for o in healthy) < 10, max(o.elapsed for o in healthy)
+    assert broken and all(o.clear and not o.whole for o in broken), [
+        o.describe() for o in broken if not o.clear][:5]
+    assert all(REASON in o.error["error"]["message"] for o in broken)  # type: ignore[index]
+    assert all(o.status == 503 for o in broken if o.status != 200)
+
+    # The log, not /admin/state: its recent events are soon full of a's and b's.
+    attempts = re.findall(r"c transition loading -> failed: load failed: (.*); "
+                          r"retry in (\d+) s", server.logs())
+    backoffs = [int(seconds) for _, seconds in attempts]
+    # ~12 s of requests with backoffs 1, 2, 4, 8 s: a handful of loads, not one per request
+    assert 2 <= len(attempts) <= 6 < len(broken), (len(attempts), len(broken))
+    assert backoffs == sorted(backoffs) and backoffs[-1] > backoffs[0], backoffs
+    assert all(REASON in why for why, _ in attempts)
+    failed = server.model("c")
+    assert failed["state"] == "failed" and REASON in failed["last_error"]
+    async with httpx.AsyncClient() as client:
+        health = (await client.get(f"{server.url}/health", timeout=5)).json()
+    assert health["failed"] == ["c"]
+    check_ledger_and_processes(server)

@@ -1,0 +1,43 @@
+"""Guarantee 7: "No silence during a cold load. A streaming request gets its headers
+and SSE comment lines (`: loading qwen3.5-9b-fp8 (40%)`) within a second, so clients
+and proxies do not time out; load progress is in `/admin/state`."
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Any
+
+import httpx
+
+from tests.conftest import fake_config, fake_model
+
+
+def test_a_stream_sees_bytes_and_load_progress_within_a_second(start_server: Any) -> None:
+    server = start_server(fake_config(cold=fake_model(load_time_s=4)))
+    body = {"model": "cold", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    progress: list[int] = []
+    reported: list[float] = []
+    started = time.monotonic()
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body,
+                      timeout=60) as response:
+        headers_after = time.monotonic() - started
+        lines = response.iter_lines()
+        first = next(lines)
+        first_after = time.monotonic() - started
+        comments_seen = 0
+        for line in lines:
+            if match := re.fullmatch(r": loading cold \((\d+)%\)", line):
+                progress.append(int(match.group(1)))
+                if comments_seen == 0:
+                    reported.append(server.model("cold")["load_progress"] or 0.0)
+                comments_seen += 1
+            if line == "data: [DONE]":
+                break
+    assert response.status_code == 200
+    assert headers_after < 1.0 and first_after < 1.0, (headers_after, first_after)
+    assert first.startswith("data: ") and '"role": "assistant"' in first
+    assert len(progress) >= 3 and progress == sorted(progress), progress
+    assert 0.0 <= reported[0] < 1.0
+    assert server.model("cold")["state"] == "ready"

@@ -1,0 +1,105 @@
+"""The arbiter re-measures loaded workers: one that grew past its footprint gets the
+new figure in the ledger and the footprint store, and the arbiter re-plans (an
+over-full device sheds an idle model). Driven synchronously with scripted memory
+and time, as the stateful test does."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from llmux.actors.arbiter import MEASURE_INTERVAL_S, GpuArbiter, ModelSpec
+from llmux.actors.events import EventLog
+from llmux.actors.footprints import FootprintStore
+from llmux.actors.messages import Acquire, Evict, Granted, Loaded, Usage
+from llmux.actors.placement import Rules
+
+MB = 1_000_000
+MODELS = {name: ModelSpec(model=name, klass="llm", priority=10, estimate=200 * MB)
+          for name in ("a", "b")}
+
+
+class Probe:
+    verify_release = False
+
+    def __init__(self) -> None:
+        self.held: dict[int, int] = {}
+
+    def total_bytes(self) -> int:
+        return 10**12
+
+    def used_bytes(self) -> int:
+        return sum(self.held.values())
+
+    def footprint(self, pid: int, used_at_grant: int) -> int:
+        return self.held[pid]
+
+    def process_bytes(self, pid: int) -> int | None:
+        return self.held.get(pid)
+
+
+class World:
+    def __init__(self, capacity: int) -> None:
+        self.now = 0.0
+        self.probe = Probe()
+        self.told: list[tuple[str, Any]] = []
+        self.events = EventLog()
+        self.footprints = FootprintStore(None)
+        self.arbiter = GpuArbiter(
+            device="cpu", capacity=capacity, safety_margin=0, probe=self.probe,
+            rules=Rules(), models=MODELS, footprints=self.footprints, events=self.events,
+            clock=lambda: self.now,
+        )
+        self.arbiter.connect({m: _Box(self, m) for m in MODELS})
+
+    def load(self, model: str, pid: int, nbytes: int) -> None:
+        self.arbiter.handle(Acquire(model, self.now + 60))
+        assert (model, Granted(model)) in self.told
+        self.probe.held[pid] = nbytes
+        self.arbiter.handle(Loaded(model, pid, None))
+
+    def ledger(self) -> dict[str, int]:
+        return {e["model"]: e["bytes"] for e in self.arbiter.snapshot()["ledger"]}
+
+    def tick(self, seconds: float) -> None:
+        self.now += seconds
+        self.arbiter.on_timer()
+
+
+class _Box:
+    def __init__(self, world: World, model: str) -> None:
+        self.world, self.model = world, model
+
+    def post(self, message: Any) -> None:
+        self.world.told.append((self.model, message))
+
+
+def test_a_worker_that_grew_is_re_measured_and_remembered() -> None:
+    world = World(capacity=1000 * MB)
+    world.load("a", 101, 160 * MB)
+    world.probe.held[101] = 300 * MB
+    world.tick(MEASURE_INTERVAL_S)
+    assert world.ledger() == {"a": 300 * MB}
+    assert world.footprints.get("a", "cpu") == 300 * MB
+    grew = [e.reason for e in world.events if e.kind == "measure"][-1]
+    assert grew == "footprint on cpu: grew from 0.2 GB to 0.3 GB while loaded; re-measured"
+
+
+def test_noise_below_the_tolerance_is_not_a_growth() -> None:
+    world = World(capacity=1000 * MB)
+    world.load("a", 101, 160 * MB)
+    world.probe.held[101] = 170 * MB
+    world.tick(MEASURE_INTERVAL_S)
+    assert world.ledger() == {"a": 160 * MB}
+
+
+def test_a_growth_that_overfills_the_device_evicts_an_idle_model() -> None:
+    world = World(capacity=400 * MB)
+    world.load("a", 101, 150 * MB)
+    world.now += 1
+    world.load("b", 102, 150 * MB)
+    world.arbiter.handle(Usage("b", True, 0, world.now, 1))
+    world.probe.held[102] = 350 * MB  # b grows while serving: 500 MB on a 400 MB device
+    world.tick(MEASURE_INTERVAL_S)
+    evicts = [(m, msg.reason) for m, msg in world.told if isinstance(msg, Evict)]
+    assert evicts == [("a", "evicted a (llm): cpu holds 0.5 GB of 0.4 GB after a model grew "
+                             "past its footprint")]

