@@ -43,7 +43,6 @@ import threading
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
-import jinja2
 import llama_cpp  # type: ignore[import-untyped,unused-ignore]
 from llama_cpp import llama_grammar  # type: ignore[import-untyped,unused-ignore]
 
@@ -59,7 +58,7 @@ from llmux.backends.llama_tools import demanded_tools, tool_call_grammar
 from llmux.backends.llama_vision import Projector
 from llmux.backends.paths import resolve_model_path
 from llmux.chat.output import output_formats, output_parser, parsed
-from llmux.chat.render import FALLBACK_TEMPLATE, compile_template, render_chat
+from llmux.chat.render import FALLBACK_TEMPLATE, model_template, render_chat
 from llmux.chat.stops import StopText
 from llmux.chat.templates import marked_messages, template_messages
 
@@ -226,17 +225,9 @@ class LlamaCppBackend(Backend):
         progress(0.9, "loaded; preparing the chat template")
         self._bos = self._token_text(llm.token_bos())
         self._eos = self._token_text(llm.token_eos())
-        source = self.options.get("chat_template") or llm.metadata.get(
-            "tokenizer.chat_template")
-        if source:
-            try:
-                compile_template(str(source))
-            except jinja2.TemplateSyntaxError as exc:
-                raise ValueError(f"{path}: its chat template does not compile: {exc}") \
-                    from exc
-            self._template = str(source)
-        else:
-            log.warning("%s has no chat template: using plain 'role: content' lines", path)
+        self._template = model_template(
+            self.options.get("chat_template") or llm.metadata.get("tokenizer.chat_template"),
+            path)
         self._defaults = self._sampling_defaults(llm.metadata)
         self._formats = output_formats(self._template, self.options)
         progress(1.0, "loaded")

@@ -40,8 +40,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 
-import jinja2
-
 from llmux.backends.base import Backend, InvalidInput, ProgressFn, Stream, parse_device
 from llmux.backends.llama_server_cli import check_gpu_support, find_binary, flag, server_argv
 from llmux.backends.llama_server_io import (
@@ -54,7 +52,7 @@ from llmux.backends.llama_server_io import (
 )
 from llmux.backends.paths import resolve_model_path
 from llmux.chat.output import output_formats, output_parser, parsed
-from llmux.chat.render import FALLBACK_TEMPLATE, compile_template, render_chat
+from llmux.chat.render import FALLBACK_TEMPLATE, model_template, render_chat
 from llmux.chat.templates import marked_messages, template_messages
 
 __all__ = ["LlamaServerBackend"]
@@ -141,16 +139,8 @@ class LlamaServerBackend(Backend):
         self._vocabulary = int(meta.get("n_vocab") or 0)
         self._add_bos = len(self._tokenize("a", add_special=True)) > len(
             self._tokenize("a", add_special=False))
-        source = self.options.get("chat_template") or props.get("chat_template")
-        if source:
-            try:
-                compile_template(str(source))
-            except jinja2.TemplateSyntaxError as exc:
-                raise ValueError(f"{path}: its chat template does not compile: {exc}") \
-                    from exc
-            self._template = str(source)
-        else:
-            log.warning("%s has no chat template: using plain 'role: content' lines", path)
+        self._template = model_template(
+            self.options.get("chat_template") or props.get("chat_template"), path)
         self._formats = output_formats(self._template, self.options)
         self._serving = True
         progress(1.0, "loaded")

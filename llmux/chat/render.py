@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime
 import functools
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
@@ -15,6 +16,8 @@ import jinja2.ext
 import jinja2.sandbox
 
 from llmux.backends.base import InvalidInput
+
+log = logging.getLogger(__name__)
 
 __all__ = ["FALLBACK_TEMPLATE", "TemplateRefusal", "compile_template", "render_chat"]
 
@@ -53,6 +56,23 @@ def compile_template(source: str) -> jinja2.Template:
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
     return env.from_string(source)
+
+
+def model_template(source: Any, path: object) -> str:
+    """The chat template a GGUF model is served with: ``source`` (the options' or the
+    file's own), else FALLBACK_TEMPLATE with a warning.
+
+    Raises:
+        ValueError: ``source`` does not compile, naming ``path``.
+    """
+    if not source:
+        log.warning("%s has no chat template: using plain 'role: content' lines", path)
+        return FALLBACK_TEMPLATE
+    try:
+        compile_template(str(source))
+    except jinja2.TemplateSyntaxError as exc:
+        raise ValueError(f"{path}: its chat template does not compile: {exc}") from exc
+    return str(source)
 
 
 def render_chat(template: str, messages: Sequence[Mapping[str, Any]], *, bos: str, eos: str,
