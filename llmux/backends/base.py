@@ -29,6 +29,12 @@ def default_threads() -> int:
     return max(1, len(os.sched_getaffinity(0)) - 1)
 
 
+def answer(data: dict[str, Any]) -> Stream:
+    """A stream with nothing to stream: ``data`` is the done data, at once."""
+    yield from ()
+    return data
+
+
 def parse_device(device: str) -> tuple[str, int]:
     """``"cpu"`` -> ("cpu", 0); ``"cuda:1"`` -> ("cuda", 1); ``"cuda"`` -> ("cuda", 0).
 

@@ -31,7 +31,7 @@ import time
 from collections.abc import Generator, Mapping
 from typing import Any, Final
 
-from llmux.backends.base import Backend, InvalidInput, ProgressFn, Stream
+from llmux.backends.base import Backend, InvalidInput, ProgressFn, Stream, answer
 
 __all__ = ["FakeBackend", "parse_size"]
 
@@ -80,12 +80,6 @@ def _embed(text: str, dim: int) -> list[float]:
     vector = [rng.gauss(0.0, 1.0) for _ in range(dim)]
     norm = math.sqrt(sum(x * x for x in vector)) or 1.0
     return [x / norm for x in vector]
-
-
-def _no_chunks(data: dict[str, Any]) -> Stream:
-    """A stream that answers at once, for ops with nothing to stream."""
-    yield from ()
-    return data
 
 
 class FakeBackend(Backend):
@@ -194,7 +188,7 @@ class FakeBackend(Backend):
             case "template":  # what a chat template would be given
                 keys = ("messages", "tools", "chat_template_kwargs", "reasoning_effort")
                 prompt = json.dumps({k: payload.get(k) for k in keys}, default=repr)
-                return _no_chunks({"prompt": prompt, "prompt_tokens": len(prompt.split())})
+                return answer({"prompt": prompt, "prompt_tokens": len(prompt.split())})
             case "embed":
                 return self._embed_all(payload)
             case "transcribe":
@@ -239,7 +233,7 @@ class FakeBackend(Backend):
         inputs = payload.get("input", [])
         texts = [inputs] if isinstance(inputs, str) else [str(t) for t in inputs]
         tokens = sum(len(t.split()) for t in texts)
-        return _no_chunks({
+        return answer({
             "embeddings": [_embed(t, self.embedding_dim) for t in texts],
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         })
@@ -251,7 +245,7 @@ class FakeBackend(Backend):
         seconds = len(samples) / 4 / 16000
         text = self.reply if self.reply is not None else f"fake transcript of {seconds:.2f} s"
         language = payload.get("language") or "en"
-        return _no_chunks({"text": text, "language": language, "duration": seconds})
+        return answer({"text": text, "language": language, "duration": seconds})
 
     def _speech(self, payload: Mapping[str, Any], cancelled: threading.Event) -> Stream:
         speed = float(payload.get("speed") or 1.0)

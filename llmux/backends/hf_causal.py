@@ -30,13 +30,14 @@ from transformers import (
     TextIteratorStreamer,
 )
 
-from llmux.backends.base import InvalidInput, ProgressFn
+from llmux.backends.base import InvalidInput, ProgressFn, answer
 from llmux.backends.hf_common import Checkpoint, LoadSettings, Stream, release
 from llmux.chat.output import output_formats, output_parser, parsed
+from llmux.chat.render import template_kwargs
 from llmux.chat.stops import StopText
 from llmux.chat.templates import template_messages
 
-__all__ = ["CausalLM", "StopText", "render_prompt", "sampling_kwargs", "template_kwargs"]
+__all__ = ["CausalLM", "StopText", "render_prompt", "sampling_kwargs"]
 
 
 def render_prompt(tokenizer: Any, messages: Sequence[Mapping[str, Any]],
@@ -58,15 +59,6 @@ def render_prompt(tokenizer: Any, messages: Sequence[Mapping[str, Any]],
         template_messages(messages), tools=list(tools) if tools else None,
         add_generation_prompt=True, tokenize=False, **kwargs)
     return str(prompt)
-
-
-def template_kwargs(payload: Mapping[str, Any]) -> dict[str, Any]:
-    """What the chat template gets besides messages and tools: the request's
-    ``chat_template_kwargs`` (``enable_thinking``, ...) and its ``reasoning_effort``."""
-    kwargs = dict(payload.get("chat_template_kwargs") or {})
-    if payload.get("reasoning_effort") is not None:
-        kwargs.setdefault("reasoning_effort", payload["reasoning_effort"])
-    return kwargs
 
 
 def _number(payload: Mapping[str, Any], key: str) -> float | None:
@@ -157,11 +149,6 @@ def _after(prefix: str, stream: Stream) -> Stream:
     return done
 
 
-def _answer(data: dict[str, Any]) -> Stream:
-    yield from ()
-    return data
-
-
 class CausalLM:
     """A tokenizer and an ``AutoModelForCausalLM``; serves ``chat`` and ``complete``."""
 
@@ -224,7 +211,7 @@ class CausalLM:
         prefill = tool_prefill(payload) if formats[1] == "hermes" else ""
         prompt, inputs = self._chat_inputs(payload, prefill)
         if op == "template":
-            return _answer({"prompt": prompt,
+            return answer({"prompt": prompt,
                             "prompt_tokens": int(inputs["input_ids"].shape[1])})
         parser = output_parser(formats, prompt[:len(prompt) - len(prefill)], payload)
         # Harmony's channels are special tokens: the parser must see them.

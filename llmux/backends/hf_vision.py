@@ -37,8 +37,9 @@ from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTo
 from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
 
 from llmux.backends.base import InvalidInput, ProgressFn
-from llmux.backends.hf_causal import CausalLM, template_kwargs
+from llmux.backends.hf_causal import CausalLM
 from llmux.backends.hf_common import Checkpoint, LoadSettings
+from llmux.chat.render import template_kwargs
 from llmux.chat.templates import vision_messages
 
 __all__ = ["PIXEL_OPTIONS", "VisionLM", "image_only", "open_image", "processor_class"]

@@ -51,16 +51,17 @@ from llmux.backends.base import (
     InvalidInput,
     ProgressFn,
     Stream,
+    answer,
     default_threads,
     parse_device,
 )
 from llmux.backends.llama_tools import demanded_tools, tool_call_grammar
-from llmux.backends.llama_vision import Projector
+from llmux.backends.llama_vision import MARKER, Projector
 from llmux.backends.paths import resolve_model_path
 from llmux.chat.output import output_formats, output_parser, parsed
-from llmux.chat.render import FALLBACK_TEMPLATE, model_template, render_chat
+from llmux.chat.render import FALLBACK_TEMPLATE, model_template, render_chat, render_request
 from llmux.chat.stops import StopText
-from llmux.chat.templates import marked_messages, template_messages
+from llmux.chat.templates import template_messages
 
 __all__ = ["FALLBACK_TEMPLATE", "KV_CACHE_TYPES", "LlamaCppBackend", "render_chat",
            "template_messages"]
@@ -268,7 +269,7 @@ class LlamaCppBackend(Backend):
                 return self._chat(payload, cancelled)
             case "template":
                 prompt, _ = self._chat_prompt(payload)
-                return _answer({"prompt": prompt, "prompt_tokens": len(self._tokens(prompt))})
+                return answer({"prompt": prompt, "prompt_tokens": len(self._tokens(prompt))})
             case "complete":
                 tokens = self._tokens(str(payload.get("prompt", "")))
                 return self._generate(tokens, payload, cancelled)
@@ -281,24 +282,9 @@ class LlamaCppBackend(Backend):
                 raise InvalidInput(f"The llama_cpp backend does not support {op!r}.")
 
     def _chat_prompt(self, payload: Mapping[str, Any]) -> tuple[str, list[bytes]]:
-        """The prompt text of a chat request, rendered by the model's template, and its
-        images (each stands in the text as the projector's marker).
-
-        Raises:
-            InvalidInput: images for a model without a projector, or a template refusal.
-        """
-        kwargs = dict(payload.get("chat_template_kwargs") or {})
-        if payload.get("reasoning_effort"):
-            kwargs.setdefault("reasoning_effort", payload["reasoning_effort"])
-        tools = payload.get("tools") if payload.get("tool_choice") != "none" else None
-        raw = payload.get("messages") or []
-        if self._projector is not None:
-            messages, images = marked_messages(raw)
-        else:
-            messages, images = template_messages(raw), []
-        prompt = render_chat(self._template, messages, bos=self._bos, eos=self._eos,
-                             tools=tools, kwargs=kwargs)
-        return prompt, images
+        """The prompt text of a chat request and its images (llmux/chat/render.py)."""
+        return render_request(self._template, payload, bos=self._bos, eos=self._eos,
+                              marker=MARKER if self._projector is not None else None)
 
     def _tokens(self, prompt: str) -> list[int]:
         tokens: list[int] = self._llm.tokenize(prompt.encode(), add_bos=False, special=True)
@@ -490,12 +476,6 @@ class LlamaCppBackend(Backend):
                     log.warning("ignoring %s = %r: not a number", key, metadata[key])
             defaults[argument] = value
         return defaults
-
-
-def _answer(data: dict[str, Any]) -> Stream:
-    """A stream with nothing to stream: ``data`` at once."""
-    yield from ()
-    return data
 
 
 def _mean(rows: Sequence[Sequence[float]]) -> list[float]:

@@ -40,7 +40,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 
-from llmux.backends.base import Backend, InvalidInput, ProgressFn, Stream, parse_device
+from llmux.backends.base import (
+    Backend,
+    InvalidInput,
+    ProgressFn,
+    Stream,
+    answer,
+    parse_device,
+)
 from llmux.backends.llama_server_cli import check_gpu_support, find_binary, flag, server_argv
 from llmux.backends.llama_server_io import (
     ServerError,
@@ -52,8 +59,7 @@ from llmux.backends.llama_server_io import (
 )
 from llmux.backends.paths import resolve_model_path
 from llmux.chat.output import output_formats, output_parser, parsed
-from llmux.chat.render import FALLBACK_TEMPLATE, model_template, render_chat
-from llmux.chat.templates import marked_messages, template_messages
+from llmux.chat.render import FALLBACK_TEMPLATE, model_template, render_request
 
 __all__ = ["LlamaServerBackend"]
 
@@ -258,7 +264,7 @@ class LlamaServerBackend(Backend):
             case "template":
                 prompt, _ = self._chat_prompt(payload)
                 count = len(self._tokenize(self._unbossed(prompt), add_special=True))
-                return _answer({"prompt": prompt, "prompt_tokens": count})
+                return answer({"prompt": prompt, "prompt_tokens": count})
             case "complete":
                 return self._generate(str(payload.get("prompt", "")), [], payload, cancelled)
             case "embed" if embedding:
@@ -275,18 +281,8 @@ class LlamaServerBackend(Backend):
         Raises:
             InvalidInput: images for a model without a projector, or a template refusal.
         """
-        kwargs = dict(payload.get("chat_template_kwargs") or {})
-        if payload.get("reasoning_effort"):
-            kwargs.setdefault("reasoning_effort", payload["reasoning_effort"])
-        tools = payload.get("tools") if payload.get("tool_choice") != "none" else None
-        raw = payload.get("messages") or []
-        if self._vision:
-            messages, images = marked_messages(raw, self._marker)
-        else:
-            messages, images = template_messages(raw), []
-        prompt = render_chat(self._template, messages, bos=self._bos, eos=self._eos,
-                             tools=tools, kwargs=kwargs)
-        return prompt, images
+        return render_request(self._template, payload, bos=self._bos, eos=self._eos,
+                              marker=self._marker if self._vision else None)
 
     def _chat(self, payload: Mapping[str, Any], cancelled: threading.Event) -> Stream:
         prompt, images = self._chat_prompt(payload)
@@ -434,11 +430,6 @@ def _sweep_socket_dirs() -> None:
             shutil.rmtree(path, ignore_errors=True)
         except PermissionError:
             pass  # alive, someone else's
-
-
-def _answer(data: dict[str, Any]) -> Stream:
-    yield from ()
-    return data
 
 
 def _normalised(vector: Sequence[float]) -> list[float]:

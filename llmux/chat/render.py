@@ -16,10 +16,12 @@ import jinja2.ext
 import jinja2.sandbox
 
 from llmux.backends.base import InvalidInput
+from llmux.chat.templates import marked_messages, template_messages
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FALLBACK_TEMPLATE", "TemplateRefusal", "compile_template", "render_chat"]
+__all__ = ["FALLBACK_TEMPLATE", "TemplateRefusal", "compile_template", "render_chat",
+           "render_request", "template_kwargs"]
 
 FALLBACK_TEMPLATE: Final = (
     "{% for message in messages %}{{ message['role'] + ': ' + message['content'] + '\n' }}"
@@ -73,6 +75,35 @@ def model_template(source: Any, path: object) -> str:
     except jinja2.TemplateSyntaxError as exc:
         raise ValueError(f"{path}: its chat template does not compile: {exc}") from exc
     return str(source)
+
+
+def template_kwargs(payload: Mapping[str, Any]) -> dict[str, Any]:
+    """What the chat template gets besides messages and tools: the request's
+    ``chat_template_kwargs`` (``enable_thinking``, ...) and its ``reasoning_effort``."""
+    kwargs = dict(payload.get("chat_template_kwargs") or {})
+    if payload.get("reasoning_effort") is not None:
+        kwargs.setdefault("reasoning_effort", payload["reasoning_effort"])
+    return kwargs
+
+
+def render_request(template: str, payload: Mapping[str, Any], *, bos: str, eos: str,
+                   marker: str | None) -> tuple[str, list[bytes]]:
+    """The prompt text of a chat request under ``template``, and its images, each of
+    which stands in the text as ``marker`` (None: a text-only model, which refuses
+    images).
+
+    Raises:
+        InvalidInput: images for a text-only model, or a template refusal.
+    """
+    tools = payload.get("tools") if payload.get("tool_choice") != "none" else None
+    raw = payload.get("messages") or []
+    if marker is not None:
+        messages, images = marked_messages(raw, marker)
+    else:
+        messages, images = template_messages(raw), []
+    prompt = render_chat(template, messages, bos=bos, eos=eos, tools=tools,
+                         kwargs=template_kwargs(payload))
+    return prompt, images
 
 
 def render_chat(template: str, messages: Sequence[Mapping[str, Any]], *, bos: str, eos: str,
