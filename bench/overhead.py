@@ -8,6 +8,11 @@ server with one worker would serve them: each request waits for the 31 others be
 Added latency = llmux's percentile minus the in-process one at the same concurrency; the
 client's own cost (httpx) is part of it, since every client pays it.
 
+A third figure says how much of that is the HTTP stack llmux is built on: the same
+requests against a bare Falcon app on Hypercorn (this script with ``--floor PORT``)
+that calls the backend in-process in its handler, with no llmux in between. llmux's
+own share is its latency minus that floor.
+
 Headline: the goal ratio, max over the four goals (added p50 ≤ 1 ms and p99 ≤ 5 ms, at
 1 and at 32 clients) of added ÷ goal. It is ≤ 1 when every goal is met, and unlike
 llmux ÷ in-process (the baseline is a few microseconds of noise) it compares between
@@ -26,7 +31,7 @@ from collections.abc import Callable
 from typing import Any
 
 import httpx
-from common import Llmux, fake_model, percentile, record, serving, sweep
+from common import Llmux, Proc, fake_model, free_port, percentile, record, serving, sweep
 
 from llmux.backends.fake import FakeBackend
 
@@ -70,9 +75,9 @@ async def in_process(call: Callable[[], Any], clients: int, each: int) -> list[f
     return latencies
 
 
-async def through_llmux(url: str, clients: int, each: int,
+async def through_http(url: str, clients: int, each: int,
                         errors: list[str]) -> list[float]:
-    """Latencies (s) of ``clients`` concurrent httpx clients against llmux; a failed
+    """Latencies (s) of ``clients`` concurrent httpx clients against ``url``; a failed
     request is added to ``errors`` instead."""
     latencies: list[float] = []
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
@@ -101,25 +106,65 @@ async def through_llmux(url: str, clients: int, each: int,
     return latencies
 
 
+def serve_floor(port: int) -> None:
+    """The floor: a bare Falcon app on Hypercorn answering the chat route by calling
+    the backend in its handler (the event loop blocks for those microseconds)."""
+    import falcon.asgi
+    from hypercorn.asyncio import serve
+    from hypercorn.config import Config
+
+    call = in_process_call()
+
+    class Chat:
+        async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+            body = await req.get_media()
+            done = call()
+            resp.media = {"object": "chat.completion", "model": body["model"], "choices": [
+                {"index": 0, "finish_reason": done.get("finish_reason", "stop"),
+                 "message": {"role": "assistant", "content": OPTIONS["reply"]}}]}
+
+    app = falcon.asgi.App()
+    app.add_route("/v1/chat/completions", Chat())
+    app.add_route("/health", Health())
+    config = Config()
+    config.bind = [f"127.0.0.1:{port}"]
+    config.accesslog = None
+    asyncio.run(serve(app, config))  # type: ignore[arg-type]
+
+
+class Health:
+    async def on_get(self, req: Any, resp: Any) -> None:
+        resp.media = {"status": "ok"}
+
+
 def main() -> int:
+    if sys.argv[1:2] == ["--floor"]:
+        serve_floor(int(sys.argv[2]))
+        return 0
+    port = free_port()
+    errors: list[str] = []
+    with Proc([sys.executable, __file__, "--floor", str(port)]) as floor:
+        floor.wait_http(f"http://127.0.0.1:{port}/health", 30)
+        floors = [asyncio.run(through_http(f"http://127.0.0.1:{port}", clients, each, errors))
+                  for clients, each in LEVELS]
     call = in_process_call()
     config = serving({"fake": fake_model(**OPTIONS)},
                      policy={"max_queue_per_model": 256})
     figures: list[str] = []
-    errors: list[str] = []
     ratio = 0.0
     try:
         with Llmux(config) as server:
-            for clients, each in LEVELS:
+            for (clients, each), bare in zip(LEVELS, floors, strict=True):
                 base = asyncio.run(in_process(call, clients, each))
-                http = asyncio.run(through_llmux(server.url, clients, each, errors))
+                http = asyncio.run(through_http(server.url, clients, each, errors))
                 added = {q: (percentile(http, q) - percentile(base, q)) * 1000 for q in GOALS}
                 ratio = max(ratio, *(added[q] / GOALS[q] for q in GOALS))
                 figures.append(
                     f"{clients} client{'s' if clients > 1 else ''}: +{added[50]:.2f} ms p50, "
-                    f"+{added[99]:.2f} ms p99 (llmux {percentile(http, 50) * 1000:.2f}/"
-                    f"{percentile(http, 99) * 1000:.2f} ms, in-process "
-                    f"{percentile(base, 50) * 1000:.3f}/{percentile(base, 99) * 1000:.3f} ms)")
+                    f"+{added[99]:.2f} ms p99 (llmux {ms(http)}, in-process "
+                    f"{percentile(base, 50) * 1000:.3f}/{percentile(base, 99) * 1000:.3f} ms, "
+                    f"bare Falcon on Hypercorn {ms(bare)}: llmux's own +"
+                    f"{(percentile(http, 50) - percentile(bare, 50)) * 1000:.2f} ms p50)")
     finally:
         sweep()
     first = f" (first: {errors[0]})" if errors else ""
@@ -127,6 +172,10 @@ def main() -> int:
            + "; ".join(figures) + f"; {len(errors)} errors{first}; fake backend, "
            "non-streaming chat, httpx)")
     return 0
+
+
+def ms(latencies: list[float]) -> str:
+    return f"{percentile(latencies, 50) * 1000:.2f}/{percentile(latencies, 99) * 1000:.2f} ms"
 
 
 if __name__ == "__main__":

@@ -96,10 +96,8 @@ async def serve(config: Config, host: str, port: int, keys: KeyStore) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        print_problems(args.config, exc)
+    config = load_or_report(args.config)
+    if config is None:
         return 1
     log_format = args.log_format or config.server.log_format
     setup_logging(log_format)
@@ -132,11 +130,19 @@ def print_problems(path: str, exc: ConfigError) -> None:
         print(f"  {problem}", file=sys.stderr)
 
 
-def cmd_check_config(args: argparse.Namespace) -> int:
+def load_or_report(path: str) -> Config | None:
+    """The config at ``path``, or None once every problem it has is printed: each
+    command that needs a config stops on all of them at once, the same way."""
     try:
-        config = load_config(args.file)
+        return load_config(path)
     except ConfigError as exc:
-        print_problems(args.file, exc)
+        print_problems(path, exc)
+        return None
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    config = load_or_report(args.file)
+    if config is None:
         return 1
     print(render_summary(config))
     print(render_missing(config))  # a missing file is news, not an invalid config
@@ -145,10 +151,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 def cmd_pull(args: argparse.Namespace) -> int:
     """Download the model files the config names (see llmux.pull)."""
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        print_problems(args.config, exc)
+    config = load_or_report(args.config)
+    if config is None:
         return 1
     from llmux.pull import PullError, pull  # huggingface_hub loads for this command only
 

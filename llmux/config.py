@@ -115,6 +115,9 @@ class Policy:
     max_queue_per_model: int = 64
     max_turn_requests: int = 8
     max_turn_wait_s: float = 30.0  # while others wait, a loaded model's turn lasts at most this
+    # ... and at least this many times its own load time (within max_turn_wait_s), so a
+    # swap costs at most ~1/(1 + this) of the device's time however short the requests.
+    turn_load_multiple: float = 10.0
     request_deadline_s: float = 600.0
     priority_classes: dict[str, int] = attrs.field(factory=_default_priority_classes)
     # A warm spare worker per worker interpreter (llmux/spare.py): a process that has
@@ -557,6 +560,8 @@ def _check(config: Config, broken: _Broken) -> _Found:
     need(policy.max_queue_per_model >= 1, ("policy", "max_queue_per_model"), "must be at least 1")
     need(policy.max_turn_requests >= 1, ("policy", "max_turn_requests"), "must be at least 1")
     need(policy.max_turn_wait_s > 0, ("policy", "max_turn_wait_s"), "must be positive")
+    need(policy.turn_load_multiple >= 0, ("policy", "turn_load_multiple"),
+         "must not be negative")
     need(policy.request_deadline_s > 0, ("policy", "request_deadline_s"), "must be positive")
     some_devices = bool(devices) or broken.devices is None or bool(broken.devices)
     need(some_devices, ("devices",), "at least one device is required")

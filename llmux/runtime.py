@@ -148,7 +148,8 @@ class Runtime:
         rules = Rules(strict_priority=policy.strict_priority,
                       min_residency_s=policy.min_residency_s,
                       max_turn_requests=policy.max_turn_requests,
-                      max_turn_wait_s=policy.max_turn_wait_s)
+                      max_turn_wait_s=policy.max_turn_wait_s,
+                      turn_load_multiple=policy.turn_load_multiple)
         self.arbiters: dict[str, GpuArbiter] = {}
         # Warm spare workers: host memory, so on the cpu ledger (when there is one).
         self.spares = SparePool(
@@ -156,8 +157,9 @@ class Runtime:
             preload=policy.warm_spare_imports, enabled=policy.warm_spare, spawn=spawn_worker,
             room=lambda: self.arbiters["cpu"].snapshot()["free_bytes"]
             if "cpu" in self.arbiters else None,
-            quiet=lambda: not any(a.state in (State.LOADING, State.BUSY)
-                                  for a in self.actors.values()),
+            # Not while a model loads (the import would slow it down); a busy server is
+            # never idle, and swapping under load is what a spare is for.
+            quiet=lambda: not any(a.state is State.LOADING for a in self.actors.values()),
         )
         # Every arbiter knows every model: an admin may move a model to any device.
         on_device = list(config.physical_models.values())
@@ -189,6 +191,7 @@ class Runtime:
                     load_timeout_s=model.load_timeout_s,
                     idle_timeout_s=model.idle_timeout_s,
                     max_queue=policy.max_queue_per_model,
+                    pinned=model.pinned,
                 ),
                 arbiter=self.arbiters[device_id],
                 events=self.events,

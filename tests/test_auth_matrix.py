@@ -238,10 +238,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 @pytest.fixture(scope="module")
 def client(server: Server) -> Iterator[httpx.Client]:
-    # NOTE: a fresh connection per request: a refusal sent before an upload's body was
-    # read closes its connection, and a reused one could race that close.
-    with httpx.Client(base_url=server.url, timeout=60,
-                      limits=httpx.Limits(max_keepalive_connections=0)) as client:
+    with httpx.Client(base_url=server.url, timeout=60) as client:
         yield client
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import attrs
 import pytest
 
 from llmux.actors.placement import (
@@ -265,6 +266,29 @@ def test_after_max_turn_requests_a_busy_model_is_evicted_and_drains(seed: Config
         ("evicted qwen3.5-9b-fp8 (llm) for qwen3.5-4b (llm): exclusive group 'llm' (its turn "
          "is over after 8 requests in 5.0 s; it finishes its running request)",),
     )
+
+
+FLOORED = attrs.evolve(TURNS, turn_load_multiple=10.0)
+
+
+def test_a_turn_lasts_at_least_a_multiple_of_the_models_load_time(seed: Config) -> None:
+    # 8 requests in its 5 s turn, but its load took 2 s: the turn lasts 20 s.
+    slow = in_turn(seed, "qwen3.5-9b-fp8", busy=True, turn_requests=8, queued=5, load_s=2.0)
+    assert plan(view(seed, slow), want(seed, "qwen3.5-4b"), FLOORED, NOW) == Wait(
+        "qwen3.5-9b-fp8 is serving its turn (8 requests; it lasts at least 10 times its "
+        "2.0 s load, 15.0 s left)")
+    assert isinstance(plan(view(seed, slow), want(seed, "qwen3.5-4b"), FLOORED, NOW + 15),
+                      Evict)
+    fast = attrs.evolve(slow, load_s=0.4)  # a 4 s floor, already served
+    assert isinstance(plan(view(seed, fast), want(seed, "qwen3.5-4b"), FLOORED, NOW), Evict)
+
+
+def test_the_load_time_floor_never_outlasts_max_turn_wait(seed: Config) -> None:
+    slow = in_turn(seed, "qwen3.5-9b-fp8", busy=True, turn_requests=8, load_s=60.0,
+                   turn_since=NOW - 30)
+    assert isinstance(plan(view(seed, slow), want(seed, "qwen3.5-4b"), FLOORED, NOW), Evict)
+    fewer = attrs.evolve(slow, turn_requests=2)
+    assert isinstance(plan(view(seed, fewer), want(seed, "qwen3.5-4b"), FLOORED, NOW), Evict)
 
 
 def test_after_max_turn_wait_a_busy_model_is_evicted(seed: Config) -> None:

@@ -65,6 +65,9 @@ RELEASE_TIMEOUT_S = 10.0
 RELEASED_FRACTION = 0.9  # share of a footprint that must show up free to count as released
 MEASURE_INTERVAL_S = 2.0
 GROWTH_TOLERANCE = 0.1  # a worker this much above its footprint has grown: re-measured
+# A request's start and end (Usage) re-plan with the device reading of the last this
+# long ago, if our own ledger is unchanged since: two probe reads per request otherwise.
+USAGE_READING_S = 0.25
 
 
 class Mailbox(Protocol):
@@ -109,6 +112,17 @@ class _Entry:
     started: int = 0  # requests started since it loaded
     turn_since: float | None = None  # others have waited for the device since then
     turn_base: int = 0  # ``started`` when its turn began
+    load_s: float = 0.0  # how long its last load took (grant to loaded)
+
+
+@attrs.frozen(kw_only=True)
+class _Reading:
+    """The device's memory as the probe last showed it, and our ledger's total then."""
+
+    at: float
+    ours: int
+    total: int
+    used: int
 
 
 @attrs.define(kw_only=True)
@@ -157,6 +171,8 @@ class GpuArbiter(Actor[Message]):
         self._queued: dict[str, int] = {}
         self._seq = 0
         self._loading: str | None = None
+        self._reading: _Reading | None = None
+        self._reuse_reading = False
 
     def connect(self, actors: Mapping[str, Mailbox]) -> None:
         """Where to send Granted, Refused and Evict (the model actors' mailboxes)."""
@@ -181,8 +197,14 @@ class GpuArbiter(Actor[Message]):
         if self._capacity is not None:
             return self._capacity - self._margin - held
         ours = sum(e.bytes for e in self._ledger.values()) + held
-        foreign = max(0, self._probe.used_bytes() - ours)
-        return self._probe.total_bytes() - self._margin - foreign - held
+        reading = self._reading
+        if not (self._reuse_reading and reading is not None and reading.ours == ours
+                and self.clock() - reading.at < USAGE_READING_S):
+            reading = self._reading = _Reading(
+                at=self.clock(), ours=ours, total=self._probe.total_bytes(),
+                used=self._probe.used_bytes())
+        foreign = max(0, reading.used - ours)
+        return reading.total - self._margin - foreign - held
 
     def view(self) -> DeviceView:
         residents = tuple(
@@ -200,6 +222,7 @@ class GpuArbiter(Actor[Message]):
                 last_used=e.last_used,
                 turn_since=e.turn_since,
                 turn_requests=e.started - e.turn_base,
+                load_s=e.load_s,
             )
             for m, e in self._ledger.items()
         )
@@ -239,7 +262,11 @@ class GpuArbiter(Actor[Message]):
                     entry.started = started
             case _:
                 log.error("%s: unexpected message %r", self.name, message)
-        self._replan()
+        self._reuse_reading = isinstance(message, Usage)
+        try:
+            self._replan()
+        finally:
+            self._reuse_reading = False
 
     def _acquire(self, model: str, deadline: float) -> None:
         for pending in self._pending:
@@ -262,6 +289,7 @@ class GpuArbiter(Actor[Message]):
         )
         entry.bytes, entry.measured = measured, True
         entry.residency = Residency.LOADED
+        entry.load_s = self.clock() - entry.loaded_at  # loaded_at was the grant
         entry.loaded_at = entry.last_used = self.clock()
         entry.used_baseline = self._probe.used_bytes()
         entry.pid, entry.started = pid, 0
@@ -442,6 +470,7 @@ class GpuArbiter(Actor[Message]):
                     "queued": e.queued,
                     "turn_requests": e.started - e.turn_base if e.turn_since is not None
                     else None,
+                    "load_s": round(e.load_s, 3),
                 }
                 for m, e in self._ledger.items()
             ],

@@ -50,14 +50,18 @@ class EventLog:
         """How many listeners are subscribed (in /admin/state, where a leak would show)."""
         return len(self._listeners)
 
-    def record(self, model: str, kind: str, reason: str, **states: str | None) -> Event:
+    def record(self, model: str, kind: str, reason: str, *, level: int = logging.INFO,
+               **states: str | None) -> Event:
+        """Keep and log the event (``level``: DEBUG for the routine ones, such as every
+        request's ready -> busy -> ready, which would otherwise be most of the log)."""
         event = Event(at=time.time(), model=model, kind=kind, reason=reason, **states)
         self._events.append(event)
         self.counts[kind] += 1
         moved = f" {event.from_state} -> {event.to_state}" if event.to_state else ""
-        log.info("%s %s%s: %s", model, kind, moved, reason, extra={FIELDS: {
-            "model": model, "kind": kind, "reason": reason,
-            "from_state": event.from_state, "to_state": event.to_state}})
+        if log.isEnabledFor(level):
+            log.log(level, "%s %s%s: %s", model, kind, moved, reason, extra={FIELDS: {
+                "model": model, "kind": kind, "reason": reason,
+                "from_state": event.from_state, "to_state": event.to_state}})
         for listener in list(self._listeners):
             try:
                 listener(event)

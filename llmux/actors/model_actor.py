@@ -6,7 +6,9 @@ in a bounded queue with deadlines; the actor asks its device's arbiter for room
 finishes the running job, unloads, and reports ``Released``. A load that fails is
 retried with capped exponential backoff: on the next request once the backoff is
 over (requests in between are answered at once with the reason and ``Retry-After``),
-or by itself for a model asked to be loaded (preload, pinned, admin). Slow work (loading,
+or by itself for a model asked to be loaded (preload, pinned, admin). A crash counts as a
+failure too: a lone one is retried at once, one soon after another failure backs off
+like a failed load, and a pinned model reloads by itself. Slow work (loading,
 reading the worker's frames, stopping it) runs in the actor's own tasks, which
 report back through the mailbox; the worker's frames for the running job go
 straight to that job's reply stream.
@@ -97,6 +99,7 @@ TRANSITIONS: Final[Mapping[State, frozenset[State]]] = {
 }
 
 MAX_BACKOFF_S = 60.0
+STABLE_S = 60.0  # a worker up this long ends a run of failures: its crash is a lone one
 CANCEL_GRACE_S = 5.0  # a running job past its deadline gets this long to honour Cancel
 STOP_GRACE_S = 5.0
 
@@ -112,6 +115,7 @@ class ModelSettings:
     load_timeout_s: float
     idle_timeout_s: float | None
     max_queue: int
+    pinned: bool = False  # keep it resident: reloaded by itself after a crash
 
 
 SpawnWorker = Callable[..., Awaitable[WorkerHandle]]
@@ -137,10 +141,12 @@ class ModelActor(Actor[Message]):
         self._current: Job | None = None
         self._worker: WorkerHandle | None = None
         self._starting: WorkerHandle | None = None  # set by the load task for cleanup
+        self._stopping: WorkerHandle | None = None  # being unloaded, until it has exited
         self._acquiring = False
         self._move_to: MoveTo | None = None  # an admin move waiting for the unload
-        self._failures = 0
+        self._failures = 0  # failures in a row: loads that failed, workers that crashed
         self._retry_at = 0.0
+        self._ready_at = clock()
         self._last_error: str | None = None
         self._progress: float | None = None  # load fraction while LOADING
         self._load_count = 0
@@ -161,8 +167,10 @@ class ModelActor(Actor[Message]):
     def _transition(self, to: State, reason: str) -> None:
         if to not in TRANSITIONS[self._state]:
             raise AssertionError(f"{self.name}: illegal transition {self._state} -> {to}")
+        routine = {self._state, to} == {State.READY, State.BUSY}
         self._events.record(
-            self.name, "transition", reason, from_state=self._state.value, to_state=to.value
+            self.name, "transition", reason, level=logging.DEBUG if routine else logging.INFO,
+            from_state=self._state.value, to_state=to.value,
         )
         self._state = to
 
@@ -210,9 +218,7 @@ class ModelActor(Actor[Message]):
             case WorkerExited(worker=worker, reason=reason):
                 self._worker_exited(worker, reason)
             case WorkerStopped(worker=worker):
-                self._note_signalled(worker)
-                self._transition(State.UNLOADED, "worker exited")
-                self._arbiter.post(Released(self.name, "unloaded"))
+                self._worker_stopped(worker)
             case _:
                 log.error("%s: unexpected message %r in state %s", self.name, message, self._state)
         self._pump()
@@ -264,7 +270,7 @@ class ModelActor(Actor[Message]):
     def _ready(self, worker: WorkerHandle, reported: int | None) -> None:
         self._starting = None
         self._worker = worker
-        self._failures = 0
+        self._ready_at = self.clock()
         self._wanted = False
         self._started = 0
         self._load_count += 1
@@ -276,9 +282,8 @@ class ModelActor(Actor[Message]):
 
     def _load_failed(self, reason: str) -> None:
         self._starting = None
-        self._failures += 1
         self._progress = None
-        backoff = min(MAX_BACKOFF_S, 2.0 ** (self._failures - 1))
+        backoff = self._count_failure()
         self._retry_at = self.clock() + backoff
         self._last_error = reason
         self._transition(State.FAILED, f"load failed: {reason}; retry in {backoff:.0f} s")
@@ -305,9 +310,41 @@ class ModelActor(Actor[Message]):
         self._worker = None
         self._current = None
         self._last_error = f"worker died: {reason}"
-        self._retry_at = self.clock()  # a crash is retried at once; load failures back off
-        self._transition(State.FAILED, self._last_error)
+        wait = self._crash_backoff()
+        self._retry_at = self.clock() + wait
+        # NOTE: pinned means "keep it resident", so it comes back without a request,
+        # unless it was on its way out (an admin unload or a move was draining it).
+        # preload only means "load at start": such a model reloads on its next request.
+        self._wanted = self.settings.pinned and self._state is not State.DRAINING
+        then = f"retry in {wait:.0f} s" if wait else "retry at once"
+        self._transition(State.FAILED, f"{self._last_error}; {then}"
+                         + ("; pinned, so it reloads by itself" if self._wanted else ""))
         self._arbiter.post(Released(self.name, self._last_error))
+
+    def _worker_stopped(self, worker: WorkerHandle | None) -> None:
+        """The worker we unloaded has exited: it served until then, so no failures
+        are in a row any more."""
+        self._note_signalled(worker)
+        self._stopping = None
+        self._failures = 0
+        self._transition(State.UNLOADED, "worker exited")
+        self._arbiter.post(Released(self.name, "unloaded"))
+
+    def _count_failure(self) -> float:
+        """One more failure in a row; returns the wait before the next load: 1 s,
+        doubling up to MAX_BACKOFF_S."""
+        self._failures += 1
+        return min(MAX_BACKOFF_S, 2.0 ** (self._failures - 1))
+
+    def _crash_backoff(self) -> float:
+        """The wait before reloading after a crash. A lone crash (no failure before
+        it, or the worker had been up STABLE_S) is retried at once; one that follows
+        other failures waits as a failed load would, so a crash loop cannot spin."""
+        if self.clock() - self._ready_at >= STABLE_S:
+            self._failures = 0
+        lone = self._failures == 0
+        backoff = self._count_failure()
+        return 0.0 if lone else backoff
 
     # -- scheduling --------------------------------------------------------------------------
 
@@ -343,8 +380,8 @@ class ModelActor(Actor[Message]):
         ):
             self._acquire(max(job.deadline for job in self._queue))
         elif self._retry_wanted() and self.clock() >= self._retry_at:
-            self._events.record(self.name, "retry", f"retrying the load (attempt "
-                                f"{self._failures + 1}) after: {self._last_error}")
+            self._events.record(self.name, "retry", f"retrying the load (failures in a row: "
+                                f"{self._failures}) after: {self._last_error}")
             self._acquire(self.clock() + self.settings.load_timeout_s * 2)
         report = (self._current is not None, len(self._queue), self._started)
         if report != self._reported:
@@ -353,7 +390,8 @@ class ModelActor(Actor[Message]):
                                      report[2]))
 
     def _retry_wanted(self) -> bool:
-        """A model asked to be loaded (not by a request) whose load failed."""
+        """A model asked to be loaded (not by a request) whose load failed, or a
+        pinned model whose worker crashed."""
         return self._wanted and self._state is State.FAILED and not self._acquiring
 
     def _acquire(self, deadline: float) -> None:
@@ -369,6 +407,7 @@ class ModelActor(Actor[Message]):
 
     def _stop_worker(self, reason: str) -> None:
         worker, self._worker = self._worker, None
+        self._stopping = worker  # its pid stays in the state dump until it has exited
         self._transition(State.UNLOADING, reason)
         self._arbiter.post(Releasing(self.name))
 
@@ -587,7 +626,7 @@ class ModelActor(Actor[Message]):
                 tg.start_soon(worker.stop, 2.0)
 
     def snapshot(self) -> dict[str, Any]:
-        worker = self._worker or self._starting
+        worker = self._worker or self._starting or self._stopping
         return {
             "id": self.name,
             "state": self._state.value,

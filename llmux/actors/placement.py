@@ -18,8 +18,11 @@ Rules (DESIGN.md, "Placement policy"):
   one turn while it has work: busy, queued, or within a short linger after each
   request (its client's next one is likely on the way), so alternating clients cause
   few swaps.
-  A turn ends after ``max_turn_requests`` requests or ``max_turn_wait_s``; then the
-  model is evicted even if busy or queued (it drains its running request first);
+  A turn ends after ``max_turn_requests`` requests, but not before it lasted
+  ``turn_load_multiple`` times the model's own load time (so that swapping costs at
+  most about 1/(1 + multiple) of the device's time, however short the requests), or
+  after ``max_turn_wait_s`` whatever it served; then the model is evicted even if busy
+  or queued (it drains its running request first);
 - a device over capacity (a model grew past its measured footprint) sheds idle
   models by the same order (``relieve``);
 - a model that could only fit by evicting what may never be evicted, or that is
@@ -62,6 +65,7 @@ class Resident:
     # nobody waits), and how many requests it started since then.
     turn_since: float | None = None
     turn_requests: int = 0
+    load_s: float = 0.0  # how long its last load took: what bringing it back costs
 
 
 @attrs.frozen(kw_only=True)
@@ -81,6 +85,7 @@ class Rules:
     min_residency_s: float = 0.0
     max_turn_requests: int = 8
     max_turn_wait_s: float = 30.0
+    turn_load_multiple: float = 0.0
     turn_linger_s: float = 0.5
 
 
@@ -143,8 +148,11 @@ def turn_over(resident: Resident, rules: Rules, now: float) -> bool:
     even if busy (it drains first) or with queued work."""
     if resident.turn_since is None:
         return False
+    served = now - resident.turn_since
+    if served >= rules.max_turn_wait_s:
+        return True
     return (resident.turn_requests >= rules.max_turn_requests
-            or now - resident.turn_since >= rules.max_turn_wait_s)
+            and served >= rules.turn_load_multiple * resident.load_s)
 
 
 def _lingering(resident: Resident, rules: Rules, now: float) -> bool:
@@ -172,9 +180,15 @@ def _why_not_now(resident: Resident, rules: Rules, now: float) -> str:
     if resident.residency is Residency.LOADING:
         return f"{resident.model} is still loading"
     if resident.turn_since is not None and (resident.busy or _lingering(resident, rules, now)):
-        left = rules.max_turn_wait_s - (now - resident.turn_since)
+        served = now - resident.turn_since
+        if resident.turn_requests >= rules.max_turn_requests:
+            floor = min(rules.turn_load_multiple * resident.load_s, rules.max_turn_wait_s)
+            return (f"{resident.model} is serving its turn ({resident.turn_requests} "
+                    f"requests; it lasts at least {rules.turn_load_multiple:g} times its "
+                    f"{resident.load_s:.1f} s load, {floor - served:.1f} s left)")
         return (f"{resident.model} is serving its turn ({resident.turn_requests} of "
-                f"{rules.max_turn_requests} requests, {left:.1f} s left)")
+                f"{rules.max_turn_requests} requests, "
+                f"{rules.max_turn_wait_s - served:.1f} s left)")
     if resident.busy:
         return f"{resident.model} is busy"
     left = rules.min_residency_s - (now - resident.loaded_at)

@@ -10,6 +10,11 @@ It also bounds a request body that stalls: no body bytes for ``body_timeout_s`` 
 as the client leaving mid-body (llmux.http.complete_body then refuses the request and
 the connection closes). Once the body is complete, nothing is timed: a long reply to a
 client that sends nothing more is never cut.
+
+A response that starts before the body is complete (a 401 or 413 refusing an upload
+unread) says ``connection: close``: Hypercorn closes such a connection after the
+response, and a keep-alive client not told so would send its next request on the
+closing socket and fail.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 CALLBACKS_KEY = "llmux.on_disconnect"
+CLOSE = (b"connection", b"close")
 
 
 class StreamAborted(Exception):
@@ -43,6 +49,11 @@ def on_disconnect(scope: Scope, callback: Callable[[], None]) -> None:
     scope.setdefault(CALLBACKS_KEY, []).append(callback)
 
 
+def closing(start: Message) -> Message:
+    """A copy of ``start`` (an ``http.response.start``) that says ``connection: close``."""
+    return {**start, "headers": [*start.get("headers", ()), CLOSE]}
+
+
 class DisconnectWatcher:
     def __init__(self, app: ASGIApp, body_timeout_s: float = math.inf) -> None:
         self.app = app
@@ -54,11 +65,18 @@ class DisconnectWatcher:
             return
         scope[CALLBACKS_KEY] = []
         forward, inbox = anyio.create_memory_object_stream[Message](16)
+        # NOTE: the server's view, not the app's: Hypercorn sends a body's end as a message
+        # of its own, which an app refusing the request never reads, yet the connection
+        # stays reusable once the server has it.
+        body_received = False  # Hypercorn delivered the body's last chunk
 
         async def pump() -> None:
+            nonlocal body_received
             async with forward:
                 while True:
                     message = await receive()
+                    if message["type"] == "http.request" and not message.get("more_body"):
+                        body_received = True
                     if message["type"] == "http.disconnect":
                         for callback in scope[CALLBACKS_KEY]:
                             try:
@@ -88,10 +106,15 @@ class DisconnectWatcher:
                 body_done = True
             return message
 
+        async def app_send(message: Message) -> None:
+            if message["type"] == "http.response.start" and not body_received:
+                message = closing(message)
+            await send(message)
+
         async with anyio.create_task_group() as tg, inbox:
             tg.start_soon(pump)
             try:
-                await self.app(scope, app_receive, send)
+                await self.app(scope, app_receive, app_send)
             except StreamAborted as exc:
                 log.warning("%s %s aborted mid-response: %s", scope.get("method"),
                             scope.get("path"), exc)

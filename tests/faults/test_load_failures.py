@@ -26,7 +26,9 @@ async def test_a_model_that_fails_to_load_backs_off_and_blocks_nobody(
 ) -> None:
     config = three_models()
     config["physical_models"]["c"]["options"]["fail_on_load"] = REASON
-    config["policy"] = {"min_residency_s": 0.5, "request_deadline_s": 30}
+    # No load-time floor on turns: c's retries follow its backoff, not a's and b's turns.
+    config["policy"] = {"min_residency_s": 0.5, "request_deadline_s": 30,
+                        "turn_load_multiple": 0}
     server: Server = start_server(config)
     outcomes: list[Outcome] = []
 
