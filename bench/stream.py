@@ -1,4 +1,6 @@
-"""Stream: tokens/s of a GGUF streamed through llmux ÷ bare ``llama-server`` on it.
+"""Stream: tokens/s of a GGUF streamed through llmux ÷ bare ``llama-server`` on it, for
+each of llmux's two GGUF backends (``llama_cpp`` and ``llama_server``); the headline is
+the faster one's.
 
 Same file (SmolLM2-135M Q4_1 unless given), same thread count, same context size, same
 prompt through each one's own rendering of the GGUF's chat template, same max_tokens,
@@ -52,10 +54,14 @@ def body(model: str) -> dict[str, Any]:
     return {"model": model, "messages": PROMPT, "max_tokens": TOKENS, "temperature": 0.0}
 
 
+BACKENDS = ("llama_cpp", "llama_server")  # llmux's two GGUF backends, one model each
+
+
 def llmux_config(model: str) -> dict[str, Any]:
-    return serving({"gguf": {
-        "type": "llm", "backend": "llama_cpp", "model_path": model,
-        "estimated_vram": "400MB", "options": {"n_ctx": CONTEXT, "n_threads": THREADS}}})
+    return serving({backend: {
+        "type": "llm", "backend": backend, "model_path": model,
+        "estimated_vram": "400MB", "options": {"n_ctx": CONTEXT, "n_threads": THREADS}}
+        for backend in BACKENDS})
 
 
 def bare_argv(binary: str, path: Path, port: int) -> list[str]:
@@ -63,9 +69,9 @@ def bare_argv(binary: str, path: Path, port: int) -> list[str]:
             "-t", str(THREADS), "-c", str(CONTEXT), "-np", "1", "--jinja", "--no-webui"]
 
 
-def compare(binary: str, model: str) -> tuple[list[Streamed], list[Streamed]]:
-    """(llmux's runs, llama-server's runs), taken in turns so that whatever else the
-    machine does weighs on both alike."""
+def compare(binary: str, model: str) -> dict[str, list[Streamed]]:
+    """Runs of bare ``llama-server`` and of each llmux backend, taken in turns so that
+    whatever else the machine does weighs on all alike."""
     path = resolve_model_path(model)
     port = free_port()
     bare_url = f"http://127.0.0.1:{port}/v1/chat/completions"
@@ -73,15 +79,17 @@ def compare(binary: str, model: str) -> tuple[list[Streamed], list[Streamed]]:
             httpx.Client(timeout=300) as client:
         bare.wait_http(f"http://127.0.0.1:{port}/health", timeout=120)
         our_url = f"{ours.url}/v1/chat/completions"
-        stream_chat(client, bare_url, body(path.stem))  # warm-up: the load, first prompt
-        stream_chat(client, our_url, body("gguf"))
-        theirs: list[Streamed] = []
-        mine: list[Streamed] = []
+        targets = {"llama-server": (bare_url, path.stem),
+                   **{backend: (our_url, backend) for backend in BACKENDS}}
+        for url, name in targets.values():  # warm-up: the load, the first prompt
+            stream_chat(client, url, body(name))
+        runs: dict[str, list[Streamed]] = {target: [] for target in targets}
         deadline = time.monotonic() + BUDGET_S
-        while len(mine) < RUNS and (not mine or time.monotonic() < deadline):
-            theirs.append(stream_chat(client, bare_url, body(path.stem)))
-            mine.append(stream_chat(client, our_url, body("gguf")))
-    return mine, theirs
+        while len(runs["llama-server"]) < RUNS and (
+                not runs["llama-server"] or time.monotonic() < deadline):
+            for target, (url, name) in targets.items():
+                runs[target].append(stream_chat(client, url, body(name)))
+    return runs
 
 
 def summary(runs: list[Streamed]) -> tuple[float, str]:
@@ -101,14 +109,17 @@ def main() -> int:
         return 0
     path = resolve_model_path(model)
     try:
-        mine, theirs = compare(binary, model)
+        runs = compare(binary, model)
     finally:
         sweep()
-    ours, our_details = summary(mine)
-    bare, their_details = summary(theirs)
-    record(f"stream: {ours / bare:.2f} (llmux llama_cpp {our_details}; llama-server "
-           f"{their_details}; {path.name}, {THREADS} threads, median of {len(mine)}, "
-           "temperature 0)")
+    bare, bare_details = summary(runs.pop("llama-server"))
+    rates = {backend: summary(backend_runs) for backend, backend_runs in runs.items()}
+    best = max(rates, key=lambda backend: rates[backend][0])
+    ours = "; ".join(f"llmux {backend} {rate / bare:.2f}: {details}"
+                     for backend, (rate, details) in rates.items())
+    record(f"stream: {rates[best][0] / bare:.2f} (llmux's faster backend, {best}; {ours}; "
+           f"llama-server {bare_details}; {path.name}, {THREADS} threads, median of "
+           f"{len(runs[best])}, temperature 0)")
     return 0
 
 

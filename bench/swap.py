@@ -10,7 +10,9 @@ The two models are two names (hard links, or copies across file systems) of one 
 SmolLM2-135M Q4_1 unless given: what is measured is the swap, not the model, and both
 servers read the same bytes. llmux gets a memory budget of one model's estimate and
 puts both in one exclusive group (the measured footprints, ~0.2 GB, are below the
-estimate: the budget alone would soon hold both); the router gets ``--models-max 1``
+estimate: the budget alone would soon hold both) and a warm spare worker, as the GPU
+configs have (llmux/spare.py: the next load skips starting Python and importing
+llama-cpp-python; the spare's RSS fits in the budget); the router gets ``--models-max 1``
 and a ``--models-dir`` holding the two names, and routes by the request's ``model``
 (the file name without ``.gguf``, as its ``/v1/models`` lists it). Same threads,
 context and prompt for both; the two servers run side by side and take turns, so other
@@ -72,7 +74,7 @@ def llmux_config(paths: list[Path]) -> dict[str, Any]:
     return serving({name: {**model, "model_path": str(path)}
                     for name, path in zip(NAMES, paths, strict=True)},
                    devices={"cpu": {"capacity": "500MB"}},
-                   policy={"min_residency_s": 0})
+                   policy={"min_residency_s": 0, "warm_spare": True})
 
 
 def router_argv(binary: str, folder: Path, port: int) -> list[str]:

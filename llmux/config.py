@@ -39,6 +39,9 @@ BACKENDS: Final = (
     "chatterbox",
     "rapidocr",
 )
+CONCURRENT_BACKENDS: Final = frozenset({"fake", "llama_server"})
+"""Backends whose class says ``concurrent``: only they take ``max_concurrency`` > 1 (a
+test keeps this in step with the backends, which the server process never imports)."""
 CAPABILITIES: Final = ("vision", "tools", "reasoning", "translate")
 
 # Markers for int fields written as sizes in YAML ("9GB"); "auto" is also allowed for CAPACITY.
@@ -588,6 +591,10 @@ def _check(config: Config, broken: _Broken) -> _Found:
         need(model.load_timeout_s > 0, (*path, "load_timeout_s"), "must be positive")
         need((model.idle_timeout_s or 0) >= 0, (*path, "idle_timeout_s"), "must not be negative")
         need(model.max_concurrency >= 1, (*path, "max_concurrency"), "must be at least 1")
+        need(model.max_concurrency <= 1 or model.backend in CONCURRENT_BACKENDS
+             or model.backend not in BACKENDS, (*path, "max_concurrency"),
+             f"the {model.backend} backend serves one request at a time; more than 1 needs "
+             f"one of {', '.join(sorted(CONCURRENT_BACKENDS))}")
         need(not model.voices or model.type == "tts", (*path, "voices"),
              f"only speech (tts) models have voices, this is a {model.type} model")
         if model.source is not None:

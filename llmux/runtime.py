@@ -48,7 +48,10 @@ from llmux.workers.handle import WorkerHandle
 
 log = logging.getLogger(__name__)
 
-REPLY_BUFFER = 64
+# A job's replies never make the model's frame reader wait: with several requests in
+# flight in one worker, a client that stops reading must not stall the others. A job's
+# buffer is bounded by its own reply (max_tokens pieces, one clip of audio).
+REPLY_BUFFER = math.inf
 LOADED_STATES = frozenset({State.READY, State.BUSY, State.DRAINING})
 
 
@@ -123,6 +126,7 @@ def load_spec(model: PhysicalModel, device: str) -> dict[str, Any]:
         "files": dict(model.files),
         "options": dict(model.options),
         "device": device,
+        "max_concurrency": model.max_concurrency,  # the worker's pool, the actor's limit
     }
 
 
@@ -157,9 +161,7 @@ class Runtime:
             preload=policy.warm_spare_imports, enabled=policy.warm_spare, spawn=spawn_worker,
             room=lambda: self.arbiters["cpu"].snapshot()["free_bytes"]
             if "cpu" in self.arbiters else None,
-            # Not while a model loads (the import would slow it down); a busy server is
-            # never idle, and swapping under load is what a spare is for.
-            quiet=lambda: not any(a.state is State.LOADING for a in self.actors.values()),
+            quiet=self._quiet_for_a_spare,
         )
         # Every arbiter knows every model: an admin may move a model to any device.
         on_device = list(config.physical_models.values())
@@ -202,6 +204,15 @@ class Runtime:
             arbiter.connect(self.actors)
         # /metrics: counters fed by the event log, gauges read from snapshot() at scrape.
         self.metrics = Metrics(config, self.events, self.snapshot)
+
+    def _quiet_for_a_spare(self) -> bool:
+        """Whether a spare may start now: its import takes a core, which a load, or a
+        model computing on the CPU, would lose (llama.cpp's threads spin-wait for each
+        other: one busy core can halve its speed). A model busy on a GPU is no reason
+        to wait: the GPU configs are the ones with spares."""
+        return not any(actor.state is State.LOADING or (
+            actor.state is State.BUSY and actor.settings.device == "cpu")
+            for actor in self.actors.values())
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
                   ) -> None:

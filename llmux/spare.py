@@ -7,9 +7,9 @@ is most of a small model's swap cost.
 where they would start a worker: it hands out the spare of that interpreter (or waits
 for the one being started, which is ahead of a fresh start), else starts a fresh worker.
 A spare is started when the server starts, after one was taken, and when a worker
-exits; each start waits until no model is loading (bounded), so the import does not
-compete with a load for the cores (it may with a request: a server under load is never
-idle, and that is when swaps happen), and only if the host ledger has room for it.
+exits; each start waits (bounded) until no model is loading or computing on the CPU, so
+the import does not compete with them for the cores (a model busy on a GPU is no reason
+to wait), and only if the host ledger has room for it.
 
 Memory: a spare is host memory. Its measured RSS is counted on the ``cpu`` device's
 ledger (``held_bytes``), and it is the first thing to go: when a model needs that room,

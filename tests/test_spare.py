@@ -94,6 +94,20 @@ def test_a_spare_is_dropped_rather_than_a_model_evicted(start_server: Any) -> No
     assert not [e for e in server.state()["events"] if e.get("kind") == "evict"]
 
 
+def test_a_spare_never_makes_a_model_too_big_for_its_device(start_server: Any) -> None:
+    # Each estimate is the whole budget: with the spare's RSS counted, b would be refused
+    # as too big instead of evicting a (its exclusive group's other member); the spare
+    # goes instead, a is evicted, b loads.
+    model = {**fake_model(), "estimated_vram": "500MB", "exclusive_group": "g"}
+    server = start_server(spare_config(capacity="500MB", a=model, b=dict(model)))
+    wait_for_spare(server)
+    load(server, "a")
+    wait_for_spare(server)
+    load(server, "b")
+    assert server.model("a")["state"] == "unloaded"
+    assert spares(server)["dropped"] >= 2
+
+
 def test_no_spare_unless_configured(start_server: Any) -> None:
     server = start_server(spare_config(enabled=False))
     load(server, "chat")

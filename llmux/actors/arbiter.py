@@ -394,7 +394,8 @@ class GpuArbiter(Actor[Message]):
                        self._rules, now)
         better = isinstance(roomier, Grant) or (
             isinstance(roomier, EvictPlan) and isinstance(decision, EvictPlan)
-            and len(roomier.victims) < len(decision.victims))
+            and len(roomier.victims) < len(decision.victims)) or (
+            isinstance(decision, Refuse) and not isinstance(roomier, Refuse))
         return better and self._spares is not None and self._spares.drop()
 
     def _evict(self, evict: EvictPlan) -> None:

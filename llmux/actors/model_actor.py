@@ -2,16 +2,17 @@
 
 The lifecycle is the table below and nothing else sets the state. Requests wait
 in a bounded queue with deadlines; the actor asks its device's arbiter for room
-(``Acquire``), loads when ``Granted``, serves one job at a time, and on ``Evict``
-finishes the running job, unloads, and reports ``Released``. A load that fails is
-retried with capped exponential backoff: on the next request once the backoff is
-over (requests in between are answered at once with the reason and ``Retry-After``),
+(``Acquire``), loads when ``Granted``, serves up to ``max_concurrency`` jobs at once
+(``RunningJobs``), and on ``Evict`` finishes the running jobs, unloads, and reports
+``Released``. A load that fails is retried with capped exponential backoff: on the
+next request once the backoff is over (requests in between are answered at once
+with the reason and ``Retry-After``),
 or by itself for a model asked to be loaded (preload, pinned, admin). A crash counts as a
 failure too: a lone one is retried at once, one soon after another failure backs off
 like a failed load, and a pinned model reloads by itself. Slow work (loading,
 reading the worker's frames, stopping it) runs in the actor's own tasks, which
-report back through the mailbox; the worker's frames for the running job go
-straight to that job's reply stream.
+report back through the mailbox; the worker's frames go straight to the reply
+stream of the running job whose id they carry.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ from llmux.actors.messages import (
     WorkerReady,
     WorkerStopped,
 )
+from llmux.actors.running import RunningJobs
 from llmux.errors import (
     BadRequest,
     DeadlineExceeded,
@@ -117,6 +119,11 @@ class ModelSettings:
     max_queue: int
     pinned: bool = False  # keep it resident: reloaded by itself after a crash
 
+    @property
+    def max_concurrency(self) -> int:
+        """Jobs run at once: the load spec's, as the worker sizes its pool by it."""
+        return int(self.load_spec.get("max_concurrency") or 1)
+
 
 SpawnWorker = Callable[..., Awaitable[WorkerHandle]]
 
@@ -138,7 +145,7 @@ class ModelActor(Actor[Message]):
         self._spawn_worker = spawn_worker
         self._state = State.UNLOADED
         self._queue: collections.deque[Job] = collections.deque()
-        self._current: Job | None = None
+        self._running = RunningJobs(settings.max_concurrency, CANCEL_GRACE_S)
         self._worker: WorkerHandle | None = None
         self._starting: WorkerHandle | None = None  # set by the load task for cleanup
         self._stopping: WorkerHandle | None = None  # being unloaded, until it has exited
@@ -154,7 +161,7 @@ class ModelActor(Actor[Message]):
         self._last_used = clock()
         self._last_used_wall: float | None = None
         self._reported = (False, 0, 0)
-        self._killed_job: int | None = None  # the job whose worker was killed (once)
+        self._killed: WorkerHandle | None = None  # the worker killed for ignoring a cancel
         self._started = 0  # jobs started since the worker loaded (the arbiter's turns)
         self._wanted = False  # asked to be loaded without a request: retried on failure
 
@@ -248,9 +255,9 @@ class ModelActor(Actor[Message]):
                 self._queue.remove(job)
                 job.reply.close()
                 return
-        current = self._current
-        if current is not None and current.id == job_id and not current.cancelled:
-            current.cancelled = True
+        running = self._running.get(job_id)
+        if running is not None and not running.cancelled:
+            running.cancelled = True
             self._send_to_worker(wp.Cancel(job_id))
 
     def _refused(self, reason: str, permanent: bool) -> None:
@@ -263,7 +270,9 @@ class ModelActor(Actor[Message]):
         if self._state is State.READY:
             self._stop_worker(reason)
         elif self._state is State.BUSY:
-            self._transition(State.DRAINING, f"{reason}; finishing the running request")
+            count = len(self._running)
+            self._transition(State.DRAINING, f"{reason}; finishing the running request"
+                             + (f"s ({count})" if count > 1 else ""))
         else:
             log.info("%s: unload (%s) ignored in state %s", self.name, reason, self._state.value)
 
@@ -294,11 +303,12 @@ class ModelActor(Actor[Message]):
             ))
 
     def _job_finished(self, job_id: int) -> None:
-        if self._current is None or self._current.id != job_id:
+        if self._running.pop(job_id) is None:
             return
-        self._current = None
         self._last_used = self.clock()
         self._last_used_wall = time.time()
+        if len(self._running):
+            return  # still busy (or draining) with the others
         if self._state is State.BUSY:
             self._transition(State.READY, "request finished")
         elif self._state is State.DRAINING:
@@ -308,7 +318,8 @@ class ModelActor(Actor[Message]):
         if worker is not self._worker:
             return  # a worker we are already stopping
         self._worker = None
-        self._current = None
+        for job in self._running.clear():  # the reader failed those not cancelled
+            job.reply.close()
         self._last_error = f"worker died: {reason}"
         wait = self._crash_backoff()
         self._retry_at = self.clock() + wait
@@ -370,8 +381,9 @@ class ModelActor(Actor[Message]):
                 self._unload(f"moving to {self._move_to.device}")
             elif self._state in (State.UNLOADED, State.FAILED) and not self._acquiring:
                 self._finish_move()
-        if self._state is State.READY and self._queue:
-            self._start(self._queue.popleft())
+        if self._state in (State.READY, State.BUSY) and self._queue:
+            while self._queue and self._running.has_room:
+                self._start(self._queue.popleft())
         elif (
             self._state in (State.UNLOADED, State.FAILED)
             and self._queue
@@ -383,7 +395,7 @@ class ModelActor(Actor[Message]):
             self._events.record(self.name, "retry", f"retrying the load (failures in a row: "
                                 f"{self._failures}) after: {self._last_error}")
             self._acquire(self.clock() + self.settings.load_timeout_s * 2)
-        report = (self._current is not None, len(self._queue), self._started)
+        report = (len(self._running) > 0, len(self._queue), self._started)
         if report != self._reported:
             self._reported = report
             self._arbiter.post(Usage(self.name, report[0], report[1], self._last_used,
@@ -399,9 +411,10 @@ class ModelActor(Actor[Message]):
         self._arbiter.post(Acquire(self.name, deadline))
 
     def _start(self, job: Job) -> None:
-        self._current = job
+        self._running.add(job)
         self._started += 1
-        self._transition(State.BUSY, f"request {job.id} ({job.op})")
+        if self._state is State.READY:
+            self._transition(State.BUSY, f"request {job.id} ({job.op})")
         self._send(job, Started())
         self._send_to_worker(wp.Infer(job.id, job.op, job.payload))
 
@@ -422,9 +435,7 @@ class ModelActor(Actor[Message]):
 
     def next_wakeup(self) -> float:
         times = [job.deadline for job in self._queue]
-        if self._current is not None:
-            grace = CANCEL_GRACE_S if self._current.cancelled else 0.0
-            times.append(self._current.deadline + grace)
+        times.append(self._running.next_deadline())
         if self._state is State.READY and self.settings.idle_timeout_s is not None:
             times.append(self._last_used + self.settings.idle_timeout_s)
         if self._state is State.FAILED and (self._queue or self._wanted) and \
@@ -445,23 +456,7 @@ class ModelActor(Actor[Message]):
                 and self._state is not State.LOADING):
             self._acquiring = False
             self._arbiter.post(Withdraw(self.name))
-        current = self._current
-        if current is not None and current.deadline <= now:
-            if not current.cancelled:
-                current.cancelled = True
-                self._send(current, Failure(DeadlineExceeded(
-                    f"{self.name} did not finish within the request deadline"
-                )))
-                current.reply.close()
-                self._send_to_worker(wp.Cancel(current.id))
-            elif current.deadline + CANCEL_GRACE_S <= now and self._worker is not None:
-                if self._killed_job != current.id:  # the timer repeats until it is reaped
-                    self._killed_job = current.id
-                    log.warning("%s: worker ignores cancel; killing it", self.name)
-                    # An event, so /admin/state and the metrics tell this kill from a crash.
-                    self._events.record(self.name, "kill", "worker ignored cancel past the "
-                                        "request deadline: SIGKILL")
-                self._worker.kill()
+        self._expire_running(now)
         idle = self.settings.idle_timeout_s
         if self._state is State.READY and idle is not None and now - self._last_used >= idle:
             self._stop_worker(f"idle for {idle:.0f} s")
@@ -504,13 +499,33 @@ class ModelActor(Actor[Message]):
             await worker.stop(grace_s=1.0)
         self.post(WorkerLoadFailed(reason))
 
+    def _expire_running(self, now: float) -> None:
+        """Per running job: past its deadline it fails and is cancelled; still running
+        past the cancel grace, the worker ignores cancels and is killed (and with it
+        the other running jobs, which fail as in a crash)."""
+        for job in self._running.expired(now):
+            job.cancelled = True
+            self._send(job, Failure(DeadlineExceeded(
+                f"{self.name} did not finish within the request deadline"
+            )))
+            job.reply.close()
+            self._send_to_worker(wp.Cancel(job.id))
+        if self._running.stuck(now) and self._worker is not None:
+            if self._killed is not self._worker:  # the timer repeats until it is reaped
+                self._killed = self._worker
+                log.warning("%s: worker ignores cancel; killing it", self.name)
+                # An event, so /admin/state and the metrics tell this kill from a crash.
+                self._events.record(self.name, "kill", "worker ignored cancel past the "
+                                    "request deadline: SIGKILL")
+            self._worker.kill()
+
     async def _read_worker(self, worker: WorkerHandle) -> None:
-        """Route the worker's frames to the running job until the worker exits."""
+        """Route the worker's frames to their running jobs until the worker exits."""
         try:
             while True:
                 frame = await worker.receive()
-                job = self._current
-                if job is None or getattr(frame, "id", None) != job.id:
+                job = self._running.get(getattr(frame, "id", None))
+                if job is None:
                     continue  # late frames of a job already given up
                 match frame:
                     case wp.Chunk(data=data):
@@ -526,12 +541,12 @@ class ModelActor(Actor[Message]):
                             f"{self.name} could not complete the request: {text}"
                         )))
         except WorkerDied as exc:
-            job = self._current
-            if job is not None and not job.cancelled:
-                await self._finish(job, Failure(ModelFailed(
-                    f"the worker of {self.name} died while serving this request ({exc}); "
-                    "retry the request", retry_after_s=1.0,
-                )), post=False)
+            for job in self._running:
+                if not job.cancelled:
+                    await self._finish(job, Failure(ModelFailed(
+                        f"the worker of {self.name} died while serving this request ({exc});"
+                        " retry the request", retry_after_s=1.0,
+                    )), post=False)
             self.post(WorkerExited(worker, str(exc)))
 
     async def _forward(self, worker: WorkerHandle, job: Job, reply: Reply) -> None:
@@ -585,8 +600,8 @@ class ModelActor(Actor[Message]):
             except wp.ProtocolError as exc:
                 # The frame cannot be encoded (the server's checks should have caught
                 # it): that request fails, the worker and the server carry on.
-                job = self._current
-                if isinstance(frame, wp.Infer) and job is not None and job.id == frame.id:
+                job = self._running.get(frame.id) if isinstance(frame, wp.Infer) else None
+                if job is not None:
                     await self._finish(job, Failure(BadRequest(
                         f"This request cannot be passed to the model: {exc}")))
                 else:
@@ -618,7 +633,7 @@ class ModelActor(Actor[Message]):
 
     async def cleanup(self) -> None:
         """On shutdown: refuse what waits, stop the worker (graceful, then killed)."""
-        for job in [*self._queue, *([self._current] if self._current else [])]:
+        for job in [*self._queue, *self._running]:
             self._reply_error(job, ShuttingDown("llmux is shutting down", retry_after_s=5.0))
         self._queue.clear()
         async with anyio.create_task_group() as tg:
@@ -633,7 +648,7 @@ class ModelActor(Actor[Message]):
             "device": self.settings.device,
             "pid": worker.pid if worker is not None else None,
             "queue_depth": len(self._queue),
-            "in_flight": 1 if self._current is not None else 0,
+            "in_flight": len(self._running),
             "last_used": self._last_used_wall,
             "load_count": self._load_count,
             "jobs_cancelled": self._jobs_cancelled,

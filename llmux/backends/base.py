@@ -6,7 +6,7 @@ import abc
 import os
 import threading
 from collections.abc import Callable, Generator, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 
 class InvalidInput(ValueError):
@@ -55,7 +55,13 @@ ProgressFn = Callable[[float, str], None]
 
 class Backend(abc.ABC):
     """One loaded model. The worker calls ``load``, ``warmup``, then ``infer`` one
-    request at a time from its main thread, and ``unload`` before it exits."""
+    request at a time from its main thread, and ``unload`` before it exits; a
+    ``concurrent`` backend gets up to the model's ``max_concurrency`` ``infer`` calls at
+    once, each on its own thread, and ``unload`` once they have all returned."""
+
+    concurrent: ClassVar[bool] = False
+    """True if ``infer`` is re-entrant and the runtime serves calls side by side (a
+    server with slots); llmux/config.py's ``CONCURRENT_BACKENDS`` must list it."""
 
     def __init__(self, spec: Mapping[str, Any]) -> None:
         """``spec``: model_id, type, backend, model_path, files, options, device."""

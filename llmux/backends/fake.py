@@ -83,7 +83,13 @@ def _embed(text: str, dim: int) -> list[float]:
 
 
 class FakeBackend(Backend):
-    """Scripted replies at a scripted pace, with a real memory footprint."""
+    """Scripted replies at a scripted pace, with a real memory footprint.
+
+    Concurrent: ``infer`` keeps each request's state in its own generator; the one
+    shared thing it changes, ``_memory`` (grow_per_request), grows under a lock.
+    """
+
+    concurrent = True
 
     def __init__(self, spec: Mapping[str, Any]) -> None:
         super().__init__(spec)
@@ -101,6 +107,7 @@ class FakeBackend(Backend):
         self.context_length = int(opts.get("context_length", 4096))
         self.calls_tools = bool(opts.get("tool_calls", False))
         self._memory = bytearray()
+        self._grow_lock = threading.Lock()
         self._child: subprocess.Popen[bytes] | None = None
 
     # -- lifecycle -------------------------------------------------------------------
@@ -166,7 +173,8 @@ class FakeBackend(Backend):
         if grow := parse_size(self.options.get("grow_per_request", 0)):
             more = bytearray(grow)
             more[::_PAGE] = b"\x01" * len(range(0, grow, _PAGE))
-            self._memory += more
+            with self._grow_lock:
+                self._memory += more
         match op:
             case "chat":
                 messages = payload.get("messages") or []

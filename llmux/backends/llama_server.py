@@ -17,6 +17,12 @@ model is loaded, the worker exits too, so the model actor sees a crash and reloa
 Cancel closes the HTTP stream: llama-server stops generating at its next token. Its
 memory is the worker's: the footprint probes count a worker's children.
 
+Concurrency: llama-server runs ``max_concurrency`` slots (``--parallel N``) and batches
+them, so the worker relays up to N requests at once, each on its own thread and its own
+HTTP connection to the socket. llama-server splits ``--ctx-size`` across its slots, so
+it is started with ``n_ctx * N``: each request keeps the ``n_ctx`` the operator
+configured (and the KV cache, so the footprint, grows N times).
+
 Options: those of the llama_cpp backend (n_ctx, n_gpu_layers, n_batch, n_threads,
 flash_attn, type_k, type_v, chat_template, embedding, pooling, verbose, mmproj,
 reasoning_format, tool_format), plus ``binary`` (a llama-server path instead of
@@ -88,10 +94,14 @@ SOCKET_DIR_PREFIX: Final = "llmux-llama-server-"  # then the worker's pid
 class LlamaServerBackend(Backend):
     """One GGUF model in a llama-server child process."""
 
+    concurrent = True
+
     def __init__(self, spec: Mapping[str, Any]) -> None:
         super().__init__(spec)
         self.device = str(spec.get("device") or "cpu")
-        server_argv("llama-server", "model.gguf", self.options, self.device, "x.sock")
+        self.parallel = spec.get("max_concurrency", 1)
+        server_argv("llama-server", "model.gguf", self.options, self.device, "x.sock",
+                    parallel=self.parallel)
         output_formats("", self.options)  # a bad reasoning/tool format: ValueError now
         self._formats = ("none", "none")
         self._process: subprocess.Popen[bytes] | None = None
@@ -126,7 +136,7 @@ class LlamaServerBackend(Backend):
         self._dir = tempfile.mkdtemp(prefix=f"{SOCKET_DIR_PREFIX}{os.getpid()}-")
         self._address = os.path.join(self._dir, "server.sock")
         argv = server_argv(binary, str(path), self.options, self.device, self._address,
-                           projector)
+                           projector, self.parallel)
         progress(0.0, f"starting llama-server on {path.name}")
         log.info("starting %s", " ".join(argv))
         self._process = subprocess.Popen(

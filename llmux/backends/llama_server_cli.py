@@ -44,9 +44,13 @@ def flag(options: Mapping[str, Any], key: str) -> bool:
 
 
 def server_argv(binary: str, model: str, options: Mapping[str, Any], device: str,
-                address: str, mmproj: str | None = None) -> list[str]:
+                address: str, mmproj: str | None = None, parallel: int = 1) -> list[str]:
     """llama-server's command line for one model on ``device``, listening on the unix
-    socket ``address`` (a path ending in ``.sock``), one request at a time.
+    socket ``address`` (a path ending in ``.sock``), serving ``parallel`` requests at
+    once (its slots).
+
+    NOTE: llama-server splits ``--ctx-size`` evenly across its slots, so it gets
+    ``n_ctx * parallel``: each request keeps the context the operator configured.
 
     Raises:
         ValueError: an unknown option or a bad value, naming the option.
@@ -71,10 +75,13 @@ def server_argv(binary: str, model: str, options: Mapping[str, Any], device: str
     extra = options.get("extra_args") or []
     if not isinstance(extra, list) or not all(isinstance(a, str) for a in extra):
         raise ValueError(f"option extra_args must be a list of strings, got {extra!r}")
+    if isinstance(parallel, bool) or not isinstance(parallel, int) or parallel < 1:
+        raise ValueError(f"max_concurrency must be an integer >= 1, got {parallel!r}")
+    n_ctx = _int(options, "n_ctx", 4096, 16) or 4096  # null: the default
     argv = [binary, "--model", model, "--host", address,
-            "--ctx-size", str(_int(options, "n_ctx", 4096, 16)),
+            "--ctx-size", str(n_ctx * parallel),
             "--batch-size", str(_int(options, "n_batch", 512, 1)),
-            "--parallel", "1", "--no-webui", "--no-warmup",
+            "--parallel", str(parallel), "--no-webui", "--no-warmup",
             "--flash-attn", "on" if flash else "off",
             "--n-gpu-layers", "all" if layers == -1 else str(layers),
             # NOTE: no host-RAM prompt cache beside the slot's own KV cache: the

@@ -8,7 +8,10 @@ imports those modules before its Hello, then waits for whichever model's Load co
 Threads: a reader thread owns stdin. It sets a request's cancel event the moment a
 Cancel arrives, even while the main thread is deep in a generation, and queues every
 other frame for the main thread, which loads the model and runs one request at a
-time. Frame writes from any thread go through one lock.
+time; a ``concurrent`` backend's requests run instead on a pool of the model's
+``max_concurrency`` threads (the actor never sends more at once), and Unload waits for
+them (cancelled, they end within a token). Frame writes from any thread go through
+one lock, so frames never interleave.
 
 The worker must never outlive the server (guarantee 4): it asks the kernel for
 SIGKILL when its parent dies, and also exits when stdin reaches EOF.
@@ -26,6 +29,7 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, BinaryIO, Final, NoReturn
 
 from llmux.backends.base import Backend, InvalidInput
@@ -166,15 +170,20 @@ class Worker:
         self._writer = writer
         self._requests = requests
         self._backend: Backend | None = None
+        self._pool: ThreadPoolExecutor | None = None  # concurrent backends only
 
     def handle(self, frame: Frame) -> None:
         match frame:
             case Load(spec=spec):
                 self._load(spec)
+            case Infer(id=request_id, op=op, payload=payload) if self._pool is not None:
+                self._pool.submit(self._infer, request_id, op, payload)
             case Infer(id=request_id, op=op, payload=payload):
                 self._infer(request_id, op, payload)
             case Unload():
                 log.info("unloading")
+                if self._pool is not None:
+                    self._pool.shutdown(wait=True)  # the reader cancelled them all
                 if self._backend is not None:
                     self._backend.unload()
                 _exit(0)
@@ -203,10 +212,16 @@ class Worker:
             self._writer.send(LoadFailed(f"{type(exc).__name__}: {exc}"))
             _exit(1)
         self._backend = backend
-        log.info("loaded, footprint %s bytes", loaded.reported_bytes)
+        limit = int(spec.get("max_concurrency") or 1)
+        if backend.concurrent and limit > 1:
+            self._pool = ThreadPoolExecutor(max_workers=limit, thread_name_prefix="infer")
+        log.info("loaded, footprint %s bytes, %d request(s) at once", loaded.reported_bytes,
+                 limit if self._pool is not None else 1)
         self._writer.send(loaded)
 
     def _infer(self, request_id: int, op: str, payload: dict[str, Any]) -> None:
+        """Run one request to its Done or Failed frame; never raises (on a pool thread,
+        an exception would vanish)."""
         cancelled = self._requests.take(request_id)
         try:
             if self._backend is None:
