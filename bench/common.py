@@ -138,8 +138,9 @@ class Proc:
     def __init__(self, argv: Sequence[str], *, cwd: Path = ROOT,
                  env: Mapping[str, str] | None = None) -> None:
         self.argv = list(argv)
-        # The log lives as long as the process; stop() closes it.
-        self.log: IO[str] = tempfile.TemporaryFile("w+")  # noqa: SIM115
+        # The log lives as long as the process; stop() closes it. Append mode: the
+        # child's writes go to the end whatever our reads do with the shared offset.
+        self.log: IO[str] = tempfile.TemporaryFile("a+")  # noqa: SIM115
         self.started = time.perf_counter()
         self.popen = subprocess.Popen(self.argv, stdout=self.log, stderr=subprocess.STDOUT,
                                       stdin=subprocess.DEVNULL, cwd=cwd,

@@ -1,7 +1,8 @@
 """Uploaded documents to page images: a PDF rendered page by page, or one checked image.
 
 Runs in the server (Pillow and pypdfium2 are server dependencies), always in a thread:
-rendering and decoding block. Everything a model gets from here has been decoded once,
+rendering and decoding block. Both are imported on first use, not at the server's start
+(PERF: together ~100 ms). Everything a model gets from here has been decoded once,
 so a broken, encrypted, oversized or unknown file is a 400 naming ``file`` before any
 model is loaded.
 """
@@ -11,12 +12,13 @@ from __future__ import annotations
 import io
 import math
 import threading
-from typing import Final, Literal
-
-import pypdfium2  # type: ignore[import-untyped]
-from PIL import Image, ImageOps, UnidentifiedImageError
+from typing import TYPE_CHECKING, Final, Literal
 
 from llmux.errors import BadRequest
+
+if TYPE_CHECKING:
+    import pypdfium2  # type: ignore[import-untyped]
+    from PIL import Image
 
 __all__ = ["DPI", "IMAGE_FORMATS", "MAX_PAGES", "MAX_PIXELS", "document_pages", "image_page",
            "kind_of", "pdf_pages"]
@@ -71,6 +73,8 @@ def pdf_pages(data: bytes, max_pages: int, dpi: float,
     Raises:
         BadRequest: not a readable PDF, encrypted, no pages or more than ``max_pages``.
     """
+    import pypdfium2
+
     with _PDFIUM:
         try:
             pdf = pypdfium2.PdfDocument(data)
@@ -92,6 +96,8 @@ def pdf_pages(data: bytes, max_pages: int, dpi: float,
 
 
 def _render(page: pypdfium2.PdfPage, dpi: float, max_pixels: int) -> bytes:
+    import pypdfium2
+
     try:
         width, height = page.get_size()
         scale = dpi / POINTS_PER_INCH
@@ -113,6 +119,8 @@ def image_page(data: bytes, max_pixels: int = MAX_PIXELS) -> bytes:
         BadRequest: not an image, a format not in ``IMAGE_FORMATS``, damaged, or more
             than ``max_pixels``.
     """
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
     kinds = "PNG, JPEG, WebP, GIF, BMP or TIFF"
     try:
         image = Image.open(io.BytesIO(data))

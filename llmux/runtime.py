@@ -37,8 +37,9 @@ from llmux.actors.messages import (
     RequestUnload,
     Submit,
 )
-from llmux.actors.model_actor import ModelActor, ModelSettings, SpawnWorker, State
+from llmux.actors.model_actor import ModelActor, ModelSettings, State
 from llmux.actors.placement import Rules
+from llmux.actors.worker_io import SpawnWorker
 from llmux.config import Config, PhysicalModel, VirtualModel
 from llmux.errors import BadRequest, ModelNotFound, QueueFull, ShuttingDown
 from llmux.leftovers import PID_FILE, WorkerPids

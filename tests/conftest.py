@@ -89,7 +89,9 @@ class Server:
         config.setdefault("server", {}).update(port=self.port, state_dir=str(tmp / "state"))
         self.config_path = tmp / "llmux.yaml"
         self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-        self.log = (tmp / "server.log").open("w+")
+        # Append mode: the server's writes go to the end of the file whatever a reader
+        # of it does (a shared offset moved by a seek would let them overwrite lines).
+        self.log = (tmp / "server.log").open("a")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "llmux.cli", "serve", "--config", str(self.config_path),
              *args],
@@ -107,9 +109,7 @@ class Server:
             return False
 
     def logs(self) -> str:
-        self.log.flush()
-        self.log.seek(0)
-        return self.log.read()
+        return Path(self.log.name).read_text(errors="replace")
 
     def state(self) -> dict[str, Any]:
         data: dict[str, Any] = httpx.get(f"{self.url}/admin/state", timeout=5,

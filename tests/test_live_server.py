@@ -105,6 +105,18 @@ def test_the_server_process_never_imports_a_model_runtime() -> None:
     assert out.stdout.strip() == "[]"
 
 
+def test_the_server_imports_media_libraries_only_when_a_request_needs_them() -> None:
+    """PyAV, Pillow and pypdfium2 cost ~200 ms of start-up; only media requests need them."""
+    code = (
+        "import sys, llmux.http.app\n"
+        "bad = {'av', 'PIL', 'pypdfium2'}\n"
+        "print(sorted(bad & {name.partition('.')[0] for name in sys.modules}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                         text=True, check=True, timeout=60)
+    assert out.stdout.strip() == "[]"
+
+
 def test_llmux_state_prints_the_running_servers_state(start_server: Any) -> None:
     server = start_server(fake_config(a=fake_model()))
     out = subprocess.run([sys.executable, "-m", "llmux.cli", "state", "--url", server.url],

@@ -9,10 +9,10 @@ next request once the backoff is over (requests in between are answered at once
 with the reason and ``Retry-After``),
 or by itself for a model asked to be loaded (preload, pinned, admin). A crash counts as a
 failure too: a lone one is retried at once, one soon after another failure backs off
-like a failed load, and a pinned model reloads by itself. Slow work (loading,
-reading the worker's frames, stopping it) runs in the actor's own tasks, which
-report back through the mailbox; the worker's frames go straight to the reply
-stream of the running job whose id they carry.
+like a failed load, and a pinned model reloads by itself. Slow work runs in the
+actor's own tasks, which report back through the mailbox: stopping the worker here,
+and the worker's I/O (loading it, frames to it in order, frames from it to the
+running jobs) in ``WorkerIO`` (worker_io.py).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import logging
 import math
 import signal
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, Final
 
 import anyio
@@ -37,7 +37,6 @@ from llmux.actors.messages import (
     CancelJob,
     Evict,
     Failure,
-    Finished,
     Granted,
     Job,
     JobFinished,
@@ -46,7 +45,6 @@ from llmux.actors.messages import (
     LoadProgress,
     Message,
     MoveTo,
-    Piece,
     Refused,
     Released,
     Releasing,
@@ -64,10 +62,9 @@ from llmux.actors.messages import (
     WorkerStopped,
 )
 from llmux.actors.running import RunningJobs
+from llmux.actors.worker_io import SpawnWorker, WorkerIO
 from llmux.errors import (
-    BadRequest,
     DeadlineExceeded,
-    InternalError,
     LlmuxError,
     LoadRefused,
     ModelFailed,
@@ -75,7 +72,7 @@ from llmux.errors import (
     ShuttingDown,
 )
 from llmux.workers import protocol as wp
-from llmux.workers.handle import WorkerDied, WorkerHandle, describe_exit
+from llmux.workers.handle import WorkerHandle, describe_exit
 
 log = logging.getLogger(__name__)
 
@@ -125,9 +122,6 @@ class ModelSettings:
         return int(self.load_spec.get("max_concurrency") or 1)
 
 
-SpawnWorker = Callable[..., Awaitable[WorkerHandle]]
-
-
 class ModelActor(Actor[Message]):
     def __init__(
         self,
@@ -142,12 +136,14 @@ class ModelActor(Actor[Message]):
         self.settings = settings
         self._arbiter = arbiter
         self._events = events
-        self._spawn_worker = spawn_worker
         self._state = State.UNLOADED
         self._queue: collections.deque[Job] = collections.deque()
         self._running = RunningJobs(settings.max_concurrency, CANCEL_GRACE_S)
+        self._io = WorkerIO(self.name, self._running, post=self.post,
+                            spawn_worker=spawn_worker, on_spawned=self._spawned,
+                            on_client_gone=self._cancel, on_stopped=self._note_stopped)
         self._worker: WorkerHandle | None = None
-        self._starting: WorkerHandle | None = None  # set by the load task for cleanup
+        self._starting: WorkerHandle | None = None  # the load task's, until ready or failed
         self._stopping: WorkerHandle | None = None  # being unloaded, until it has exited
         self._acquiring = False
         self._move_to: MoveTo | None = None  # an admin move waiting for the unload
@@ -198,7 +194,10 @@ class ModelActor(Actor[Message]):
                 self._acquiring = False
                 self._transition(State.LOADING, "granted by the arbiter")
                 self._progress = 0.0
-                self.spawn(self._load_worker, "load")
+                self.spawn(lambda: self._io.load(
+                    python=self.settings.python, spec=self.settings.load_spec,
+                    timeout_s=self.settings.load_timeout_s,
+                ), "load")
             case Refused(reason=reason, permanent=permanent):
                 self._acquiring = False
                 self._refused(reason, permanent)
@@ -258,7 +257,7 @@ class ModelActor(Actor[Message]):
         running = self._running.get(job_id)
         if running is not None and not running.cancelled:
             running.cancelled = True
-            self._send_to_worker(wp.Cancel(job_id))
+            self._io.send(wp.Cancel(job_id))
 
     def _refused(self, reason: str, permanent: bool) -> None:
         if not permanent:
@@ -287,7 +286,7 @@ class ModelActor(Actor[Message]):
         self._last_used = self.clock()
         self._transition(State.READY, f"worker {worker.pid} loaded and warmed up")
         self._arbiter.post(Loaded(self.name, worker.pid, reported))
-        self.spawn(lambda: self._read_worker(worker), "read")
+        self.spawn(self._io.connect(worker), "worker")
 
     def _load_failed(self, reason: str) -> None:
         self._starting = None
@@ -318,6 +317,7 @@ class ModelActor(Actor[Message]):
         if worker is not self._worker:
             return  # a worker we are already stopping
         self._worker = None
+        self._io.disconnect()
         for job in self._running.clear():  # the reader failed those not cancelled
             job.reply.close()
         self._last_error = f"worker died: {reason}"
@@ -416,10 +416,11 @@ class ModelActor(Actor[Message]):
         if self._state is State.READY:
             self._transition(State.BUSY, f"request {job.id} ({job.op})")
         self._send(job, Started())
-        self._send_to_worker(wp.Infer(job.id, job.op, job.payload))
+        self._io.send(wp.Infer(job.id, job.op, job.payload))
 
     def _stop_worker(self, reason: str) -> None:
         worker, self._worker = self._worker, None
+        self._io.disconnect()
         self._stopping = worker  # its pid stays in the state dump until it has exited
         self._transition(State.UNLOADING, reason)
         self._arbiter.post(Releasing(self.name))
@@ -462,42 +463,12 @@ class ModelActor(Actor[Message]):
             self._stop_worker(f"idle for {idle:.0f} s")
         self._pump()
 
-    # -- worker I/O (the actor's own tasks) -----------------------------------------------------
+    # -- the worker (its I/O runs in WorkerIO) ----------------------------------------------
 
-    async def _load_worker(self) -> None:
-        """Spawn, load and warm up a worker; report WorkerReady or WorkerLoadFailed.
-        The load completes even if every client that wanted it has left."""
-        worker: WorkerHandle | None = None
-        try:
-            with anyio.fail_after(self.settings.load_timeout_s):
-                worker = await self._spawn_worker(
-                    python=self.settings.python, model_id=self.name
-                )
-                self._starting = worker
-                await worker.send(wp.Load(self.settings.load_spec))
-                while True:
-                    frame = await worker.receive()
-                    match frame:
-                        case wp.Progress(fraction=fraction, message=text):
-                            self.post(LoadProgress(fraction, text))
-                        case wp.Loaded(reported_bytes=reported, info=info):
-                            self.post(WorkerReady(worker, reported, dict(info)))
-                            return
-                        case wp.LoadFailed(message=text):
-                            raise _LoadError(text)
-                        case _:
-                            raise _LoadError(f"unexpected frame during load: {frame!r}")
-        except TimeoutError:
-            reason = f"load did not finish within {self.settings.load_timeout_s:.0f} s"
-        except (WorkerDied, _LoadError) as exc:
-            reason = str(exc)
-        except BaseException:
-            if worker is not None:
-                worker.kill()
-            raise
-        if worker is not None:
-            await worker.stop(grace_s=1.0)
-        self.post(WorkerLoadFailed(reason))
+    def _spawned(self, worker: WorkerHandle) -> None:
+        """The load task started ``worker``: shown in the state dump, and stopped on
+        shutdown even if it is still loading."""
+        self._starting = worker
 
     def _expire_running(self, now: float) -> None:
         """Per running job: past its deadline it fails and is cancelled; still running
@@ -509,7 +480,7 @@ class ModelActor(Actor[Message]):
                 f"{self.name} did not finish within the request deadline"
             )))
             job.reply.close()
-            self._send_to_worker(wp.Cancel(job.id))
+            self._io.send(wp.Cancel(job.id))
         if self._running.stuck(now) and self._worker is not None:
             if self._killed is not self._worker:  # the timer repeats until it is reaped
                 self._killed = self._worker
@@ -518,45 +489,6 @@ class ModelActor(Actor[Message]):
                 self._events.record(self.name, "kill", "worker ignored cancel past the "
                                     "request deadline: SIGKILL")
             self._worker.kill()
-
-    async def _read_worker(self, worker: WorkerHandle) -> None:
-        """Route the worker's frames to their running jobs until the worker exits."""
-        try:
-            while True:
-                frame = await worker.receive()
-                job = self._running.get(getattr(frame, "id", None))
-                if job is None:
-                    continue  # late frames of a job already given up
-                match frame:
-                    case wp.Chunk(data=data):
-                        await self._forward(worker, job, Piece(dict(data)))
-                    case wp.Done(data=data):
-                        if data.get("finish_reason") == "cancelled":
-                            self._note_stopped(job, data)
-                        await self._finish(job, Finished(dict(data)))
-                    case wp.Failed(message=text, kind="invalid_request"):
-                        await self._finish(job, Failure(BadRequest(text)))
-                    case wp.Failed(message=text):
-                        await self._finish(job, Failure(InternalError(
-                            f"{self.name} could not complete the request: {text}"
-                        )))
-        except WorkerDied as exc:
-            for job in self._running:
-                if not job.cancelled:
-                    await self._finish(job, Failure(ModelFailed(
-                        f"the worker of {self.name} died while serving this request ({exc});"
-                        " retry the request", retry_after_s=1.0,
-                    )), post=False)
-            self.post(WorkerExited(worker, str(exc)))
-
-    async def _forward(self, worker: WorkerHandle, job: Job, reply: Reply) -> None:
-        if job.cancelled:
-            return
-        try:
-            await job.reply.send(reply)
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-            job.cancelled = True  # the client left: stop generating within one token
-            self._send_to_worker(wp.Cancel(job.id))
 
     def _note_signalled(self, worker: WorkerHandle | None) -> None:
         """A worker that ignored unload and had to be signalled is a "kill" event
@@ -573,42 +505,6 @@ class ModelActor(Actor[Message]):
         self._jobs_cancelled += 1
         tokens = (data.get("usage") or {}).get("completion_tokens", "?")
         log.info("%s: job %d stopped by its worker after %s tokens", self.name, job.id, tokens)
-
-    async def _finish(self, job: Job, reply: Reply, *, post: bool = True) -> None:
-        await self._forward_final(job, reply)
-        if post:
-            self.post(JobFinished(job.id))
-
-    async def _forward_final(self, job: Job, reply: Reply) -> None:
-        if not job.cancelled:
-            try:
-                await job.reply.send(reply)
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-                pass
-        job.reply.close()
-
-    def _send_to_worker(self, frame: wp.Frame) -> None:
-        worker = self._worker
-        if worker is None:
-            return
-
-        async def send() -> None:
-            try:
-                await worker.send(frame)
-            except WorkerDied:
-                pass  # the reader task reports the death
-            except wp.ProtocolError as exc:
-                # The frame cannot be encoded (the server's checks should have caught
-                # it): that request fails, the worker and the server carry on.
-                job = self._running.get(frame.id) if isinstance(frame, wp.Infer) else None
-                if job is not None:
-                    await self._finish(job, Failure(BadRequest(
-                        f"This request cannot be passed to the model: {exc}")))
-                else:
-                    log.warning("%s: could not send %s to the worker: %s", self.name,
-                                type(frame).__name__, exc)
-
-        self.spawn(send, "send")
 
     # -- replies -----------------------------------------------------------------------------
 
@@ -655,7 +551,3 @@ class ModelActor(Actor[Message]):
             "load_progress": self._progress,
             "last_error": self._last_error,
         }
-
-
-class _LoadError(Exception):
-    """The worker reported that loading failed."""

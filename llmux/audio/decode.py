@@ -9,16 +9,18 @@ never from a name or a content type. Whatever is wrong with the upload becomes a
 from __future__ import annotations
 
 import io
-from typing import Final
-
-import av
-from av.audio.frame import AudioFrame
-from av.audio.resampler import AudioResampler
-from av.audio.stream import AudioStream
-from av.container import InputContainer
-from av.error import FFmpegError
+from typing import TYPE_CHECKING, Final
 
 from llmux.errors import BadRequest
+
+if TYPE_CHECKING:
+    from av.audio.frame import AudioFrame
+    from av.audio.resampler import AudioResampler
+    from av.audio.stream import AudioStream
+    from av.container import InputContainer
+
+# PERF: PyAV is imported where it is used: its ~90 ms would otherwise delay the
+# server's start, though only transcription requests need it.
 
 __all__ = ["ACCEPTED_FORMATS", "SAMPLE_RATE", "decode_to_pcm", "duration_s"]
 
@@ -37,9 +39,13 @@ _BYTES_PER_SAMPLE: Final = 4  # float32
 # protocol is named "none", so every nested open fails and only our bytes are read.
 _INPUT_OPTIONS: Final = {"protocol_whitelist": "none"}
 
-# What PyAV raises on bad input besides FFmpegError: a frame the resampler rejects
-# (ValueError), undecodable tag text (UnicodeDecodeError, a ValueError), a short read.
-_DECODE_ERRORS: Final = (FFmpegError, ValueError, EOFError)
+
+def _decode_errors() -> tuple[type[Exception], ...]:
+    """What PyAV raises on bad input: FFmpegError, a frame the resampler rejects
+    (ValueError), undecodable tag text (UnicodeDecodeError, a ValueError), a short read."""
+    from av.error import FFmpegError
+
+    return (FFmpegError, ValueError, EOFError)
 
 
 def decode_to_pcm(data: bytes, *, max_seconds: float | None = None) -> bytes:
@@ -55,6 +61,8 @@ def decode_to_pcm(data: bytes, *, max_seconds: float | None = None) -> bytes:
             reads, hold no audio stream, decode to no samples, or are longer than
             ``max_seconds``.
     """
+    import av
+
     if not data:
         raise _not_audio("the file is empty")
     try:
@@ -62,7 +70,7 @@ def decode_to_pcm(data: bytes, *, max_seconds: float | None = None) -> bytes:
             io.BytesIO(data), mode="r", container_options=_INPUT_OPTIONS,
             metadata_errors="replace",
         )
-    except _DECODE_ERRORS as exc:
+    except _decode_errors() as exc:
         raise _not_audio(_describe("read", exc)) from exc
     with container:
         if not container.streams.audio:
@@ -89,7 +97,7 @@ def _decode(container: InputContainer, stream: AudioStream, max_seconds: float |
                 _check_length(len(out), limit, max_seconds)
         for chunk in to_mono.flush():
             out += chunk
-    except _DECODE_ERRORS as exc:
+    except _decode_errors() as exc:
         if not out:
             raise _not_audio(_describe("decode", exc)) from exc
         # NOTE: a truncated or partly corrupt file; keep what decoded before the damage.
@@ -106,7 +114,7 @@ class _Mono16k:
     """
 
     def __init__(self) -> None:
-        self._resampler = AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
+        self._resampler = _new_resampler()
         self._source: tuple[str, str, int] | None = None
 
     def convert(self, frame: AudioFrame) -> list[bytes]:
@@ -114,12 +122,18 @@ class _Mono16k:
         chunks = []
         if source != self._source:
             chunks = self.flush()
-            self._resampler = AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
+            self._resampler = _new_resampler()
             self._source = source
         return chunks + [_samples(f) for f in self._resampler.resample(frame)]
 
     def flush(self) -> list[bytes]:
         return [_samples(f) for f in self._resampler.resample(None)]
+
+
+def _new_resampler() -> AudioResampler:
+    from av.audio.resampler import AudioResampler
+
+    return AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
 
 
 def _samples(frame: AudioFrame) -> bytes:
@@ -139,6 +153,8 @@ def _check_length(n_bytes: int, limit: int | None, max_seconds: float | None) ->
 
 def _describe(verb: str, exc: Exception) -> str:
     """``ffmpeg could not read it: Invalid data found ...``, without errno or file name."""
+    from av.error import FFmpegError
+
     reason = exc.strerror if isinstance(exc, FFmpegError) and exc.strerror else str(exc)
     return f"ffmpeg could not {verb} it: {reason}"
 

@@ -12,14 +12,16 @@ decoders accept and which is what OpenAI sends too.
 from __future__ import annotations
 
 from fractions import Fraction
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import attrs
-import av
-from av.audio.frame import AudioFrame
-from av.audio.resampler import AudioResampler
-from av.audio.stream import AudioStream
-from av.codec import Capabilities, Codec
+
+if TYPE_CHECKING:
+    from av.audio.frame import AudioFrame
+    from av.codec import Codec
+
+# PERF: PyAV is imported where it is used: its ~90 ms would otherwise delay the
+# server's start, though only speech requests need it.
 
 __all__ = ["PCM_RATE", "SPEECH_FORMATS", "SpeechEncoder"]
 
@@ -81,6 +83,11 @@ class SpeechEncoder:
         Raises:
             ValueError: ``fmt`` is not one of ``SPEECH_FORMATS``, or the rate is not positive.
         """
+        import av
+        from av.audio.resampler import AudioResampler
+        from av.audio.stream import AudioStream
+        from av.codec import Capabilities, Codec
+
         recipe = _RECIPES.get(fmt)
         if recipe is None:
             raise ValueError(
@@ -151,6 +158,8 @@ class SpeechEncoder:
         return self._sink.drain()
 
     def _frame(self, pcm: bytes) -> AudioFrame:
+        from av.audio.frame import AudioFrame
+
         frame = AudioFrame(format="s16", layout="mono", samples=len(pcm) // 2)
         # NOTE: "s16" is native-endian; llmux runs on little-endian hosts only.
         frame.planes[0].update(pcm)

@@ -78,21 +78,25 @@ class Speech:
         resp.stream = encoded_audio(ticket, first, fmt)
 
 
+async def new_encoder(fmt: str, data: dict[str, Any]) -> SpeechEncoder:
+    """An encoder for the reply, made in a thread: the first one imports PyAV."""
+    rate = int(data.get("sample_rate", DEFAULT_SAMPLE_RATE))
+    return await anyio.to_thread.run_sync(SpeechEncoder, fmt, rate)
+
+
 async def encoded_audio(ticket: Ticket, first: Reply, fmt: str) -> AsyncIterator[bytes]:
     encoder: SpeechEncoder | None = None
     async for reply in replies(ticket, first):
         match reply:
             case Piece(data=data) if "pcm" in data:
                 if encoder is None:
-                    encoder = SpeechEncoder(fmt, int(data.get("sample_rate",
-                                                              DEFAULT_SAMPLE_RATE)))
+                    encoder = await new_encoder(fmt, data)
                 out = await anyio.to_thread.run_sync(encoder.feed, data["pcm"])
                 if out:
                     yield out
             case Finished(data=data):
                 if encoder is None:
-                    encoder = SpeechEncoder(fmt, int(data.get("sample_rate",
-                                                              DEFAULT_SAMPLE_RATE)))
+                    encoder = await new_encoder(fmt, data)
                 yield await anyio.to_thread.run_sync(encoder.finish)
             case Failure(error=error):
                 raise StreamAborted(error.message)
