@@ -1,23 +1,22 @@
 """ModelActor: one per physical model; owns its queue and, while loaded, its worker.
 
-The lifecycle is the table below and nothing else sets the state. Requests wait
-in a bounded queue with deadlines; the actor asks its device's arbiter for room
-(``Acquire``), loads when ``Granted``, serves up to ``max_concurrency`` jobs at once
-(``RunningJobs``), and on ``Evict`` finishes the running jobs, unloads, and reports
-``Released``. A load that fails is retried with capped exponential backoff: on the
-next request once the backoff is over (requests in between are answered at once
-with the reason and ``Retry-After``),
-or by itself for a model asked to be loaded (preload, pinned, admin). A crash counts as a
-failure too: a lone one is retried at once, one soon after another failure backs off
-like a failed load, and a pinned model reloads by itself. Slow work runs in the
-actor's own tasks, which report back through the mailbox: stopping the worker here,
-and the worker's I/O (loading it, frames to it in order, frames from it to the
-running jobs) in ``WorkerIO`` (worker_io.py).
+The lifecycle is the table below and nothing else sets the state. Requests wait in a
+bounded queue with deadlines (``WaitingJobs``); the actor asks its device's arbiter
+for room (``Acquire``), loads when ``Granted``, serves up to ``max_concurrency``
+jobs at once (``RunningJobs``), and on ``Evict`` finishes the running jobs, unloads,
+and reports ``Released``. A load that fails is retried with capped exponential
+backoff: on the next request once the backoff is over (requests in between are
+answered at once with the reason and ``Retry-After``), or by itself for a model
+asked to be loaded (preload, pinned, admin). A crash counts as a failure too: a lone
+one is retried at once, one soon after another failure backs off like a failed load,
+and a pinned model reloads by itself. Slow work runs in the actor's own tasks, which
+report back through the mailbox: stopping the worker here, and the worker's I/O
+(loading it, frames to it in order, frames from it to the running jobs) in
+``WorkerIO`` (worker_io.py).
 """
 
 from __future__ import annotations
 
-import collections
 import enum
 import logging
 import math
@@ -62,6 +61,7 @@ from llmux.actors.messages import (
     WorkerStopped,
 )
 from llmux.actors.running import RunningJobs
+from llmux.actors.waiting import WaitingJobs
 from llmux.actors.worker_io import SpawnWorker, WorkerIO
 from llmux.errors import (
     DeadlineExceeded,
@@ -137,7 +137,7 @@ class ModelActor(Actor[Message]):
         self._arbiter = arbiter
         self._events = events
         self._state = State.UNLOADED
-        self._queue: collections.deque[Job] = collections.deque()
+        self._waiting = WaitingJobs(settings.max_queue)
         self._running = RunningJobs(settings.max_concurrency, CANCEL_GRACE_S)
         self._io = WorkerIO(self.name, self._running, post=self.post,
                             spawn_worker=spawn_worker, on_spawned=self._spawned,
@@ -238,22 +238,21 @@ class ModelActor(Actor[Message]):
                 retry_after_s=wait,
             ))
             return
-        if len(self._queue) >= self.settings.max_queue:
+        if self._waiting.is_full:
             self._reply_error(job, QueueFull(
-                f"{self.name} has {len(self._queue)} requests waiting, the most it queues; "
+                f"{self.name} has {len(self._waiting)} requests waiting, the most it queues; "
                 "retry shortly", retry_after_s=2.0,
             ))
             return
-        self._queue.append(job)
+        self._waiting.append(job)
         if self._state is State.LOADING:
             self._send(job, self._loading_status())
 
     def _cancel(self, job_id: int) -> None:
-        for job in self._queue:
-            if job.id == job_id:
-                self._queue.remove(job)
-                job.reply.close()
-                return
+        queued = self._waiting.remove(job_id)
+        if queued is not None:
+            queued.reply.close()
+            return
         running = self._running.get(job_id)
         if running is not None and not running.cancelled:
             running.cancelled = True
@@ -262,8 +261,8 @@ class ModelActor(Actor[Message]):
     def _refused(self, reason: str, permanent: bool) -> None:
         if not permanent:
             return  # the timer expires jobs one by one; the rest re-acquire
-        while self._queue:
-            self._reply_error(self._queue.popleft(), LoadRefused(reason))
+        for job in self._waiting.clear():
+            self._reply_error(job, LoadRefused(reason))
 
     def _unload(self, reason: str) -> None:
         if self._state is State.READY:
@@ -296,8 +295,8 @@ class ModelActor(Actor[Message]):
         self._last_error = reason
         self._transition(State.FAILED, f"load failed: {reason}; retry in {backoff:.0f} s")
         self._arbiter.post(LoadFailed(self.name, reason))
-        while self._queue:
-            self._reply_error(self._queue.popleft(), ModelFailed(
+        for job in self._waiting.clear():
+            self._reply_error(job, ModelFailed(
                 f"{self.name} failed to load: {reason}", retry_after_s=backoff
             ))
 
@@ -381,21 +380,21 @@ class ModelActor(Actor[Message]):
                 self._unload(f"moving to {self._move_to.device}")
             elif self._state in (State.UNLOADED, State.FAILED) and not self._acquiring:
                 self._finish_move()
-        if self._state in (State.READY, State.BUSY) and self._queue:
-            while self._queue and self._running.has_room:
-                self._start(self._queue.popleft())
+        if self._state in (State.READY, State.BUSY) and self._waiting:
+            while self._waiting and self._running.has_room:
+                self._start(self._waiting.popleft())
         elif (
             self._state in (State.UNLOADED, State.FAILED)
-            and self._queue
+            and self._waiting
             and not self._acquiring
             and self.clock() >= self._retry_at
         ):
-            self._acquire(max(job.deadline for job in self._queue))
+            self._acquire(self._waiting.latest_deadline())
         elif self._retry_wanted() and self.clock() >= self._retry_at:
             self._events.record(self.name, "retry", f"retrying the load (failures in a row: "
                                 f"{self._failures}) after: {self._last_error}")
             self._acquire(self.clock() + self.settings.load_timeout_s * 2)
-        report = (len(self._running) > 0, len(self._queue), self._started)
+        report = (len(self._running) > 0, len(self._waiting), self._started)
         if report != self._reported:
             self._reported = report
             self._arbiter.post(Usage(self.name, report[0], report[1], self._last_used,
@@ -435,25 +434,23 @@ class ModelActor(Actor[Message]):
     # -- timers ------------------------------------------------------------------------------
 
     def next_wakeup(self) -> float:
-        times = [job.deadline for job in self._queue]
-        times.append(self._running.next_deadline())
+        times = [self._waiting.next_deadline(), self._running.next_deadline()]
         if self._state is State.READY and self.settings.idle_timeout_s is not None:
             times.append(self._last_used + self.settings.idle_timeout_s)
-        if self._state is State.FAILED and (self._queue or self._wanted) and \
+        if self._state is State.FAILED and (self._waiting or self._wanted) and \
                 not self._acquiring:
             times.append(self._retry_at)
         return min(times, default=math.inf)
 
     def on_timer(self) -> None:
         now = self.clock()
-        for job in [j for j in self._queue if j.deadline <= now]:
-            self._queue.remove(job)
+        for job in self._waiting.expire(now):
             self._reply_error(job, DeadlineExceeded(
                 f"waited {now - job.enqueued_at:.0f} s for {self.name} "
                 f"({self._state.value}) and reached the request deadline",
                 retry_after_s=5.0,
             ))
-        if (self._acquiring and not self._queue and not self._wanted
+        if (self._acquiring and not self._waiting and not self._wanted
                 and self._state is not State.LOADING):
             self._acquiring = False
             self._arbiter.post(Withdraw(self.name))
@@ -522,16 +519,15 @@ class ModelActor(Actor[Message]):
         return Status(f"loading {self.name} ({self._progress or 0.0:.0%})")
 
     def _tell_waiting(self, reply: Reply) -> None:
-        for job in self._queue:
+        for job in self._waiting:
             self._send(job, reply)
 
     # -- lifetime ----------------------------------------------------------------------------
 
     async def cleanup(self) -> None:
         """On shutdown: refuse what waits, stop the worker (graceful, then killed)."""
-        for job in [*self._queue, *self._running]:
+        for job in [*self._waiting.clear(), *self._running]:
             self._reply_error(job, ShuttingDown("llmux is shutting down", retry_after_s=5.0))
-        self._queue.clear()
         async with anyio.create_task_group() as tg:
             for worker in {w for w in (self._worker, self._starting) if w is not None}:
                 tg.start_soon(worker.stop, 2.0)
@@ -543,7 +539,7 @@ class ModelActor(Actor[Message]):
             "state": self._state.value,
             "device": self.settings.device,
             "pid": worker.pid if worker is not None else None,
-            "queue_depth": len(self._queue),
+            "queue_depth": len(self._waiting),
             "in_flight": len(self._running),
             "last_used": self._last_used_wall,
             "load_count": self._load_count,
