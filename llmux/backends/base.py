@@ -49,6 +49,32 @@ def parse_device(device: str) -> tuple[str, int]:
     raise ValueError(f"device {device!r}: expected 'cpu' or 'cuda:N'")
 
 
+def int_option(options: Mapping[str, Any], key: str, default: int | None,
+               minimum: int) -> int | None:
+    """An integer option at least ``minimum`` (booleans are not integers here).
+
+    Raises:
+        ValueError: any other value, naming the option.
+    """
+    value = options.get(key, default)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                              or value < minimum):
+        raise ValueError(f"option {key} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def bool_option(options: Mapping[str, Any], key: str) -> bool:
+    """A true/false option, false when absent.
+
+    Raises:
+        ValueError: anything but a boolean, naming the option.
+    """
+    value = options.get(key, False)
+    if not isinstance(value, bool):
+        raise ValueError(f"option {key} must be true or false, got {value!r}")
+    return value
+
+
 ProgressFn = Callable[[float, str], None]
 """``progress(fraction 0..1, message)``: becomes a Progress frame to the server."""
 

@@ -52,7 +52,9 @@ from llmux.backends.base import (
     ProgressFn,
     Stream,
     answer,
+    bool_option,
     default_threads,
+    int_option,
     parse_device,
 )
 from llmux.backends.llama_tools import demanded_tools, tool_call_grammar
@@ -103,23 +105,6 @@ def _gpu_index(device: str) -> int | None:
     return index if kind == "cuda" else None
 
 
-def _int_option(options: Mapping[str, Any], key: str, default: int | None,
-                minimum: int) -> int | None:
-    value = options.get(key, default)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"option {key} must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
-def _bool_option(options: Mapping[str, Any], key: str) -> bool:
-    value = options.get(key, False)
-    if not isinstance(value, bool):
-        raise ValueError(f"option {key} must be true or false, got {value!r}")
-    return value
-
-
 def _kv_type(options: Mapping[str, Any], key: str) -> int | None:
     name = options.get(key)
     if name is None:
@@ -144,11 +129,11 @@ def llama_arguments(options: Mapping[str, Any], device: str) -> dict[str, Any]:
         raise ValueError(f"unknown llama_cpp option(s) {', '.join(unknown)} "
                          f"(known: {', '.join(sorted(_OPTIONS))})")
     gpu = _gpu_index(device)
-    layers = _int_option(options, "n_gpu_layers", -1 if gpu is not None else 0, -1)
+    layers = int_option(options, "n_gpu_layers", -1 if gpu is not None else 0, -1)
     if gpu is None and layers != 0:
         raise ValueError(f"option n_gpu_layers {layers} needs a cuda device; this model "
                          "is placed on cpu")
-    flash_attn = _bool_option(options, "flash_attn")
+    flash_attn = bool_option(options, "flash_attn")
     type_v = _kv_type(options, "type_v")
     if type_v is not None and type_v not in _UNQUANTISED and not flash_attn:
         raise ValueError(f"option type_v {options['type_v']!r} (a quantised V cache) "
@@ -158,15 +143,15 @@ def llama_arguments(options: Mapping[str, Any], device: str) -> dict[str, Any]:
         raise ValueError(f"option pooling must be one of {', '.join(_POOLING)}, "
                          f"got {pooling!r}")
     arguments: dict[str, Any] = {
-        "n_ctx": _int_option(options, "n_ctx", 4096, 16),
-        "n_batch": _int_option(options, "n_batch", 512, 1),
-        "n_threads": _int_option(options, "n_threads", default_threads(), 1),
+        "n_ctx": int_option(options, "n_ctx", 4096, 16),
+        "n_batch": int_option(options, "n_batch", 512, 1),
+        "n_threads": int_option(options, "n_threads", default_threads(), 1),
         "n_gpu_layers": layers,
         "flash_attn": flash_attn,
         "type_k": _kv_type(options, "type_k"),
         "type_v": type_v,
-        "embedding": _bool_option(options, "embedding"),
-        "verbose": _bool_option(options, "verbose"),
+        "embedding": bool_option(options, "embedding"),
+        "verbose": bool_option(options, "verbose"),
     }
     if pooling is not None:
         arguments["pooling_type"] = _POOLING[pooling]

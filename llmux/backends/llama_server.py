@@ -52,9 +52,10 @@ from llmux.backends.base import (
     ProgressFn,
     Stream,
     answer,
+    bool_option,
     parse_device,
 )
-from llmux.backends.llama_server_cli import check_gpu_support, find_binary, flag, server_argv
+from llmux.backends.llama_server_cli import check_gpu_support, find_binary, server_argv
 from llmux.backends.llama_server_io import (
     ServerError,
     UnixConnection,
@@ -161,7 +162,7 @@ class LlamaServerBackend(Backend):
         self._serving = True
         progress(1.0, "loaded")
         info: dict[str, Any] = {"context_length": self._context}
-        if flag(self.options, "embedding"):
+        if bool_option(self.options, "embedding"):
             info["embedding_dim"] = int(meta.get("n_embd") or 0)
         return info
 
@@ -193,7 +194,7 @@ class LlamaServerBackend(Backend):
         info when verbose), and ends the worker if llama-server dies while serving."""
         process = self._process
         assert process is not None and process.stdout is not None
-        level = logging.INFO if flag(self.options, "verbose") else logging.DEBUG
+        level = logging.INFO if bool_option(self.options, "verbose") else logging.DEBUG
         for raw in process.stdout:
             line = raw.decode(errors="replace").rstrip()
             self._log.append(line)
@@ -211,7 +212,7 @@ class LlamaServerBackend(Backend):
 
     def warmup(self) -> None:
         """One real token (or one embedding), so READY means llama-server answered."""
-        if flag(self.options, "embedding"):
+        if bool_option(self.options, "embedding"):
             for _ in self._embed({"input": ["warm up"]}):
                 pass
             return
@@ -265,7 +266,7 @@ class LlamaServerBackend(Backend):
     def infer(self, op: str, payload: Mapping[str, Any], cancelled: threading.Event) -> Stream:
         if not self._serving:
             raise RuntimeError("the model is not loaded")
-        embedding = flag(self.options, "embedding")
+        embedding = bool_option(self.options, "embedding")
         match op:
             case "chat" | "complete" if embedding:
                 raise InvalidInput(f"This model is loaded for embeddings; it cannot {op}.")

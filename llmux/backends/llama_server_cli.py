@@ -12,9 +12,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final
 
-from llmux.backends.base import default_threads, parse_device
+from llmux.backends.base import bool_option, default_threads, int_option, parse_device
 
-__all__ = ["OPTIONS", "check_gpu_support", "find_binary", "flag", "server_argv"]
+__all__ = ["OPTIONS", "check_gpu_support", "find_binary", "server_argv"]
 
 KV_CACHE_TYPES: Final = frozenset({"f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl",
                                    "q5_0", "q5_1"})
@@ -26,22 +26,6 @@ OPTIONS: Final = frozenset({
 })
 # Request keys passed on under llama-server's names (the rest are left to its defaults,
 # which are llama.cpp's and the GGUF's ``general.sampling.*``, as in the llama_cpp backend).
-
-def _int(options: Mapping[str, Any], key: str, default: int | None, minimum: int
-         ) -> int | None:
-    value = options.get(key, default)
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                              or value < minimum):
-        raise ValueError(f"option {key} must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
-def flag(options: Mapping[str, Any], key: str) -> bool:
-    value = options.get(key, False)
-    if not isinstance(value, bool):
-        raise ValueError(f"option {key} must be true or false, got {value!r}")
-    return value
-
 
 def server_argv(binary: str, model: str, options: Mapping[str, Any], device: str,
                 address: str, mmproj: str | None = None, parallel: int = 1) -> list[str]:
@@ -60,11 +44,11 @@ def server_argv(binary: str, model: str, options: Mapping[str, Any], device: str
         raise ValueError(f"unknown llama_server option(s) {', '.join(unknown)} "
                          f"(known: {', '.join(sorted(OPTIONS))})")
     kind, index = parse_device(device)
-    layers = _int(options, "n_gpu_layers", -1 if kind == "cuda" else 0, -1)
+    layers = int_option(options, "n_gpu_layers", -1 if kind == "cuda" else 0, -1)
     if kind == "cpu" and layers != 0:
         raise ValueError(f"option n_gpu_layers {layers} needs a cuda device; this model "
                          "is placed on cpu")
-    flash = flag(options, "flash_attn")
+    flash = bool_option(options, "flash_attn")
     for key in ("type_k", "type_v"):
         if options.get(key) is not None and str(options[key]).lower() not in KV_CACHE_TYPES:
             raise ValueError(f"option {key} must be a KV cache type "
@@ -77,17 +61,17 @@ def server_argv(binary: str, model: str, options: Mapping[str, Any], device: str
         raise ValueError(f"option extra_args must be a list of strings, got {extra!r}")
     if isinstance(parallel, bool) or not isinstance(parallel, int) or parallel < 1:
         raise ValueError(f"max_concurrency must be an integer >= 1, got {parallel!r}")
-    n_ctx = _int(options, "n_ctx", 4096, 16) or 4096  # null: the default
+    n_ctx = int_option(options, "n_ctx", 4096, 16) or 4096  # null: the default
     argv = [binary, "--model", model, "--host", address,
             "--ctx-size", str(n_ctx * parallel),
-            "--batch-size", str(_int(options, "n_batch", 512, 1)),
+            "--batch-size", str(int_option(options, "n_batch", 512, 1)),
             "--parallel", str(parallel), "--no-webui", "--no-warmup",
             "--flash-attn", "on" if flash else "off",
             "--n-gpu-layers", "all" if layers == -1 else str(layers),
             # NOTE: no host-RAM prompt cache beside the slot's own KV cache: the
             # footprint measured after the load stays the footprint.
             "--cache-ram", "0"]
-    argv += ["--threads", str(_int(options, "n_threads", default_threads(), 1))]
+    argv += ["--threads", str(int_option(options, "n_threads", default_threads(), 1))]
     for key, switch in (("type_k", "--cache-type-k"), ("type_v", "--cache-type-v")):
         if options.get(key) is not None:
             argv += [switch, str(options[key]).lower()]
@@ -101,7 +85,7 @@ def server_argv(binary: str, model: str, options: Mapping[str, Any], device: str
         argv += ["--mmproj", mmproj]
         if kind == "cpu":
             argv.append("--no-mmproj-offload")
-    if flag(options, "embedding"):
+    if bool_option(options, "embedding"):
         argv.append("--embeddings")
         pooling = options.get("pooling")
         if pooling is not None:
@@ -109,7 +93,7 @@ def server_argv(binary: str, model: str, options: Mapping[str, Any], device: str
                 raise ValueError(f"option pooling must be one of {', '.join(sorted(POOLING))}"
                                  f", got {pooling!r}")
             argv += ["--pooling", str(pooling)]
-    if not flag(options, "verbose"):
+    if not bool_option(options, "verbose"):
         argv += ["--log-verbosity", "2"]  # warnings and errors
     return argv + extra
 
