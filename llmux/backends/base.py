@@ -75,6 +75,21 @@ def bool_option(options: Mapping[str, Any], key: str) -> bool:
     return value
 
 
+def auto_bool_option(options: Mapping[str, Any], key: str) -> bool | None:
+    """A true/false option that may also be ``"auto"`` (or absent): None, for the
+    runtime's own choice.
+
+    Raises:
+        ValueError: anything else, naming the option.
+    """
+    value = options.get(key, "auto")
+    if value is None or value == "auto":
+        return None
+    if not isinstance(value, bool):
+        raise ValueError(f'option {key} must be true, false or "auto", got {value!r}')
+    return value
+
+
 ProgressFn = Callable[[float, str], None]
 """``progress(fraction 0..1, message)``: becomes a Progress frame to the server."""
 

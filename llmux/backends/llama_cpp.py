@@ -10,7 +10,9 @@ the template exactly as the model's authors wrote it. Options, all optional:
     n_gpu_layers  layers on the GPU: -1 (the default on cuda) all, 0 (the only value on cpu)
     n_batch       prompt-processing batch size (512)
     n_threads     generation threads (default: the cores less one, ``default_threads``)
-    flash_attn    flash attention (false)
+    flash_attn    flash attention: true, false or "auto" (the default): on for "cpu",
+                  whose backend has it for every model, off on "cuda" (llama-cpp-python
+                  cannot ask llama.cpp for its own "auto", which checks the GPU)
     type_k        KV cache type of K: "f16" (default), "q8_0", "q4_0", ... (KV_CACHE_TYPES)
     type_v        same for V; a quantised V cache needs ``flash_attn: true``
     chat_template a Jinja template replacing the GGUF's own
@@ -52,6 +54,7 @@ from llmux.backends.base import (
     ProgressFn,
     Stream,
     answer,
+    auto_bool_option,
     bool_option,
     default_threads,
     int_option,
@@ -133,7 +136,9 @@ def llama_arguments(options: Mapping[str, Any], device: str) -> dict[str, Any]:
     if gpu is None and layers != 0:
         raise ValueError(f"option n_gpu_layers {layers} needs a cuda device; this model "
                          "is placed on cpu")
-    flash_attn = bool_option(options, "flash_attn")
+    flash_attn = auto_bool_option(options, "flash_attn")
+    if flash_attn is None:
+        flash_attn = gpu is None
     type_v = _kv_type(options, "type_v")
     if type_v is not None and type_v not in _UNQUANTISED and not flash_attn:
         raise ValueError(f"option type_v {options['type_v']!r} (a quantised V cache) "

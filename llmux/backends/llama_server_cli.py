@@ -12,7 +12,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final
 
-from llmux.backends.base import bool_option, default_threads, int_option, parse_device
+from llmux.backends.base import (
+    auto_bool_option,
+    bool_option,
+    default_threads,
+    int_option,
+    parse_device,
+)
 
 __all__ = ["OPTIONS", "check_gpu_support", "find_binary", "server_argv"]
 
@@ -48,12 +54,13 @@ def server_argv(binary: str, model: str, options: Mapping[str, Any], device: str
     if kind == "cpu" and layers != 0:
         raise ValueError(f"option n_gpu_layers {layers} needs a cuda device; this model "
                          "is placed on cpu")
-    flash = bool_option(options, "flash_attn")
+    flash = auto_bool_option(options, "flash_attn")  # None: llama.cpp's "auto"
     for key in ("type_k", "type_v"):
         if options.get(key) is not None and str(options[key]).lower() not in KV_CACHE_TYPES:
             raise ValueError(f"option {key} must be a KV cache type "
                              f"({', '.join(sorted(KV_CACHE_TYPES))}), got {options[key]!r}")
     if str(options.get("type_v", "f16")).lower() not in ("f32", "f16", "bf16") and not flash:
+        # NOTE: "auto" may resolve to off, and llama.cpp then refuses the quantised V.
         raise ValueError(f"option type_v {options['type_v']!r} (a quantised V cache) "
                          "needs flash_attn: true")
     extra = options.get("extra_args") or []
@@ -66,7 +73,7 @@ def server_argv(binary: str, model: str, options: Mapping[str, Any], device: str
             "--ctx-size", str(n_ctx * parallel),
             "--batch-size", str(int_option(options, "n_batch", 512, 1)),
             "--parallel", str(parallel), "--no-webui", "--no-warmup",
-            "--flash-attn", "on" if flash else "off",
+            "--flash-attn", {None: "auto", True: "on", False: "off"}[flash],
             "--n-gpu-layers", "all" if layers == -1 else str(layers),
             # NOTE: no host-RAM prompt cache beside the slot's own KV cache: the
             # footprint measured after the load stays the footprint.
