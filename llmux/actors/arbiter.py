@@ -172,7 +172,6 @@ class GpuArbiter(Actor[Message]):
         self._seq = 0
         self._loading: str | None = None
         self._reading: _Reading | None = None
-        self._reuse_reading = False
 
     def connect(self, actors: Mapping[str, Mailbox]) -> None:
         """Where to send Granted, Refused and Evict (the model actors' mailboxes)."""
@@ -190,15 +189,16 @@ class GpuArbiter(Actor[Message]):
             return measured, True
         return self._models[model].estimate, False
 
-    def usable(self) -> int:
+    def usable(self, recent: bool = False) -> int:
         """Capacity for planning: budget or total, minus margin, minus foreign use,
-        minus what warm spares hold."""
+        minus what warm spares hold. ``recent``: a device reading up to
+        USAGE_READING_S old will do, if our own ledger has not changed since."""
         held = self._spares.held_bytes() if self._spares is not None else 0
         if self._capacity is not None:
             return self._capacity - self._margin - held
         ours = sum(e.bytes for e in self._ledger.values()) + held
         reading = self._reading
-        if not (self._reuse_reading and reading is not None and reading.ours == ours
+        if not (recent and reading is not None and reading.ours == ours
                 and self.clock() - reading.at < USAGE_READING_S):
             reading = self._reading = _Reading(
                 at=self.clock(), ours=ours, total=self._probe.total_bytes(),
@@ -206,7 +206,7 @@ class GpuArbiter(Actor[Message]):
         foreign = max(0, reading.used - ours)
         return reading.total - self._margin - foreign - held
 
-    def view(self) -> DeviceView:
+    def view(self, recent: bool = False) -> DeviceView:
         residents = tuple(
             Resident(
                 model=m,
@@ -226,7 +226,8 @@ class GpuArbiter(Actor[Message]):
             )
             for m, e in self._ledger.items()
         )
-        return DeviceView(device=self.device, capacity=self.usable(), residents=residents)
+        return DeviceView(device=self.device, capacity=self.usable(recent),
+                          residents=residents)
 
     # -- messages ------------------------------------------------------------------------
 
@@ -262,11 +263,7 @@ class GpuArbiter(Actor[Message]):
                     entry.started = started
             case _:
                 log.error("%s: unexpected message %r", self.name, message)
-        self._reuse_reading = isinstance(message, Usage)
-        try:
-            self._replan()
-        finally:
-            self._reuse_reading = False
+        self._replan(recent=isinstance(message, Usage))
 
     def _acquire(self, model: str, deadline: float) -> None:
         for pending in self._pending:
@@ -345,7 +342,9 @@ class GpuArbiter(Actor[Message]):
 
     # -- planning ------------------------------------------------------------------------
 
-    def _replan(self) -> None:
+    def _replan(self, recent: bool = False) -> None:
+        """Apply the placement policy to the ledger and the waiting models. ``recent``:
+        a request's start or end (Usage), which may use a recent device reading."""
         now = self.clock()
         for pending in [p for p in self._pending if p.deadline <= now]:
             self._pending.remove(pending)
@@ -354,9 +353,9 @@ class GpuArbiter(Actor[Message]):
                 f"{pending.reason}", permanent=False,
             ))
         self._update_turns(now)
-        relief = relieve(self.view(), self._rules, now)
+        relief = relieve(self.view(recent), self._rules, now)
         if isinstance(relief, EvictPlan) and self._spares is not None and self._spares.drop():
-            relief = relieve(self.view(), self._rules, now)  # a spare goes before a model
+            relief = relieve(self.view(recent), self._rules, now)  # a spare goes before a model
         if isinstance(relief, EvictPlan):
             self._evict(relief)
         while self._pending and self._loading is None:
@@ -365,8 +364,8 @@ class GpuArbiter(Actor[Message]):
             size, _ = self.footprint(head.model)
             want = Want(model=spec.model, klass=spec.klass, priority=spec.priority,
                         bytes=size, group=spec.group)
-            decision = plan(self.view(), want, self._rules, now)
-            if self._drop_spares_for(decision, want, now):
+            decision = plan(self.view(recent), want, self._rules, now)
+            if self._drop_spares_for(decision, want, now, recent):
                 continue
             match decision:
                 case Grant():
@@ -383,13 +382,14 @@ class GpuArbiter(Actor[Message]):
                     self._events.record(head.model, "refuse", reason)
                     self._tell(head.model, Refused(head.model, reason, permanent=True))
 
-    def _drop_spares_for(self, decision: object, want: Want, now: float) -> bool:
+    def _drop_spares_for(self, decision: object, want: Want, now: float,
+                         recent: bool) -> bool:
         """Drop the warm spares if their memory would turn ``decision`` into a grant
         or spare a victim: a spare never costs a model its place (True: replan)."""
         held = self._spares.held_bytes() if self._spares is not None else 0
         if not held or isinstance(decision, Grant):
             return False
-        view = self.view()
+        view = self.view(recent)
         roomier = plan(attrs.evolve(view, capacity=view.capacity + held), want,
                        self._rules, now)
         better = isinstance(roomier, Grant) or (

@@ -77,6 +77,9 @@ class Actor(Generic[M]):
                         except anyio.WouldBlock:
                             pass
                         delay = self.next_wakeup() - self.clock()
+                        if delay == math.inf:  # no timer: no cancel scope to pay for
+                            self.handle(await self._inbox.receive())
+                            continue
                         with anyio.move_on_after(max(delay, MIN_WAIT_S)):
                             message = await self._inbox.receive()
                             self.handle(message)

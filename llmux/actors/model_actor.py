@@ -9,10 +9,10 @@ backoff: on the next request once the backoff is over (requests in between are
 answered at once with the reason and ``Retry-After``), or by itself for a model
 asked to be loaded (preload, pinned, admin). A crash counts as a failure too: a lone
 one is retried at once, one soon after another failure backs off like a failed load,
-and a pinned model reloads by itself. Slow work runs in the actor's own tasks, which
-report back through the mailbox: stopping the worker here, and the worker's I/O
-(loading it, frames to it in order, frames from it to the running jobs) in
-``WorkerIO`` (worker_io.py).
+and a pinned model reloads by itself (the count and the wait are ``LoadBackoff``,
+backoff.py). Slow work runs in the actor's own tasks, which report back through the
+mailbox: stopping the worker here, and the worker's I/O (loading it, frames to it in
+order, frames from it to the running jobs) in ``WorkerIO`` (worker_io.py).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import anyio
 import attrs
 
 from llmux.actors.arbiter import Mailbox
+from llmux.actors.backoff import LoadBackoff
 from llmux.actors.base import Actor, Clock
 from llmux.actors.events import EventLog
 from llmux.actors.messages import (
@@ -97,8 +98,6 @@ TRANSITIONS: Final[Mapping[State, frozenset[State]]] = {
     State.FAILED: frozenset({State.LOADING}),
 }
 
-MAX_BACKOFF_S = 60.0
-STABLE_S = 60.0  # a worker up this long ends a run of failures: its crash is a lone one
 CANCEL_GRACE_S = 5.0  # a running job past its deadline gets this long to honour Cancel
 STOP_GRACE_S = 5.0
 
@@ -147,10 +146,7 @@ class ModelActor(Actor[Message]):
         self._stopping: WorkerHandle | None = None  # being unloaded, until it has exited
         self._acquiring = False
         self._move_to: MoveTo | None = None  # an admin move waiting for the unload
-        self._failures = 0  # failures in a row: loads that failed, workers that crashed
-        self._retry_at = 0.0
-        self._ready_at = clock()
-        self._last_error: str | None = None
+        self._backoff = LoadBackoff()
         self._progress: float | None = None  # load fraction while LOADING
         self._load_count = 0
         self._jobs_cancelled = 0  # jobs the worker stopped early on a cancel
@@ -231,10 +227,10 @@ class ModelActor(Actor[Message]):
 
     def _submit(self, job: Job) -> None:
         now = self.clock()
-        if self._state is State.FAILED and now < self._retry_at and not self._acquiring:
-            wait = self._retry_at - now
+        if self._state is State.FAILED and not self._backoff.due(now) and not self._acquiring:
+            wait = self._backoff.retry_at - now
             self._reply_error(job, ModelFailed(
-                f"{self.name} failed: {self._last_error}; next attempt in {wait:.0f} s",
+                f"{self.name} failed: {self._backoff.last_error}; next attempt in {wait:.0f} s",
                 retry_after_s=wait,
             ))
             return
@@ -277,7 +273,7 @@ class ModelActor(Actor[Message]):
     def _ready(self, worker: WorkerHandle, reported: int | None) -> None:
         self._starting = None
         self._worker = worker
-        self._ready_at = self.clock()
+        self._backoff.worker_ready(self.clock())
         self._wanted = False
         self._started = 0
         self._load_count += 1
@@ -290,9 +286,7 @@ class ModelActor(Actor[Message]):
     def _load_failed(self, reason: str) -> None:
         self._starting = None
         self._progress = None
-        backoff = self._count_failure()
-        self._retry_at = self.clock() + backoff
-        self._last_error = reason
+        backoff = self._backoff.load_failed(reason, self.clock())
         self._transition(State.FAILED, f"load failed: {reason}; retry in {backoff:.0f} s")
         self._arbiter.post(LoadFailed(self.name, reason))
         for job in self._waiting.clear():
@@ -319,42 +313,25 @@ class ModelActor(Actor[Message]):
         self._io.disconnect()
         for job in self._running.clear():  # the reader failed those not cancelled
             job.reply.close()
-        self._last_error = f"worker died: {reason}"
-        wait = self._crash_backoff()
-        self._retry_at = self.clock() + wait
+        error = f"worker died: {reason}"
+        wait = self._backoff.crashed(error, self.clock())
         # NOTE: pinned means "keep it resident", so it comes back without a request,
         # unless it was on its way out (an admin unload or a move was draining it).
         # preload only means "load at start": such a model reloads on its next request.
         self._wanted = self.settings.pinned and self._state is not State.DRAINING
         then = f"retry in {wait:.0f} s" if wait else "retry at once"
-        self._transition(State.FAILED, f"{self._last_error}; {then}"
+        self._transition(State.FAILED, f"{error}; {then}"
                          + ("; pinned, so it reloads by itself" if self._wanted else ""))
-        self._arbiter.post(Released(self.name, self._last_error))
+        self._arbiter.post(Released(self.name, error))
 
     def _worker_stopped(self, worker: WorkerHandle | None) -> None:
         """The worker we unloaded has exited: it served until then, so no failures
         are in a row any more."""
         self._note_signalled(worker)
         self._stopping = None
-        self._failures = 0
+        self._backoff.worker_stopped()
         self._transition(State.UNLOADED, "worker exited")
         self._arbiter.post(Released(self.name, "unloaded"))
-
-    def _count_failure(self) -> float:
-        """One more failure in a row; returns the wait before the next load: 1 s,
-        doubling up to MAX_BACKOFF_S."""
-        self._failures += 1
-        return min(MAX_BACKOFF_S, 2.0 ** (self._failures - 1))
-
-    def _crash_backoff(self) -> float:
-        """The wait before reloading after a crash. A lone crash (no failure before
-        it, or the worker had been up STABLE_S) is retried at once; one that follows
-        other failures waits as a failed load would, so a crash loop cannot spin."""
-        if self.clock() - self._ready_at >= STABLE_S:
-            self._failures = 0
-        lone = self._failures == 0
-        backoff = self._count_failure()
-        return 0.0 if lone else backoff
 
     # -- scheduling --------------------------------------------------------------------------
 
@@ -370,7 +347,7 @@ class ModelActor(Actor[Message]):
                                      load_spec={**self.settings.load_spec,
                                                 "device": move.device})
         self._events.record(self.name, "move", f"moved to {move.device}")
-        self._retry_at = 0.0
+        self._backoff.waive()
         self._acquire(self.clock() + self.settings.load_timeout_s * 2)
 
     def _pump(self) -> None:
@@ -387,12 +364,12 @@ class ModelActor(Actor[Message]):
             self._state in (State.UNLOADED, State.FAILED)
             and self._waiting
             and not self._acquiring
-            and self.clock() >= self._retry_at
+            and self._backoff.due(self.clock())
         ):
             self._acquire(self._waiting.latest_deadline())
-        elif self._retry_wanted() and self.clock() >= self._retry_at:
+        elif self._retry_wanted() and self._backoff.due(self.clock()):
             self._events.record(self.name, "retry", f"retrying the load (failures in a row: "
-                                f"{self._failures}) after: {self._last_error}")
+                                f"{self._backoff.in_a_row}) after: {self._backoff.last_error}")
             self._acquire(self.clock() + self.settings.load_timeout_s * 2)
         report = (len(self._running) > 0, len(self._waiting), self._started)
         if report != self._reported:
@@ -439,7 +416,7 @@ class ModelActor(Actor[Message]):
             times.append(self._last_used + self.settings.idle_timeout_s)
         if self._state is State.FAILED and (self._waiting or self._wanted) and \
                 not self._acquiring:
-            times.append(self._retry_at)
+            times.append(self._backoff.retry_at)
         return min(times, default=math.inf)
 
     def on_timer(self) -> None:
@@ -545,5 +522,5 @@ class ModelActor(Actor[Message]):
             "load_count": self._load_count,
             "jobs_cancelled": self._jobs_cancelled,
             "load_progress": self._progress,
-            "last_error": self._last_error,
+            "last_error": self._backoff.last_error,
         }

@@ -1,8 +1,10 @@
 """llama.cpp (through llama-cpp-python) for GGUF models: ``chat`` and ``complete``,
 or ``embed`` when loaded with ``embedding: true``.
 
-``model_path`` is the ``.gguf`` file. Chat prompts are rendered here, from the GGUF's
-own Jinja chat template (``render_chat``), not by llama-cpp-python's chat handlers, so
+``model_path`` is the ``.gguf`` file. The ops are dispatched, chat prompts rendered and
+replies parsed by the code the two GGUF backends share (gguf.py); this module runs the
+generation loop in Python, token by token. Chat prompts come from the GGUF's own Jinja
+chat template (``render_chat``), not from llama-cpp-python's chat handlers, so
 ``tools``, ``reasoning_effort`` and ``chat_template_kwargs`` (``enable_thinking``) reach
 the template exactly as the model's authors wrote it. Options, all optional:
 
@@ -49,22 +51,19 @@ import llama_cpp  # type: ignore[import-untyped,unused-ignore]
 from llama_cpp import llama_grammar  # type: ignore[import-untyped,unused-ignore]
 
 from llmux.backends.base import (
-    Backend,
     InvalidInput,
     ProgressFn,
     Stream,
-    answer,
     auto_bool_option,
     bool_option,
     default_threads,
     int_option,
     parse_device,
 )
-from llmux.backends.llama_tools import demanded_tools, tool_call_grammar
+from llmux.backends.gguf import GgufBackend
 from llmux.backends.llama_vision import MARKER, Projector
-from llmux.backends.paths import resolve_model_path
-from llmux.chat.output import output_formats, output_parser, parsed
-from llmux.chat.render import FALLBACK_TEMPLATE, model_template, render_chat, render_request
+from llmux.chat.output import output_formats
+from llmux.chat.render import FALLBACK_TEMPLATE, model_template, render_chat
 from llmux.chat.stops import StopText
 from llmux.chat.templates import template_messages
 
@@ -170,32 +169,25 @@ def llama_arguments(options: Mapping[str, Any], device: str) -> dict[str, Any]:
 # -- the backend ------------------------------------------------------------------------
 
 
-class LlamaCppBackend(Backend):
+class LlamaCppBackend(GgufBackend):
     """One GGUF model in llama.cpp, generating on the worker's main thread."""
+
+    backend_name = "llama_cpp"
 
     def __init__(self, spec: Mapping[str, Any]) -> None:
         super().__init__(spec)
-        self.device = str(spec.get("device") or "cpu")
         self.arguments = llama_arguments(self.options, self.device)
         output_formats("", self.options)  # a bad reasoning/tool format: ValueError now
-        self._formats = ("none", "none")
         self._llm: Any = None
         self._projector: Projector | None = None
-        self._template = FALLBACK_TEMPLATE
-        self._bos = self._eos = ""
         self._defaults: dict[str, Any] = {}
-        self._context = 0
 
     # -- lifecycle ---------------------------------------------------------------------
 
     def load(self, progress: ProgressFn) -> dict[str, Any]:
         """Raises FileNotFoundError (no such file) or ValueError (not a loadable GGUF,
         no context for these options, no GPU support), naming the file."""
-        mmproj = (self.spec.get("files") or {}).get("mmproj") or self.options.get("mmproj")
-        if not self.spec.get("model_path"):
-            raise ValueError(f"{self.model_id}: the llama_cpp backend needs a model_path "
-                             "(a .gguf file)")
-        path = resolve_model_path(str(self.spec["model_path"]))
+        path = self._model_path()
         if self.arguments["n_gpu_layers"] and not llama_cpp.llama_supports_gpu_offload():
             raise ValueError(f"{path}: device {self.device} asks for the GPU, but this "
                              "llama-cpp-python build has no GPU support")
@@ -205,11 +197,13 @@ class LlamaCppBackend(Backend):
         except ValueError as exc:
             raise ValueError(f"{path}: llama.cpp could not load it ({exc})") from exc
         self._llm = llm
-        if mmproj:
+        mmproj = self._mmproj_path()
+        if mmproj is not None:
             progress(0.8, "loading the vision projector")
-            self._projector = Projector(llm, resolve_model_path(str(mmproj)),
+            self._projector = Projector(llm, mmproj,
                                         use_gpu=self.arguments["n_gpu_layers"] != 0,
                                         n_threads=self.arguments["n_threads"])
+            self._marker = MARKER
         # NOTE: llama.cpp may round the context up (64 -> 256), but llama-cpp-python
         # sizes its token buffer by the n_ctx asked for: that is the real limit.
         self._context = min(llm.n_ctx(), self.arguments["n_ctx"])
@@ -226,17 +220,6 @@ class LlamaCppBackend(Backend):
             return {"context_length": self._context, "embedding_dim": llm.n_embd()}
         return {"context_length": self._context}
 
-    def warmup(self) -> None:
-        """One real token (or one embedding), so the first request is not the slow one."""
-        if self.arguments["embedding"]:
-            for _ in self._embed({"input": ["warm up"]}):
-                pass
-            return
-        stream = self.infer("complete", {"prompt": "Hello", "max_tokens": 1,
-                                         "temperature": 0.0}, threading.Event())
-        for _ in stream:
-            pass
-
     def unload(self) -> None:
         if self._projector is not None:
             self._projector.close()
@@ -248,60 +231,30 @@ class LlamaCppBackend(Backend):
 
     # -- inference ---------------------------------------------------------------------
 
-    def infer(self, op: str, payload: Mapping[str, Any], cancelled: threading.Event) -> Stream:
-        if self._llm is None:
-            raise RuntimeError("the model is not loaded")
-        embedding = self.arguments["embedding"]
-        match op:
-            case "chat" | "complete" if embedding:
-                raise InvalidInput(f"This model is loaded for embeddings; it cannot {op}.")
-            case "chat":
-                return self._chat(payload, cancelled)
-            case "template":
-                prompt, _ = self._chat_prompt(payload)
-                return answer({"prompt": prompt, "prompt_tokens": len(self._tokens(prompt))})
-            case "complete":
-                tokens = self._tokens(str(payload.get("prompt", "")))
-                return self._generate(tokens, payload, cancelled)
-            case "embed" if embedding:
-                return self._embed(payload)
-            case "embed":
-                raise InvalidInput("This model is not loaded for embeddings (the llama_cpp "
-                                   "option embedding: true does that).")
-            case _:
-                raise InvalidInput(f"The llama_cpp backend does not support {op!r}.")
+    def _loaded(self) -> bool:
+        return self._llm is not None
 
-    def _chat_prompt(self, payload: Mapping[str, Any]) -> tuple[str, list[bytes]]:
-        """The prompt text of a chat request and its images (llmux/chat/render.py)."""
-        return render_request(self._template, payload, bos=self._bos, eos=self._eos,
-                              marker=MARKER if self._projector is not None else None)
+    def _prompt_tokens(self, prompt: str) -> int:
+        return len(self._tokens(prompt))
 
     def _tokens(self, prompt: str) -> list[int]:
         tokens: list[int] = self._llm.tokenize(prompt.encode(), add_bos=False, special=True)
         return self._with_bos(tokens)
 
-    def _chat(self, payload: Mapping[str, Any], cancelled: threading.Event) -> Stream:
-        """The reply, parsed into reasoning, answer and tool calls by the model's format;
-        a demanded tool call is enforced by a grammar where the format allows."""
-        prompt, images = self._chat_prompt(payload)
-        parser = output_parser(self._formats, prompt, payload)
+    def _complete(self, prompt: str, images: Sequence[bytes], payload: Mapping[str, Any],
+                  cancelled: threading.Event, *, tool_grammar: str | None = None,
+                  harmony: bool = False) -> Stream:
+        """Tokens of ``prompt`` (its images evaluated into the context by the projector)
+        and their generation."""
         grammar = None
-        demanded = demanded_tools(payload.get("tools") or [], payload.get("tool_choice"))
-        if demanded and self._formats[1] == "hermes":
-            # NOTE: several calls only when asked for (llama.cpp's server default too):
-            # small models given the choice repeat the same call until the budget ends.
-            grammar = llama_grammar.LlamaGrammar.from_string(
-                tool_call_grammar(demanded, payload.get("parallel_tool_calls") is True),
-                verbose=False)
-        # Harmony's channels are special tokens: the parser must see them.
-        special = "harmony" in self._formats
+        if tool_grammar is not None:
+            grammar = llama_grammar.LlamaGrammar.from_string(tool_grammar, verbose=False)
         if images:
             assert self._projector is not None
             tokens = self._projector.evaluate(prompt, images)
         else:
             tokens = self._tokens(prompt)
-        return parsed(self._generate(tokens, payload, cancelled, grammar=grammar,
-                                     special=special), parser)
+        return self._generate(tokens, payload, cancelled, grammar=grammar, special=harmony)
 
     def _with_bos(self, tokens: list[int]) -> list[int]:
         """``tokens`` after a BOS if the vocabulary wants one and it is not there yet
@@ -421,29 +374,23 @@ class LlamaCppBackend(Backend):
             raise InvalidInput(f"response_format's JSON schema cannot be followed: {exc}") \
                 from exc
 
-    def _embed(self, payload: Mapping[str, Any]) -> Stream:
-        inputs = payload.get("input", [])
-        texts = [inputs] if isinstance(inputs, str) else [str(t) for t in inputs]
-        if not texts:
-            raise InvalidInput("There is nothing to embed: the input is empty.")
+    def _embed(self, texts: list[str]) -> tuple[Sequence[Sequence[float]], int]:
         for index, text in enumerate(texts):
             # NOTE: llama.cpp fails on a text of no tokens, and may then crash on exit.
             if not self._llm.tokenize(text.encode(), add_bos=True):
                 raise InvalidInput(f"Input {index} has no tokens to embed.")
         if self._llm.pooling_type() != llama_cpp.LLAMA_POOLING_TYPE_NONE:
             vectors, count = self._llm.embed(texts, truncate=True, return_count=True)
-        else:
-            # NOTE: without pooling, llama-cpp-python 0.3.36 reads the per-token vectors
-            # of a batch of several texts from the wrong offsets: embed one at a time,
-            # and average the tokens.
-            vectors, count = [], 0
-            for text in texts:
-                rows, tokens = self._llm.embed(text, truncate=True, return_count=True)
-                vectors.append(_mean(rows))
-                count += tokens
-        yield from ()
-        return {"embeddings": [_normalised(v) for v in vectors],
-                "usage": {"prompt_tokens": count, "total_tokens": count}}
+            return vectors, count
+        # NOTE: without pooling, llama-cpp-python 0.3.36 reads the per-token vectors of a
+        # batch of several texts from the wrong offsets: embed one at a time, and average
+        # the tokens.
+        means, total = [], 0
+        for text in texts:
+            rows, tokens = self._llm.embed(text, truncate=True, return_count=True)
+            means.append(_mean(rows))
+            total += tokens
+        return means, total
 
     # -- helpers -----------------------------------------------------------------------
 
@@ -472,7 +419,3 @@ def _mean(rows: Sequence[Sequence[float]]) -> list[float]:
     count = max(1, len(rows))
     return [sum(column) / count for column in zip(*rows, strict=True)]
 
-
-def _normalised(vector: Sequence[float]) -> list[float]:
-    norm = sum(x * x for x in vector) ** 0.5 or 1.0
-    return [float(x) / norm for x in vector]

@@ -4,11 +4,11 @@ for GGUF models, owned by the worker: ``chat``, ``complete`` and ``template``, o
 
 The worker starts ``llama-server`` on a unix socket in a private directory, waits for
 its ``/health``, warms it up, and relays each request to its ``/completion`` endpoint
-as a stream. The prompt is rendered here, by the same template code as the llama_cpp
-backend (``llmux/chat/render.py``), and the raw text that comes back goes through the
-same reasoning and tool-call parsers (``llmux/chat/output.py``): the two GGUF backends
-differ only in who runs the generation loop. Here it is llama.cpp's C++ loop, with no
-Python between tokens, which is why this backend is the faster one on small models.
+as a stream. The ops are dispatched, the prompt rendered and the raw text that comes
+back parsed for reasoning and tool calls by the code the two GGUF backends share
+(gguf.py): they differ only in who runs the generation loop. Here it is llama.cpp's C++
+loop, with no Python between tokens, which is why this backend is the faster one on
+small models.
 
 Lifecycle (guarantee 4): ``llama-server`` is the worker's child in the worker's process
 group, so stopping the worker's group stops it; it gets SIGKILL from the kernel if the
@@ -47,15 +47,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 
-from llmux.backends.base import (
-    Backend,
-    InvalidInput,
-    ProgressFn,
-    Stream,
-    answer,
-    bool_option,
-    parse_device,
-)
+from llmux.backends.base import InvalidInput, ProgressFn, Stream, bool_option, parse_device
+from llmux.backends.gguf import GgufBackend
 from llmux.backends.llama_server_cli import check_gpu_support, find_binary, server_argv
 from llmux.backends.llama_server_io import (
     ServerError,
@@ -65,9 +58,8 @@ from llmux.backends.llama_server_io import (
     error_message,
     events,
 )
-from llmux.backends.paths import resolve_model_path
-from llmux.chat.output import output_formats, output_parser, parsed
-from llmux.chat.render import FALLBACK_TEMPLATE, model_template, render_request
+from llmux.chat.output import output_formats
+from llmux.chat.render import model_template
 
 __all__ = ["LlamaServerBackend"]
 
@@ -93,44 +85,35 @@ SOCKET_DIR_PREFIX: Final = "llmux-llama-server-"  # then the worker's pid
 # -- the backend ------------------------------------------------------------------------
 
 
-class LlamaServerBackend(Backend):
+class LlamaServerBackend(GgufBackend):
     """One GGUF model in a llama-server child process."""
 
+    backend_name = "llama_server"
     concurrent = True
 
     def __init__(self, spec: Mapping[str, Any]) -> None:
         super().__init__(spec)
-        self.device = str(spec.get("device") or "cpu")
         self.parallel = spec.get("max_concurrency", 1)
         server_argv("llama-server", "model.gguf", self.options, self.device, "x.sock",
                     parallel=self.parallel)
         output_formats("", self.options)  # a bad reasoning/tool format: ValueError now
-        self._formats = ("none", "none")
         self._process: subprocess.Popen[bytes] | None = None
         self._dir: str | None = None
         self._address = ""
         self._log: collections.deque[str] = collections.deque(maxlen=LOG_LINES)
         self._stopping = False
         self._serving = False
-        self._template = FALLBACK_TEMPLATE
-        self._bos = self._eos = ""
         self._add_bos = False
-        self._context = 0
         self._vocabulary = 0
-        self._marker = ""
-        self._vision = False
 
     # -- lifecycle ---------------------------------------------------------------------
 
     def load(self, progress: ProgressFn) -> dict[str, Any]:
         """Raises FileNotFoundError (no such file) or ValueError (no llama-server, or it
         could not load the model: the message ends with its log)."""
-        if not self.spec.get("model_path"):
-            raise ValueError(f"{self.model_id}: the llama_server backend needs a model_path "
-                             "(a .gguf file)")
-        path = resolve_model_path(str(self.spec["model_path"]))
-        mmproj = (self.spec.get("files") or {}).get("mmproj") or self.options.get("mmproj")
-        projector = str(resolve_model_path(str(mmproj))) if mmproj else None
+        path = self._model_path()
+        mmproj = self._mmproj_path()
+        projector = str(mmproj) if mmproj is not None else None
         binary = find_binary(self.options)
         if parse_device(self.device)[0] == "cuda":
             check_gpu_support(binary, self.device)
@@ -151,8 +134,8 @@ class LlamaServerBackend(Backend):
         self._context = int((props.get("default_generation_settings") or {}).get("n_ctx", 0))
         self._bos, self._eos = str(props.get("bos_token") or ""), str(props.get("eos_token")
                                                                        or "")
-        self._marker = str(props.get("media_marker") or "")
-        self._vision = bool((props.get("modalities") or {}).get("vision"))
+        if (props.get("modalities") or {}).get("vision"):
+            self._marker = str(props.get("media_marker") or "")
         meta = (self._get("/v1/models").get("data") or [{}])[0].get("meta") or {}
         self._vocabulary = int(meta.get("n_vocab") or 0)
         self._add_bos = len(self._tokenize("a", add_special=True)) > len(
@@ -163,7 +146,7 @@ class LlamaServerBackend(Backend):
         self._serving = True
         progress(1.0, "loaded")
         info: dict[str, Any] = {"context_length": self._context}
-        if bool_option(self.options, "embedding"):
+        if self._embedding():
             info["embedding_dim"] = int(meta.get("n_embd") or 0)
         return info
 
@@ -211,16 +194,6 @@ class LlamaServerBackend(Backend):
         lines = [line for line in self._log if line.strip()][-8:]
         return " | ".join(lines) or "(no output)"
 
-    def warmup(self) -> None:
-        """One real token (or one embedding), so READY means llama-server answered."""
-        if bool_option(self.options, "embedding"):
-            for _ in self._embed({"input": ["warm up"]}):
-                pass
-            return
-        for _ in self.infer("complete", {"prompt": "Hello", "max_tokens": 1,
-                                         "temperature": 0.0}, threading.Event()):
-            pass
-
     def unload(self) -> None:
         """SIGTERM, a grace period, SIGKILL; then remove the socket directory."""
         self._stopping = True
@@ -264,52 +237,11 @@ class LlamaServerBackend(Backend):
 
     # -- inference ---------------------------------------------------------------------
 
-    def infer(self, op: str, payload: Mapping[str, Any], cancelled: threading.Event) -> Stream:
-        if not self._serving:
-            raise RuntimeError("the model is not loaded")
-        embedding = bool_option(self.options, "embedding")
-        match op:
-            case "chat" | "complete" if embedding:
-                raise InvalidInput(f"This model is loaded for embeddings; it cannot {op}.")
-            case "chat":
-                return self._chat(payload, cancelled)
-            case "template":
-                prompt, _ = self._chat_prompt(payload)
-                count = len(self._tokenize(self._unbossed(prompt), add_special=True))
-                return answer({"prompt": prompt, "prompt_tokens": count})
-            case "complete":
-                return self._generate(str(payload.get("prompt", "")), [], payload, cancelled)
-            case "embed" if embedding:
-                return self._embed(payload)
-            case "embed":
-                raise InvalidInput("This model is not loaded for embeddings (the llama_server "
-                                   "option embedding: true does that).")
-            case _:
-                raise InvalidInput(f"The llama_server backend does not support {op!r}.")
+    def _loaded(self) -> bool:
+        return self._serving
 
-    def _chat_prompt(self, payload: Mapping[str, Any]) -> tuple[str, list[bytes]]:
-        """The prompt text of a chat request and its images (as the llama_cpp backend).
-
-        Raises:
-            InvalidInput: images for a model without a projector, or a template refusal.
-        """
-        return render_request(self._template, payload, bos=self._bos, eos=self._eos,
-                              marker=self._marker if self._vision else None)
-
-    def _chat(self, payload: Mapping[str, Any], cancelled: threading.Event) -> Stream:
-        prompt, images = self._chat_prompt(payload)
-        parser = output_parser(self._formats, prompt, payload)
-        extra: dict[str, Any] = {}
-        if payload.get("tools") and self._formats[1] == "hermes":
-            from llmux.backends.llama_tools import demanded_tools, tool_call_grammar
-
-            demanded = demanded_tools(payload["tools"], payload.get("tool_choice"))
-            if demanded:
-                extra["grammar"] = tool_call_grammar(
-                    demanded, payload.get("parallel_tool_calls") is True)
-        if "harmony" in self._formats:
-            extra["preserved_tokens"] = list(HARMONY_TOKENS)
-        return parsed(self._generate(prompt, images, payload, cancelled, extra), parser)
+    def _prompt_tokens(self, prompt: str) -> int:
+        return len(self._tokenize(self._unbossed(prompt), add_special=True))
 
     def _unbossed(self, prompt: str) -> str:
         """``prompt`` without a leading BOS text when llama-server adds the BOS itself
@@ -319,8 +251,8 @@ class LlamaServerBackend(Backend):
         return prompt
 
     def _body(self, prompt: str, images: Sequence[bytes], payload: Mapping[str, Any],
-              extra: Mapping[str, Any]) -> dict[str, Any]:
-        """The ``/completion`` request of one generation.
+              tool_grammar: str | None, harmony: bool) -> dict[str, Any]:
+        """The ``/completion`` request of one generation (``_complete``'s arguments).
 
         Raises:
             InvalidInput: a bad max_tokens or logit_bias.
@@ -331,8 +263,11 @@ class LlamaServerBackend(Backend):
                        "multimodal_data": [base64.b64encode(i).decode() for i in images]}
             if images else text,
             "stream": True, "cache_prompt": True, "return_progress": True,
-            **extra,
         }
+        if tool_grammar is not None:
+            body["grammar"] = tool_grammar
+        if harmony:
+            body["preserved_tokens"] = list(HARMONY_TOKENS)
         for key, name in SAMPLING:
             if payload.get(key) is not None:
                 body[name] = payload[key]
@@ -345,9 +280,9 @@ class LlamaServerBackend(Backend):
         if payload.get("logit_bias"):
             body["logit_bias"] = self._logit_bias(payload["logit_bias"])
         kind = (payload.get("response_format") or {}).get("type", "text")
-        if kind == "json_object" and "grammar" not in body:
+        if kind == "json_object" and tool_grammar is None:
             body["json_schema"] = {}
-        elif kind == "json_schema" and "grammar" not in body:
+        elif kind == "json_schema" and tool_grammar is None:
             format_ = payload.get("response_format") or {}
             body["json_schema"] = (format_.get("json_schema") or {}).get("schema") or {}
         return body
@@ -365,13 +300,13 @@ class LlamaServerBackend(Backend):
             out[str(token)] = float(value)
         return out
 
-    def _generate(self, prompt: str, images: Sequence[bytes], payload: Mapping[str, Any],
-                  cancelled: threading.Event, extra: Mapping[str, Any] | None = None
-                  ) -> Stream:
+    def _complete(self, prompt: str, images: Sequence[bytes], payload: Mapping[str, Any],
+                  cancelled: threading.Event, *, tool_grammar: str | None = None,
+                  harmony: bool = False) -> Stream:
         """Relay llama-server's stream of one completion. Cancel is checked at every
         event (each token, and each prompt-processing batch) and closes the stream,
         which makes llama-server stop."""
-        body = self._body(prompt, images, payload, extra or {})
+        body = self._body(prompt, images, payload, tool_grammar, harmony)
         connection = UnixConnection(self._address)
         finish, usage = "length", {"prompt_tokens": 0, "completion_tokens": 0}
         tokens = 0
@@ -411,11 +346,7 @@ class LlamaServerBackend(Backend):
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         return {"finish_reason": finish, "usage": usage}
 
-    def _embed(self, payload: Mapping[str, Any]) -> Stream:
-        inputs = payload.get("input", [])
-        texts = [inputs] if isinstance(inputs, str) else [str(t) for t in inputs]
-        if not texts:
-            raise InvalidInput("There is nothing to embed: the input is empty.")
+    def _embed(self, texts: list[str]) -> tuple[Sequence[Sequence[float]], int]:
         try:
             answer = self._get("/v1/embeddings", {"input": texts})
         except ServerError as exc:
@@ -424,10 +355,7 @@ class LlamaServerBackend(Backend):
             raise
         rows = sorted(answer.get("data") or [], key=lambda row: row.get("index", 0))
         count = int((answer.get("usage") or {}).get("prompt_tokens") or 0)
-        yield from ()
-        return {"embeddings": [_normalised(row["embedding"]) for row in rows],
-                "usage": {"prompt_tokens": count, "total_tokens": count}}
-
+        return [row["embedding"] for row in rows], count
 
 def _sweep_socket_dirs() -> None:
     """Remove the socket directories of workers that died without unloading (killed,
@@ -443,7 +371,3 @@ def _sweep_socket_dirs() -> None:
         except PermissionError:
             pass  # alive, someone else's
 
-
-def _normalised(vector: Sequence[float]) -> list[float]:
-    norm = sum(x * x for x in vector) ** 0.5 or 1.0
-    return [float(x) / norm for x in vector]

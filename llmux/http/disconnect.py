@@ -92,8 +92,11 @@ class DisconnectWatcher:
         async def app_receive() -> Message:
             nonlocal body_done
             try:
-                with anyio.fail_after(math.inf if body_done else self.body_timeout_s):
+                if body_done:  # nothing is timed any more (and a scope costs per message)
                     message = await inbox.receive()
+                else:
+                    with anyio.fail_after(self.body_timeout_s):
+                        message = await inbox.receive()
             except (anyio.EndOfStream, anyio.ClosedResourceError):
                 # The request is over (the pump ended, or the response was cut).
                 return {"type": "http.disconnect"}
