@@ -248,3 +248,30 @@ def test_a_worker_whose_llama_server_died_is_replaced(server: Server) -> None:
     assert server.model("smol")["pid"] != worker.pid
     # The new worker's load removed the socket directory the dead one left behind.
     assert not list(Path(tempfile.gettempdir()).glob(f"llmux-llama-server-{worker.pid}-*"))
+
+
+@needs_binary
+def test_a_model_without_pooling_embeds_its_averaged_tokens_as_llama_cpp_does() -> None:
+    # SmolLM2 pools nothing: llama-server's OpenAI route refuses it, so the backend
+    # averages the token vectors of llama-server's own /embedding, as llama_cpp does.
+    from llmux.backends.llama_cpp import LlamaCppBackend
+    from llmux.backends.llama_server import LlamaServerBackend
+
+    texts = {"input": ["a cat", "a dog", "a cat"]}
+    spec = {"model_id": "smol", "model_path": GGUF, "device": "cpu",
+            "options": {"n_ctx": 512, "n_threads": 1, "embedding": True}}
+    vectors = []
+    for backend in (LlamaServerBackend(spec), LlamaCppBackend(spec)):
+        assert backend.load(lambda fraction, message: None)["embedding_dim"] == 576
+        try:
+            backend.warmup()
+            _, done = drain(backend.infer("embed", texts, threading.Event()))
+        finally:
+            backend.unload()
+        vectors.append(done["embeddings"])
+        assert done["usage"]["prompt_tokens"] == done["usage"]["total_tokens"] > 0
+    (cat, dog, cat_again), theirs = vectors
+    assert abs(sum(x * x for x in cat) - 1.0) < 1e-5
+    assert cat == cat_again and cat != dog
+    # the same model and the same averaging (two llama.cpp builds: close, not equal)
+    assert sum(a * b for a, b in zip(cat, theirs[0], strict=True)) > 0.99

@@ -27,7 +27,7 @@ from llmux.backends.paths import resolve_model_path
 from llmux.chat.output import output_parser, parsed
 from llmux.chat.render import FALLBACK_TEMPLATE, render_request
 
-__all__ = ["GgufBackend"]
+__all__ = ["GgufBackend", "mean_vector"]
 
 
 class GgufBackend(Backend):
@@ -175,6 +175,12 @@ class GgufBackend(Backend):
         yield from ()
         return {"embeddings": [_normalised(v) for v in vectors],
                 "usage": {"prompt_tokens": count, "total_tokens": count}}
+
+
+def mean_vector(rows: Sequence[Sequence[float]]) -> list[float]:
+    """The average of token vectors: a text's embedding from a model without pooling."""
+    count = max(1, len(rows))
+    return [sum(column) / count for column in zip(*rows, strict=True)]
 
 
 def _normalised(vector: Sequence[float]) -> list[float]:

@@ -60,7 +60,7 @@ from llmux.backends.base import (
     int_option,
     parse_device,
 )
-from llmux.backends.gguf import GgufBackend
+from llmux.backends.gguf import GgufBackend, mean_vector
 from llmux.backends.llama_vision import MARKER, Projector
 from llmux.chat.output import output_formats
 from llmux.chat.render import FALLBACK_TEMPLATE, model_template, render_chat
@@ -388,7 +388,7 @@ class LlamaCppBackend(GgufBackend):
         means, total = [], 0
         for text in texts:
             rows, tokens = self._llm.embed(text, truncate=True, return_count=True)
-            means.append(_mean(rows))
+            means.append(mean_vector(rows))
             total += tokens
         return means, total
 
@@ -415,7 +415,4 @@ class LlamaCppBackend(GgufBackend):
         return defaults
 
 
-def _mean(rows: Sequence[Sequence[float]]) -> list[float]:
-    count = max(1, len(rows))
-    return [sum(column) / count for column in zip(*rows, strict=True)]
 

@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from llmux.backends.base import InvalidInput, ProgressFn, Stream, bool_option, parse_device
-from llmux.backends.gguf import GgufBackend
+from llmux.backends.gguf import GgufBackend, mean_vector
 from llmux.backends.llama_server_cli import check_gpu_support, find_binary, server_argv
 from llmux.backends.llama_server_io import (
     ServerError,
@@ -105,6 +105,7 @@ class LlamaServerBackend(GgufBackend):
         self._serving = False
         self._add_bos = False
         self._vocabulary = 0
+        self._token_vectors = False  # a model without pooling: its texts' tokens averaged
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -347,15 +348,33 @@ class LlamaServerBackend(GgufBackend):
         return {"finish_reason": finish, "usage": usage}
 
     def _embed(self, texts: list[str]) -> tuple[Sequence[Sequence[float]], int]:
-        try:
-            answer = self._get("/v1/embeddings", {"input": texts})
-        except ServerError as exc:
-            if exc.status == 400:
-                raise InvalidInput(str(exc)) from exc
-            raise
-        rows = sorted(answer.get("data") or [], key=lambda row: row.get("index", 0))
-        count = int((answer.get("usage") or {}).get("prompt_tokens") or 0)
-        return [row["embedding"] for row in rows], count
+        if not self._token_vectors:
+            try:
+                answer = self._get("/v1/embeddings", {"input": texts})
+            except ServerError as exc:
+                # NOTE: llama-server's OpenAI route refuses a model without pooling (a
+                # chat GGUF); its own /embedding then gives every token's vector,
+                # averaged as the llama_cpp backend does.
+                if exc.status != 400:
+                    raise
+                if "pooling type 'none'" not in str(exc).lower():
+                    raise InvalidInput(str(exc)) from exc
+                self._token_vectors = True
+            else:
+                rows = sorted(answer.get("data") or [], key=lambda row: row.get("index", 0))
+                count = int((answer.get("usage") or {}).get("prompt_tokens") or 0)
+                return [row["embedding"] for row in rows], count
+        return self._averaged_tokens(texts)
+
+    def _averaged_tokens(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        """Each text's token vectors averaged (llama-server's /embedding, no pooling)."""
+        status, data = self._request("POST", "/embedding", {"content": texts})
+        if status != 200:
+            message = error_message(status, data)
+            raise InvalidInput(message) if status == 400 else ServerError(status, message)
+        rows = sorted(json.loads(data), key=lambda row: row.get("index", 0))
+        tokens = [row["embedding"] for row in rows]
+        return [mean_vector(vectors) for vectors in tokens], sum(map(len, tokens))
 
 def _sweep_socket_dirs() -> None:
     """Remove the socket directories of workers that died without unloading (killed,
