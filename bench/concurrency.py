@@ -3,10 +3,10 @@
 Each fake model streams at ``RATE`` tokens/s and serves ``MAX_CONCURRENCY`` (1) request
 at a time (its ``max_concurrency``), so no scheduler can deliver more than 2 loaded
 models x 1 x ``RATE`` tokens/s while only 2 of the 3 fit. Client i asks model i mod 3,
-one request after another, each a ``WORDS``-token reply. Tokens are counted as they arrive during a
-``MEASURE_S`` window that opens ``WARMUP_S`` after the start (the first loads are
-start-up, not steady state); the time the arbiter spends swapping models is part of
-what is measured.
+one request after another, each a ``WORDS``-token reply. Tokens are counted as they
+arrive during a ``MEASURE_S`` window that opens ``WARMUP_S`` after the start (the first
+loads are start-up, not steady state); the time the arbiter spends swapping models is
+part of what is measured.
 
 The baseline, in the same run and on the same server: the same 64 clients over 2 of the
 models only (both fit, nothing swaps). That is the backends' limit as this machine

@@ -413,6 +413,3 @@ class LlamaCppBackend(GgufBackend):
                     log.warning("ignoring %s = %r: not a number", key, metadata[key])
             defaults[argument] = value
         return defaults
-
-
-

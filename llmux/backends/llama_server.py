@@ -224,12 +224,21 @@ class LlamaServerBackend(GgufBackend):
             connection.close()
 
     def _get(self, path: str, body: Any = None) -> dict[str, Any]:
-        """Raises ServerError (a status other than 200) or OSError (no connection)."""
+        """A JSON object from llama-server: GET, or POST ``body``.
+
+        Raises:
+            ServerError: a status other than 200.
+            OSError: no connection.
+        """
+        answer: dict[str, Any] = self._json(path, body)
+        return answer
+
+    def _json(self, path: str, body: Any = None) -> Any:
+        """Whatever JSON llama-server answers (see ``_get``)."""
         status, data = self._request("POST" if body is not None else "GET", path, body)
         if status != 200:
             raise ServerError(status, error_message(status, data))
-        answer: dict[str, Any] = json.loads(data)
-        return answer
+        return json.loads(data)
 
     def _tokenize(self, text: str, add_special: bool) -> list[int]:
         tokens: list[int] = self._get("/tokenize", {
@@ -348,33 +357,38 @@ class LlamaServerBackend(GgufBackend):
         return {"finish_reason": finish, "usage": usage}
 
     def _embed(self, texts: list[str]) -> tuple[Sequence[Sequence[float]], int]:
-        if not self._token_vectors:
-            try:
-                answer = self._get("/v1/embeddings", {"input": texts})
-            except ServerError as exc:
-                # NOTE: llama-server's OpenAI route refuses a model without pooling (a
-                # chat GGUF); its own /embedding then gives every token's vector,
-                # averaged as the llama_cpp backend does.
-                if exc.status != 400:
-                    raise
-                if "pooling type 'none'" not in str(exc).lower():
-                    raise InvalidInput(str(exc)) from exc
-                self._token_vectors = True
-            else:
-                rows = sorted(answer.get("data") or [], key=lambda row: row.get("index", 0))
-                count = int((answer.get("usage") or {}).get("prompt_tokens") or 0)
-                return [row["embedding"] for row in rows], count
-        return self._averaged_tokens(texts)
+        """Raises InvalidInput: llama-server refused the texts (a 400)."""
+        try:
+            if not self._token_vectors:
+                try:
+                    return self._pooled(texts)
+                except ServerError as exc:
+                    # NOTE: llama-server's OpenAI route refuses a model without pooling
+                    # (a chat GGUF); its own /embedding then gives every token's vector,
+                    # averaged as the llama_cpp backend does.
+                    if exc.status != 400 or "pooling type 'none'" not in str(exc).lower():
+                        raise
+                    self._token_vectors = True
+            return self._averaged_tokens(texts)
+        except ServerError as exc:
+            if exc.status == 400:
+                raise InvalidInput(str(exc)) from exc
+            raise
+
+    def _pooled(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        """The model's own pooled vectors (llama-server's OpenAI route)."""
+        answer = self._get("/v1/embeddings", {"input": texts})
+        rows = sorted(answer.get("data") or [], key=lambda row: row.get("index", 0))
+        count = int((answer.get("usage") or {}).get("prompt_tokens") or 0)
+        return [row["embedding"] for row in rows], count
 
     def _averaged_tokens(self, texts: list[str]) -> tuple[list[list[float]], int]:
         """Each text's token vectors averaged (llama-server's /embedding, no pooling)."""
-        status, data = self._request("POST", "/embedding", {"content": texts})
-        if status != 200:
-            message = error_message(status, data)
-            raise InvalidInput(message) if status == 400 else ServerError(status, message)
-        rows = sorted(json.loads(data), key=lambda row: row.get("index", 0))
+        rows = sorted(self._json("/embedding", {"content": texts}),
+                      key=lambda row: row.get("index", 0))
         tokens = [row["embedding"] for row in rows]
         return [mean_vector(vectors) for vectors in tokens], sum(map(len, tokens))
+
 
 def _sweep_socket_dirs() -> None:
     """Remove the socket directories of workers that died without unloading (killed,
@@ -389,4 +403,3 @@ def _sweep_socket_dirs() -> None:
             shutil.rmtree(path, ignore_errors=True)
         except PermissionError:
             pass  # alive, someone else's
-
