@@ -78,10 +78,10 @@ async def serve(config: Config, host: str, port: int, keys: KeyStore) -> None:
     # that sends nothing, and would cut any generation longer than it.
     hconfig.h11_max_incomplete_size = MAX_HEADER_BYTES
     shutdown = anyio.Event()
-    gauge = RequestGauge(create_app(runtime, keys))
-    drain = Drain(gauge, config.server.shutdown_grace_s)
 
     async with anyio.create_task_group() as tg:
+        gauge = RequestGauge(create_app(runtime, keys, tg))
+        drain = Drain(gauge, config.server.shutdown_grace_s)
         tg.start_soon(watch_signals, drain, shutdown.set)
         await tg.start(runtime.run)
         log.info("llmux serving %d virtual models on http://%s:%d",

@@ -6,6 +6,7 @@ import time
 from importlib.metadata import PackageNotFoundError, version
 
 import falcon.asgi
+from anyio.abc import TaskGroup
 
 from llmux.auth import KeyStore
 from llmux.http import errors
@@ -78,11 +79,12 @@ def create_falcon_app(runtime: Runtime, keys: KeyStore) -> FalconApp:
     return app
 
 
-def create_app(runtime: Runtime, keys: KeyStore) -> ASGIApp:
+def create_app(runtime: Runtime, keys: KeyStore, tasks: TaskGroup) -> ASGIApp:
     """The ASGI app Hypercorn serves: Falcon (behind the check that refuses bodies cut
     short) inside the disconnect watcher, inside the request metrics (which see each
-    response end, streams included)."""
+    response end, streams included). ``tasks`` (the server's task group, which outlives
+    every request) runs the disconnect watchers."""
     falcon_app = create_falcon_app(runtime, keys)
     watched = DisconnectWatcher(CompleteBodies(falcon_app),  # type: ignore[arg-type]
-                                runtime.config.server.read_timeout_s)
+                                tasks, runtime.config.server.read_timeout_s)
     return RequestObserver(watched, runtime.metrics)

@@ -1,18 +1,24 @@
 """Notices a client going away, at once, for every HTTP request.
 
 Falcon only looks for ``http.disconnect`` between SSE events, and not at all for
-plain responses. This ASGI wrapper reads the request's ``receive`` channel in a
-side task, passes messages on to the app, and calls the callbacks a resource
-registered (``on_disconnect(req, ticket.cancel)``) the moment the client leaves,
-so a queued job leaves its queue and a running one stops within a token.
+plain responses. A resource that has something to stop when its client leaves registers
+a callback (``on_disconnect(req.scope, ticket.cancel)``); from then on one watcher task
+reads the request's ``receive`` channel and calls the callbacks the moment the client
+leaves, so a queued job leaves its queue and a running one stops within a token.
+
+NOTE: the watcher runs in the server's own task group and ends by itself: the server
+delivers ``http.disconnect`` once the response is sent (the ASGI spec; Hypercorn puts
+it on the channel when the stream closes). A request that registers nothing pays for no
+task at all. The channel has one reader at a time: the app or the watcher, and a
+message one of them reads for the other is kept for it (``Channel``).
 
 It also bounds a request body that stalls: no body bytes for ``body_timeout_s`` count
 as the client leaving mid-body (llmux.http.complete_body then refuses the request and
 the connection closes). Once the body is complete, nothing is timed: a long reply to a
 client that sends nothing more is never cut.
 
-A response that starts before the body is complete (a 401 or 413 refusing an upload
-unread) says ``connection: close``: Hypercorn closes such a connection after the
+A response that starts before the server has the whole body (a 401 or 413 refusing an
+upload unread) says ``connection: close``: Hypercorn closes such a connection after the
 response, and a keep-alive client not told so would send its next request on the
 closing socket and fail.
 """
@@ -21,10 +27,12 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import deque
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 import anyio
+from anyio.abc import TaskGroup
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +42,7 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-CALLBACKS_KEY = "llmux.on_disconnect"
+CHANNEL_KEY = "llmux.channel"
 CLOSE = (b"connection", b"close")
 
 
@@ -45,8 +53,11 @@ class StreamAborted(Exception):
 
 
 def on_disconnect(scope: Scope, callback: Callable[[], None]) -> None:
-    """Run ``callback`` if the client disconnects before the response ends."""
-    scope.setdefault(CALLBACKS_KEY, []).append(callback)
+    """Run ``callback`` if the client disconnects before the response ends (nothing
+    outside ``DisconnectWatcher``)."""
+    channel = scope.get(CHANNEL_KEY)
+    if isinstance(channel, Channel):
+        channel.on_disconnect(callback)
 
 
 def closing(start: Message) -> Message:
@@ -54,73 +65,147 @@ def closing(start: Message) -> Message:
     return {**start, "headers": [*start.get("headers", ()), CLOSE]}
 
 
+def disconnect() -> Message:
+    return {"type": "http.disconnect"}
+
+
+class Channel:
+    """One request's ``receive``, shared by the app and the watcher task.
+
+    Whoever reads first keeps a body message for the app (``pending``); a disconnect
+    is remembered, and every later read answers it at once.
+    """
+
+    def __init__(self, scope: Scope, receive: Receive, tasks: TaskGroup) -> None:
+        self._scope = scope
+        self._receive = receive
+        self._tasks = tasks
+        self._callbacks: list[Callable[[], None]] = []
+        self._pending: deque[Message] = deque()  # body messages the watcher read
+        self._changed: anyio.Event | None = None  # set when a read ends
+        self._reading = False
+        self._watching = False
+        # NOTE: the server's view, not the app's: an app refusing a request never reads
+        # its body, yet the connection stays reusable once the server has it all.
+        self.body_received = False  # the body's last chunk was read off the channel
+        self.disconnected = False
+
+    def on_disconnect(self, callback: Callable[[], None]) -> None:
+        self._callbacks.append(callback)
+        if not self._watching and not self.disconnected:
+            self._watching = True
+            self._tasks.start_soon(self._watch)
+
+    def response_ending(self) -> None:
+        """The response's last part is being sent: a disconnect from now on is the
+        server's end of the request, not the client leaving."""
+        self._callbacks = []
+
+    async def app_receive(self, body_timeout_s: float) -> Message:
+        """The app's next message; the body's reads are bounded by ``body_timeout_s``."""
+        while True:
+            if self._pending:
+                return self._pending.popleft()
+            if self.disconnected:
+                return disconnect()
+            if not self._reading:
+                if self.body_received or body_timeout_s == math.inf:
+                    return await self._read(keep=False)
+                with anyio.move_on_after(body_timeout_s):
+                    return await self._read(keep=False)
+                log.info("%s %s: the request body stalled for %.0f s",
+                         self._scope.get("method"), self._scope.get("path"), body_timeout_s)
+                self.disconnected = True  # the client is as good as gone
+                return disconnect()
+            await self._next_change()
+
+    async def take_ready(self) -> None:
+        """Read, without waiting, what the server already has of the body (a response
+        that starts before the app read it: the connection stays reusable if it is all
+        there)."""
+        while not (self.body_received or self.disconnected or self._reading):
+            # NOTE: a ready message returns without a checkpoint, so an expired scope
+            # only stops a read that would wait.
+            with anyio.move_on_after(0) as scope:
+                await self._read(keep=True)
+            if scope.cancelled_caught:
+                return
+
+    async def _watch(self) -> None:
+        """Read until the disconnect (which the server sends after the response too)."""
+        try:
+            while not self.disconnected:
+                if self._reading:
+                    await self._next_change()
+                else:
+                    await self._read(keep=True)
+        except Exception:  # never take the server's task group down
+            log.exception("the disconnect watcher failed")
+
+    async def _read(self, *, keep: bool) -> Message:
+        """One message off the channel (the only reader meanwhile); ``keep`` saves a
+        body message for the app."""
+        self._reading = True
+        try:
+            message = await self._receive()
+        finally:
+            self._reading = False
+            if self._changed is not None:
+                self._changed.set()
+                self._changed = None
+        if message["type"] == "http.request":
+            self.body_received = not message.get("more_body", False)
+            if keep:
+                self._pending.append(message)
+        elif message["type"] == "http.disconnect":
+            self.disconnected = True
+            callbacks, self._callbacks = self._callbacks, []
+            for callback in callbacks:
+                try:
+                    callback()
+                except Exception:
+                    log.exception("disconnect callback failed")
+        return message
+
+    async def _next_change(self) -> None:
+        if self._changed is None:
+            self._changed = anyio.Event()
+        await self._changed.wait()
+
+
 class DisconnectWatcher:
-    def __init__(self, app: ASGIApp, body_timeout_s: float = math.inf) -> None:
+    """ASGI wrapper; ``tasks`` is a task group that outlives every request."""
+
+    def __init__(self, app: ASGIApp, tasks: TaskGroup,
+                 body_timeout_s: float = math.inf) -> None:
         self.app = app
+        self.tasks = tasks
         self.body_timeout_s = body_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        scope[CALLBACKS_KEY] = []
-        forward, inbox = anyio.create_memory_object_stream[Message](16)
-        # NOTE: the server's view, not the app's: Hypercorn sends a body's end as a message
-        # of its own, which an app refusing the request never reads, yet the connection
-        # stays reusable once the server has it.
-        body_received = False  # Hypercorn delivered the body's last chunk
-
-        async def pump() -> None:
-            nonlocal body_received
-            async with forward:
-                while True:
-                    message = await receive()
-                    if message["type"] == "http.request" and not message.get("more_body"):
-                        body_received = True
-                    if message["type"] == "http.disconnect":
-                        for callback in scope[CALLBACKS_KEY]:
-                            try:
-                                callback()
-                            except Exception:
-                                log.exception("disconnect callback failed")
-                        await forward.send(message)
-                        return
-                    await forward.send(message)
-
-        body_done = False
+        channel = scope[CHANNEL_KEY] = Channel(scope, receive, self.tasks)
+        body_timeout_s = self.body_timeout_s
 
         async def app_receive() -> Message:
-            nonlocal body_done
-            try:
-                if body_done:  # nothing is timed any more (and a scope costs per message)
-                    message = await inbox.receive()
-                else:
-                    with anyio.fail_after(self.body_timeout_s):
-                        message = await inbox.receive()
-            except (anyio.EndOfStream, anyio.ClosedResourceError):
-                # The request is over (the pump ended, or the response was cut).
-                return {"type": "http.disconnect"}
-            except TimeoutError:
-                log.info("%s %s: the request body stalled for %.0f s", scope.get("method"),
-                         scope.get("path"), self.body_timeout_s)
-                body_done = True
-                return {"type": "http.disconnect"}
-            if message["type"] != "http.request" or not message.get("more_body"):
-                body_done = True
-            return message
+            return await channel.app_receive(body_timeout_s)
 
         async def app_send(message: Message) -> None:
-            if message["type"] == "http.response.start" and not body_received:
-                message = closing(message)
+            kind = message["type"]
+            if kind == "http.response.start" and not channel.body_received:
+                await channel.take_ready()
+                if not channel.body_received:
+                    message = closing(message)
+            elif kind == "http.response.body" and not message.get("more_body", False):
+                channel.response_ending()
             await send(message)
 
-        async with anyio.create_task_group() as tg, inbox:
-            tg.start_soon(pump)
-            try:
-                await self.app(scope, app_receive, app_send)
-            except StreamAborted as exc:
-                log.warning("%s %s aborted mid-response: %s", scope.get("method"),
-                            scope.get("path"), exc)
-            finally:
-                scope[CALLBACKS_KEY] = []
-                tg.cancel_scope.cancel()
+        try:
+            await self.app(scope, app_receive, app_send)
+        except StreamAborted as exc:
+            log.warning("%s %s aborted mid-response: %s", scope.get("method"),
+                        scope.get("path"), exc)
+        finally:
+            channel.response_ending()

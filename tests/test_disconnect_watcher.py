@@ -1,0 +1,248 @@
+"""The disconnect watcher's contract, driven the way Hypercorn drives an ASGI app: the
+request's ``receive`` is an ``asyncio.Queue``'s ``get``, on which the server puts the body
+and, once the response is sent or the client leaves, ``http.disconnect``.
+
+The live behaviour (a client leaving a queued or running job, keep-alive after an early
+refusal) is in tests/test_concurrency.py, tests/guarantees and tests/test_early_refusal.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+import pytest
+from anyio import wait_all_tasks_blocked
+from anyio.abc import TaskGroup
+from anyio.lowlevel import checkpoint
+
+from llmux.http.disconnect import (
+    DisconnectWatcher,
+    Message,
+    Receive,
+    Scope,
+    Send,
+    StreamAborted,
+    on_disconnect,
+)
+
+pytestmark = pytest.mark.anyio
+
+DISCONNECT = {"type": "http.disconnect"}
+App = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"  # Hypercorn's receive is an asyncio.Queue
+
+
+def body(data: bytes, more: bool = False) -> Message:
+    return {"type": "http.request", "body": data, "more_body": more}
+
+
+class Exchange:
+    """One request as the server sees it: its channel, and what the app sent."""
+
+    def __init__(self, *messages: Message) -> None:
+        self.queue: asyncio.Queue[Message] = asyncio.Queue()
+        for message in messages:
+            self.queue.put_nowait(message)
+        self.sent: list[Message] = []
+        self.reads = 0
+
+    async def receive(self) -> Message:
+        self.reads += 1
+        return await self.queue.get()
+
+    async def send(self, message: Message) -> None:
+        self.sent.append(message)
+        if message["type"] == "http.response.body" and not message.get("more_body"):
+            self.queue.put_nowait(DISCONNECT)  # Hypercorn: the stream closed
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        return list(self.sent[0]["headers"])
+
+
+async def respond(send: Send, status: int = 200) -> None:
+    await send({"type": "http.response.start", "status": status, "headers": []})
+    await send({"type": "http.response.body", "body": b"{}"})
+
+
+async def serve(app: App, exchange: Exchange, tasks: TaskGroup, method: str = "POST",
+                body_timeout_s: float = 30) -> None:
+    scope: Scope = {"type": "http", "method": method, "path": "/v1/chat/completions"}
+    await DisconnectWatcher(app, tasks, body_timeout_s)(scope, exchange.receive, exchange.send)
+
+
+async def read_body(receive: Receive) -> bytes:
+    data = b""
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            raise AssertionError(f"the body ended with {message}")
+        data += message["body"]
+        if not message["more_body"]:
+            return data
+
+
+async def test_a_request_that_registers_nothing_starts_no_watcher() -> None:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        assert await read_body(receive) == b"{}"
+        await respond(send)
+
+    exchange = Exchange(body(b"{}"))
+    with anyio.fail_after(1):
+        async with anyio.create_task_group() as tasks:
+            await serve(app, exchange, tasks)
+            await wait_all_tasks_blocked()
+            assert exchange.reads == 1  # the app's read only: nobody waits on the channel
+            tasks.cancel_scope.cancel()
+    assert "connection" not in dict(exchange.headers())
+
+
+async def test_a_client_leaving_runs_the_callback_while_the_app_still_works() -> None:
+    left = anyio.Event()
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await read_body(receive)
+        on_disconnect(scope, left.set)
+        await left.wait()  # the job, cancelled by the callback
+
+    exchange = Exchange(body(b"{}"))
+    with anyio.fail_after(1):
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(serve, app, exchange, tasks)
+            await wait_all_tasks_blocked()
+            assert not left.is_set()
+            exchange.queue.put_nowait(DISCONNECT)
+    assert left.is_set()
+
+
+async def test_the_watcher_ends_with_the_response_and_calls_nothing_then() -> None:
+    calls: list[str] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await read_body(receive)
+        on_disconnect(scope, lambda: calls.append("left"))
+        await wait_all_tasks_blocked()  # the watcher waits on the channel
+        await respond(send)
+
+    exchange = Exchange(body(b"{}"))
+    with anyio.fail_after(1):
+        async with anyio.create_task_group() as tasks:  # exits only once the watcher ended
+            await serve(app, exchange, tasks)
+    assert calls == []
+    assert exchange.queue.empty()  # the watcher read the server's disconnect
+
+
+async def test_the_app_reads_its_body_whole_while_the_watcher_reads_the_channel() -> None:
+    left = anyio.Event()
+    bodies: list[bytes] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        on_disconnect(scope, left.set)  # before the body: both read the channel
+        await wait_all_tasks_blocked()
+        bodies.append(await read_body(receive))
+        await respond(send)
+
+    exchange = Exchange(body(b"a", more=True))
+    with anyio.fail_after(1):
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(serve, app, exchange, tasks)
+            await wait_all_tasks_blocked()
+            for part in (body(b"b", more=True), body(b"c")):
+                exchange.queue.put_nowait(part)
+                await checkpoint()
+    assert bodies == [b"abc"]
+    assert not left.is_set()
+
+
+async def test_an_app_reading_after_its_body_sees_the_disconnect_the_watcher_read() -> None:
+    seen: list[Message] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await read_body(receive)
+        on_disconnect(scope, lambda: None)
+        await wait_all_tasks_blocked()
+        seen.append(await receive())  # as Falcon does between SSE events
+        seen.append(await receive())  # and every later read answers at once
+
+    exchange = Exchange(body(b"{}"))
+    with anyio.fail_after(1):
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(serve, app, exchange, tasks)
+            await wait_all_tasks_blocked()
+            exchange.queue.put_nowait(DISCONNECT)
+    assert seen == [DISCONNECT, DISCONNECT]
+
+
+@pytest.mark.parametrize(("queued", "method", "closes"), [
+    ((body(b"{}"),), "POST", False),  # the whole body arrived: the connection is reusable
+    ((body(b"a", more=True), body(b""),), "POST", False),
+    ((body(b""),), "GET", False),  # a GET's empty body
+    ((body(b"a", more=True),), "POST", True),  # an upload still arriving
+    ((), "POST", True),
+])
+async def test_a_refusal_before_the_body_is_read_closes_only_if_the_body_is_not_all_there(
+        queued: tuple[Message, ...], method: str, closes: bool) -> None:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await respond(send, 401)  # the body unread
+
+    exchange = Exchange(*queued)
+    with anyio.fail_after(1):
+        async with anyio.create_task_group() as tasks:
+            await serve(app, exchange, tasks, method=method)
+    assert ((b"connection", b"close") in exchange.headers()) is closes
+
+
+async def test_a_body_that_stalls_reads_as_a_disconnect() -> None:
+    seen: list[Message] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        seen.append(await receive())
+        seen.append(await receive())  # nothing more comes
+        seen.append(await receive())
+        await respond(send, 400)
+
+    exchange = Exchange(body(b"{", more=True))
+    with anyio.fail_after(2):
+        async with anyio.create_task_group() as tasks:
+            await serve(app, exchange, tasks, body_timeout_s=0.05)
+    assert seen == [body(b"{", more=True), DISCONNECT, DISCONNECT]
+    assert (b"connection", b"close") in exchange.headers()
+
+
+async def test_once_the_body_is_complete_nothing_is_timed() -> None:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await read_body(receive)
+        await anyio.sleep(0.15)  # a long reply; the client sends nothing more
+        assert await receive() == DISCONNECT
+
+    exchange = Exchange(body(b"{}"))
+    with anyio.fail_after(2):
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(serve, app, exchange, tasks, "POST", 0.05)
+            await anyio.sleep(0.1)
+            exchange.queue.put_nowait(DISCONNECT)
+
+
+async def test_an_aborted_stream_ends_the_request_without_raising() -> None:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await read_body(receive)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        raise StreamAborted("the job failed")
+
+    exchange = Exchange(body(b"{}"))
+    with anyio.fail_after(1):
+        async with anyio.create_task_group() as tasks:
+            await serve(app, exchange, tasks)
+    assert [message["type"] for message in exchange.sent] == ["http.response.start"]
+
+
+async def test_on_disconnect_outside_the_watcher_does_nothing() -> None:
+    scope: dict[str, Any] = {"type": "http"}
+    on_disconnect(scope, lambda: None)
+    assert scope == {"type": "http"}
