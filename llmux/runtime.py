@@ -77,12 +77,15 @@ class Ticket:
         Raises:
             TimeoutError: nothing arrived within ``timeout_s`` (nothing is lost).
         """
-        with anyio.fail_after(timeout_s):
-            try:
+        try:
+            if timeout_s == math.inf:  # a cancel scope costs more than the wait itself
                 reply = await self._replies.receive()
-            except (anyio.EndOfStream, anyio.ClosedResourceError):
-                self.ended = True
-                return None
+            else:
+                with anyio.fail_after(timeout_s):
+                    reply = await self._replies.receive()
+        except (anyio.EndOfStream, anyio.ClosedResourceError):
+            self.ended = True
+            return None
         if self.watch is not None:
             self.watch(reply)
         if isinstance(reply, Finished | Failure):

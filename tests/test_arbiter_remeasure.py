@@ -103,3 +103,27 @@ def test_a_growth_that_overfills_the_device_evicts_an_idle_model() -> None:
     evicts = [(m, msg.reason) for m, msg in world.told if isinstance(msg, Evict)]
     assert evicts == [("a", "evicted a (llm): cpu holds 0.5 GB of 0.4 GB after a model grew "
                              "past its footprint")]
+
+
+def test_an_overfull_device_sheds_a_busy_model_as_soon_as_its_request_ends() -> None:
+    world = World(capacity=400 * MB)
+    world.load("a", 101, 150 * MB)
+    world.arbiter.handle(Usage("a", True, 0, world.now, 1))  # a serves a request
+    world.now += 1
+    world.load("b", 102, 150 * MB)
+    world.arbiter.handle(Usage("b", True, 0, world.now, 1))
+    world.probe.held[102] = 350 * MB  # b grows: 500 MB on a 400 MB device
+    world.tick(MEASURE_INTERVAL_S)
+    assert not [m for m, msg in world.told if isinstance(msg, Evict)]  # both are busy
+    world.arbiter.handle(Usage("a", False, 0, world.now, 1))  # its request ends: a may go
+    assert [m for m, msg in world.told if isinstance(msg, Evict)] == ["a"]
+
+
+def test_a_request_starting_or_ending_on_a_roomy_device_changes_no_plan() -> None:
+    world = World(capacity=1000 * MB)
+    world.load("a", 101, 150 * MB)
+    told = len(world.told)
+    world.arbiter.handle(Usage("a", True, 0, world.now, 1))
+    world.arbiter.handle(Usage("a", False, 0, world.now, 1))
+    assert world.told[told:] == []
+    assert world.arbiter.snapshot()["ledger"][0]["busy"] is False

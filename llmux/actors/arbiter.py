@@ -166,6 +166,9 @@ class GpuArbiter(Actor[Message]):
         self._actors: dict[str, Mailbox] = {}
         self._ledger: dict[str, _Entry] = {}
         self._pending: list[_Pending] = []
+        # The last plan found the device over capacity with nothing it could unload yet:
+        # a request's end (Usage) may free a victim.
+        self._pressed = False
         # Each model's last reported queue, also while it is not in the ledger: a model
         # granted with work waiting has it from its first plan (else it looks idle).
         self._queued: dict[str, int] = {}
@@ -261,6 +264,8 @@ class GpuArbiter(Actor[Message]):
                 if (entry := self._ledger.get(model)) is not None:
                     entry.busy, entry.queued, entry.last_used = busy, queued, last_used
                     entry.started = started
+                if not self._pending and not self._pressed:
+                    return  # nothing waits and nothing must go: nothing to plan
             case _:
                 log.error("%s: unexpected message %r", self.name, message)
         self._replan(recent=isinstance(message, Usage))
@@ -356,6 +361,7 @@ class GpuArbiter(Actor[Message]):
         relief = relieve(self.view(recent), self._rules, now)
         if isinstance(relief, EvictPlan) and self._spares is not None and self._spares.drop():
             relief = relieve(self.view(recent), self._rules, now)  # a spare goes before a model
+        self._pressed = isinstance(relief, Wait)
         if isinstance(relief, EvictPlan):
             self._evict(relief)
         while self._pending and self._loading is None:

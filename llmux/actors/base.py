@@ -69,25 +69,31 @@ class Actor(Generic[M]):
                 task_status.started()
                 async with self._inbox:
                     while True:
-                        # NOTE: messages first; a timer already due still leaves
-                        # MIN_WAIT_S for them, so an overdue timer cannot starve them.
-                        try:
-                            self.handle(self._inbox.receive_nowait())
-                            continue
-                        except anyio.WouldBlock:
-                            pass
-                        delay = self.next_wakeup() - self.clock()
-                        if delay == math.inf:  # no timer: no cancel scope to pay for
-                            self.handle(await self._inbox.receive())
-                            continue
-                        with anyio.move_on_after(max(delay, MIN_WAIT_S)):
-                            message = await self._inbox.receive()
-                            self.handle(message)
-                            continue
+                        await self._take_messages()
                         self.on_timer()
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_TIMEOUT_S):
                 await self.cleanup()
+
+    async def _take_messages(self) -> None:
+        """Handle messages until the timer (``next_wakeup()``) is due.
+
+        NOTE: one cancel scope whose deadline moves, not one per message: entering and
+        leaving a scope costs more than handling most messages. Messages come first; a
+        timer already due still leaves MIN_WAIT_S for them, so an overdue timer cannot
+        starve them.
+        """
+        with anyio.CancelScope() as timer:
+            while True:
+                try:
+                    self.handle(self._inbox.receive_nowait())
+                    continue
+                except anyio.WouldBlock:
+                    pass
+                delay = self.next_wakeup() - self.clock()
+                timer.deadline = (math.inf if delay == math.inf
+                                  else anyio.current_time() + max(delay, MIN_WAIT_S))
+                self.handle(await self._inbox.receive())
 
     def spawn(self, fn: Callable[[], object], name: str) -> None:
         """Start a child task in this actor's task group."""
