@@ -57,6 +57,7 @@ async def serve(config: Config, host: str, port: int, keys: KeyStore) -> None:
     from hypercorn.config import Config as HypercornConfig
 
     from llmux.http.app import create_app
+    from llmux.http.disconnect import Watchers
     from llmux.runtime import Runtime
     from llmux.shutdown import DRAIN_BACKSTOP_S, Drain, RequestGauge, watch_signals
 
@@ -78,10 +79,11 @@ async def serve(config: Config, host: str, port: int, keys: KeyStore) -> None:
     # that sends nothing, and would cut any generation longer than it.
     hconfig.h11_max_incomplete_size = MAX_HEADER_BYTES
     shutdown = anyio.Event()
+    watchers = Watchers()
+    gauge = RequestGauge(create_app(runtime, keys, watchers))
+    drain = Drain(gauge, config.server.shutdown_grace_s)
 
     async with anyio.create_task_group() as tg:
-        gauge = RequestGauge(create_app(runtime, keys, tg))
-        drain = Drain(gauge, config.server.shutdown_grace_s)
         tg.start_soon(watch_signals, drain, shutdown.set)
         await tg.start(runtime.run)
         log.info("llmux serving %d virtual models on http://%s:%d",
@@ -89,6 +91,7 @@ async def serve(config: Config, host: str, port: int, keys: KeyStore) -> None:
         await hypercorn_serve(gauge, hconfig,  # type: ignore[arg-type]
                               shutdown_trigger=shutdown.wait, mode="asgi")
         drain.end()
+        watchers.cancel()  # of requests Hypercorn cut without telling the app
         # The runtime's cancellation stops every worker (unload, then SIGTERM and
         # SIGKILL to its process group), each bounded: nothing outlives this block.
         tg.cancel_scope.cancel()

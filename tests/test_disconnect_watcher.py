@@ -9,13 +9,12 @@ refusal) is in tests/test_concurrency.py, tests/guarantees and tests/test_early_
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import anyio
 import pytest
 from anyio import wait_all_tasks_blocked
-from anyio.abc import TaskGroup
 from anyio.lowlevel import checkpoint
 
 from llmux.http.disconnect import (
@@ -25,6 +24,7 @@ from llmux.http.disconnect import (
     Scope,
     Send,
     StreamAborted,
+    Watchers,
     on_disconnect,
 )
 
@@ -37,6 +37,17 @@ App = Callable[[Scope, Receive, Send], Awaitable[None]]
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"  # Hypercorn's receive is an asyncio.Queue
+
+
+@pytest.fixture
+async def watchers() -> AsyncIterator[Watchers]:
+    """The watcher tasks of a test; every one must have ended with its request."""
+    watchers = Watchers()
+    yield watchers
+    await wait_all_tasks_blocked()
+    left = len(watchers)
+    watchers.cancel()
+    assert left == 0, "a disconnect watcher outlived its request"
 
 
 def body(data: bytes, more: bool = False) -> Message:
@@ -71,10 +82,11 @@ async def respond(send: Send, status: int = 200) -> None:
     await send({"type": "http.response.body", "body": b"{}"})
 
 
-async def serve(app: App, exchange: Exchange, tasks: TaskGroup, method: str = "POST",
+async def serve(app: App, exchange: Exchange, watchers: Watchers, method: str = "POST",
                 body_timeout_s: float = 30) -> None:
     scope: Scope = {"type": "http", "method": method, "path": "/v1/chat/completions"}
-    await DisconnectWatcher(app, tasks, body_timeout_s)(scope, exchange.receive, exchange.send)
+    await DisconnectWatcher(app, watchers, body_timeout_s)(scope, exchange.receive,
+                                                            exchange.send)
 
 
 async def read_body(receive: Receive) -> bytes:
@@ -88,22 +100,22 @@ async def read_body(receive: Receive) -> bytes:
             return data
 
 
-async def test_a_request_that_registers_nothing_starts_no_watcher() -> None:
+async def test_a_request_that_registers_nothing_starts_no_watcher(watchers: Watchers) -> None:
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         assert await read_body(receive) == b"{}"
         await respond(send)
 
     exchange = Exchange(body(b"{}"))
     with anyio.fail_after(1):
-        async with anyio.create_task_group() as tasks:
-            await serve(app, exchange, tasks)
-            await wait_all_tasks_blocked()
-            assert exchange.reads == 1  # the app's read only: nobody waits on the channel
-            tasks.cancel_scope.cancel()
+        await serve(app, exchange, watchers)
+        await wait_all_tasks_blocked()
+    assert exchange.reads == 1  # the app's read only: nobody waits on the channel
+    assert len(watchers) == 0
     assert "connection" not in dict(exchange.headers())
 
 
-async def test_a_client_leaving_runs_the_callback_while_the_app_still_works() -> None:
+async def test_a_client_leaving_runs_the_callback_while_the_app_still_works(
+        watchers: Watchers) -> None:
     left = anyio.Event()
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
@@ -114,14 +126,15 @@ async def test_a_client_leaving_runs_the_callback_while_the_app_still_works() ->
     exchange = Exchange(body(b"{}"))
     with anyio.fail_after(1):
         async with anyio.create_task_group() as tasks:
-            tasks.start_soon(serve, app, exchange, tasks)
+            tasks.start_soon(serve, app, exchange, watchers)
             await wait_all_tasks_blocked()
             assert not left.is_set()
             exchange.queue.put_nowait(DISCONNECT)
     assert left.is_set()
 
 
-async def test_the_watcher_ends_with_the_response_and_calls_nothing_then() -> None:
+async def test_the_watcher_ends_with_the_response_and_calls_nothing_then(
+        watchers: Watchers) -> None:
     calls: list[str] = []
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
@@ -132,13 +145,15 @@ async def test_the_watcher_ends_with_the_response_and_calls_nothing_then() -> No
 
     exchange = Exchange(body(b"{}"))
     with anyio.fail_after(1):
-        async with anyio.create_task_group() as tasks:  # exits only once the watcher ended
-            await serve(app, exchange, tasks)
+        await serve(app, exchange, watchers)
+        await wait_all_tasks_blocked()
+        assert len(watchers) == 0  # it read the server's disconnect and ended
     assert calls == []
     assert exchange.queue.empty()  # the watcher read the server's disconnect
 
 
-async def test_the_app_reads_its_body_whole_while_the_watcher_reads_the_channel() -> None:
+async def test_the_app_reads_its_body_whole_while_the_watcher_reads_the_channel(
+        watchers: Watchers) -> None:
     left = anyio.Event()
     bodies: list[bytes] = []
 
@@ -151,7 +166,7 @@ async def test_the_app_reads_its_body_whole_while_the_watcher_reads_the_channel(
     exchange = Exchange(body(b"a", more=True))
     with anyio.fail_after(1):
         async with anyio.create_task_group() as tasks:
-            tasks.start_soon(serve, app, exchange, tasks)
+            tasks.start_soon(serve, app, exchange, watchers)
             await wait_all_tasks_blocked()
             for part in (body(b"b", more=True), body(b"c")):
                 exchange.queue.put_nowait(part)
@@ -160,7 +175,8 @@ async def test_the_app_reads_its_body_whole_while_the_watcher_reads_the_channel(
     assert not left.is_set()
 
 
-async def test_an_app_reading_after_its_body_sees_the_disconnect_the_watcher_read() -> None:
+async def test_an_app_reading_after_its_body_sees_the_disconnect_the_watcher_read(
+        watchers: Watchers) -> None:
     seen: list[Message] = []
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
@@ -173,7 +189,7 @@ async def test_an_app_reading_after_its_body_sees_the_disconnect_the_watcher_rea
     exchange = Exchange(body(b"{}"))
     with anyio.fail_after(1):
         async with anyio.create_task_group() as tasks:
-            tasks.start_soon(serve, app, exchange, tasks)
+            tasks.start_soon(serve, app, exchange, watchers)
             await wait_all_tasks_blocked()
             exchange.queue.put_nowait(DISCONNECT)
     assert seen == [DISCONNECT, DISCONNECT]
@@ -187,18 +203,17 @@ async def test_an_app_reading_after_its_body_sees_the_disconnect_the_watcher_rea
     ((), "POST", True),
 ])
 async def test_a_refusal_before_the_body_is_read_closes_only_if_the_body_is_not_all_there(
-        queued: tuple[Message, ...], method: str, closes: bool) -> None:
+        queued: tuple[Message, ...], method: str, closes: bool, watchers: Watchers) -> None:
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         await respond(send, 401)  # the body unread
 
     exchange = Exchange(*queued)
     with anyio.fail_after(1):
-        async with anyio.create_task_group() as tasks:
-            await serve(app, exchange, tasks, method=method)
+        await serve(app, exchange, watchers, method=method)
     assert ((b"connection", b"close") in exchange.headers()) is closes
 
 
-async def test_a_body_that_stalls_reads_as_a_disconnect() -> None:
+async def test_a_body_that_stalls_reads_as_a_disconnect(watchers: Watchers) -> None:
     seen: list[Message] = []
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
@@ -209,13 +224,12 @@ async def test_a_body_that_stalls_reads_as_a_disconnect() -> None:
 
     exchange = Exchange(body(b"{", more=True))
     with anyio.fail_after(2):
-        async with anyio.create_task_group() as tasks:
-            await serve(app, exchange, tasks, body_timeout_s=0.05)
+        await serve(app, exchange, watchers, body_timeout_s=0.05)
     assert seen == [body(b"{", more=True), DISCONNECT, DISCONNECT]
     assert (b"connection", b"close") in exchange.headers()
 
 
-async def test_once_the_body_is_complete_nothing_is_timed() -> None:
+async def test_once_the_body_is_complete_nothing_is_timed(watchers: Watchers) -> None:
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         await read_body(receive)
         await anyio.sleep(0.15)  # a long reply; the client sends nothing more
@@ -224,12 +238,12 @@ async def test_once_the_body_is_complete_nothing_is_timed() -> None:
     exchange = Exchange(body(b"{}"))
     with anyio.fail_after(2):
         async with anyio.create_task_group() as tasks:
-            tasks.start_soon(serve, app, exchange, tasks, "POST", 0.05)
+            tasks.start_soon(serve, app, exchange, watchers, "POST", 0.05)
             await anyio.sleep(0.1)
             exchange.queue.put_nowait(DISCONNECT)
 
 
-async def test_an_aborted_stream_ends_the_request_without_raising() -> None:
+async def test_an_aborted_stream_ends_the_request_without_raising(watchers: Watchers) -> None:
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         await read_body(receive)
         await send({"type": "http.response.start", "status": 200, "headers": []})
@@ -237,8 +251,7 @@ async def test_an_aborted_stream_ends_the_request_without_raising() -> None:
 
     exchange = Exchange(body(b"{}"))
     with anyio.fail_after(1):
-        async with anyio.create_task_group() as tasks:
-            await serve(app, exchange, tasks)
+        await serve(app, exchange, watchers)
     assert [message["type"] for message in exchange.sent] == ["http.response.start"]
 
 

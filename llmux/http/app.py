@@ -6,7 +6,6 @@ import time
 from importlib.metadata import PackageNotFoundError, version
 
 import falcon.asgi
-from anyio.abc import TaskGroup
 
 from llmux.auth import KeyStore
 from llmux.http import errors
@@ -16,7 +15,7 @@ from llmux.http.auth import Access, AuthMiddleware
 from llmux.http.chat import ChatCompletions
 from llmux.http.complete_body import CompleteBodies
 from llmux.http.completions import Completions
-from llmux.http.disconnect import ASGIApp, DisconnectWatcher
+from llmux.http.disconnect import ASGIApp, DisconnectWatcher, Watchers
 from llmux.http.embeddings import Embeddings
 from llmux.http.events import AdminEvents
 from llmux.http.forecast import Forecast
@@ -79,12 +78,11 @@ def create_falcon_app(runtime: Runtime, keys: KeyStore) -> FalconApp:
     return app
 
 
-def create_app(runtime: Runtime, keys: KeyStore, tasks: TaskGroup) -> ASGIApp:
+def create_app(runtime: Runtime, keys: KeyStore, watchers: Watchers) -> ASGIApp:
     """The ASGI app Hypercorn serves: Falcon (behind the check that refuses bodies cut
     short) inside the disconnect watcher, inside the request metrics (which see each
-    response end, streams included). ``tasks`` (the server's task group, which outlives
-    every request) runs the disconnect watchers."""
+    response end, streams included). ``watchers`` holds the disconnect watchers' tasks."""
     falcon_app = create_falcon_app(runtime, keys)
     watched = DisconnectWatcher(CompleteBodies(falcon_app),  # type: ignore[arg-type]
-                                tasks, runtime.config.server.read_timeout_s)
+                                watchers, runtime.config.server.read_timeout_s)
     return RequestObserver(watched, runtime.metrics)
