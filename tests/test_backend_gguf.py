@@ -12,7 +12,7 @@ import pytest
 
 from llmux.backends import load_backend_class
 from llmux.backends.base import InvalidInput, Stream
-from llmux.backends.gguf import GgufBackend
+from llmux.backends.gguf import GgufBackend, max_tokens, stop_strings, token_bias
 from tests.helpers import drain
 
 HELLO = [{"role": "user", "content": "Hello there"}]
@@ -184,3 +184,23 @@ def test_warmup_generates_one_token_or_embeds_once() -> None:
     embedder.warmup()
     assert [c["prompt"] for c in generator.completions] == ["Hello"]
     assert embedder.embedded == [["warm up"]]
+
+
+def test_request_limits_shared_by_both_gguf_backends() -> None:
+    assert max_tokens({}) is None
+    assert max_tokens({"max_tokens": 7}) == 7
+    with pytest.raises(InvalidInput, match="max_tokens must be at least 1, got 0"):
+        max_tokens({"max_tokens": 0})
+    assert stop_strings({"stop": "\n"}) == ["\n"]
+    assert stop_strings({"stop": ["a", "b"]}) == ["a", "b"]
+    assert stop_strings({"stop": None}) == []
+
+
+def test_logit_bias_is_checked_against_the_vocabulary_when_known() -> None:
+    assert token_bias({"3": 5, "0": -100}, 10) == {3: 5.0, 0: -100.0}
+    assert token_bias({"123456": 1}, None) == {123456: 1.0}
+    with pytest.raises(InvalidInput, match="logit_bias token 10 is not in this model's "
+                                          "vocabulary of 10 tokens"):
+        token_bias({"10": 1}, 10)
+    with pytest.raises(InvalidInput, match="logit_bias keys are token ids, got 'cat'"):
+        token_bias({"cat": 1}, 10)

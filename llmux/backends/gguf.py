@@ -177,6 +177,44 @@ class GgufBackend(Backend):
                 "usage": {"prompt_tokens": count, "total_tokens": count}}
 
 
+def max_tokens(payload: Mapping[str, Any]) -> int | None:
+    """The request's reply budget in tokens (None: until the context is full).
+
+    Raises:
+        InvalidInput: less than one token.
+    """
+    value = payload.get("max_tokens")
+    if value is not None and value < 1:
+        raise InvalidInput(f"max_tokens must be at least 1, got {value}.")
+    return value if value is None else int(value)
+
+
+def stop_strings(payload: Mapping[str, Any]) -> list[str]:
+    """The request's ``stop``: one string or a list of them."""
+    stop = payload.get("stop") or []
+    return [stop] if isinstance(stop, str) else [str(s) for s in stop]
+
+
+def token_bias(bias: Mapping[str, Any], vocabulary: int | None) -> dict[int, float]:
+    """``logit_bias`` by token id (its JSON keys are strings); ``vocabulary`` None: not
+    known yet, any id passes.
+
+    Raises:
+        InvalidInput: a key that is not a token id of the model.
+    """
+    out = {}
+    for key, value in bias.items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise InvalidInput(f"logit_bias keys are token ids, got {key!r}.") from None
+        if not 0 <= token < (vocabulary or token + 1):
+            raise InvalidInput(f"logit_bias token {token} is not in this model's "
+                               f"vocabulary of {vocabulary} tokens.")
+        out[token] = float(value)
+    return out
+
+
 def mean_vector(rows: Sequence[Sequence[float]]) -> list[float]:
     """The average of token vectors: a text's embedding from a model without pooling."""
     count = max(1, len(rows))

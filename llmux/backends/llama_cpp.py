@@ -60,7 +60,13 @@ from llmux.backends.base import (
     int_option,
     parse_device,
 )
-from llmux.backends.gguf import GgufBackend, mean_vector
+from llmux.backends.gguf import (
+    GgufBackend,
+    max_tokens,
+    mean_vector,
+    stop_strings,
+    token_bias,
+)
 from llmux.backends.llama_vision import MARKER, Projector
 from llmux.chat.output import output_formats
 from llmux.chat.render import FALLBACK_TEMPLATE, model_template, render_chat
@@ -327,11 +333,9 @@ class LlamaCppBackend(GgufBackend):
         for key, argument, _, _ in _SAMPLING:
             value = payload.get(key)
             arguments[argument] = self._defaults[argument] if value is None else value
-        max_tokens = payload.get("max_tokens")
-        if max_tokens is not None and max_tokens < 1:
-            raise InvalidInput(f"max_tokens must be at least 1, got {max_tokens}.")
+        budget = max_tokens(payload)
         if payload.get("logit_bias"):
-            bias = self._logit_bias(payload["logit_bias"])
+            bias = token_bias(payload["logit_bias"], self._llm.n_vocab())
 
             def biased(input_ids: Any, scores: Any) -> Any:
                 for token, value in bias.items():
@@ -339,24 +343,8 @@ class LlamaCppBackend(GgufBackend):
                 return scores
 
             arguments["logits_processor"] = llama_cpp.LogitsProcessorList([biased])
-        stop = payload.get("stop") or []
-        stops = [stop] if isinstance(stop, str) else [str(s) for s in stop]
-        budget = room if max_tokens is None else min(max_tokens, room)
-        return arguments, budget, stops, payload.get("seed")
-
-    def _logit_bias(self, bias: Mapping[str, Any]) -> dict[int, float]:
-        vocabulary = self._llm.n_vocab()
-        out = {}
-        for key, value in bias.items():
-            try:
-                token = int(key)
-            except ValueError:
-                raise InvalidInput(f"logit_bias keys are token ids, got {key!r}.") from None
-            if not 0 <= token < vocabulary:
-                raise InvalidInput(f"logit_bias token {token} is not in this model's "
-                                   f"vocabulary of {vocabulary} tokens.")
-            out[token] = float(value)
-        return out
+        return (arguments, room if budget is None else min(budget, room),
+                stop_strings(payload), payload.get("seed"))
 
     def _grammar(self, response_format: Mapping[str, Any] | None) -> Any:
         """A grammar constraining the reply to JSON, or to a JSON schema; None for text."""

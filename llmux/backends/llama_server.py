@@ -48,7 +48,13 @@ from pathlib import Path
 from typing import Any, Final
 
 from llmux.backends.base import InvalidInput, ProgressFn, Stream, bool_option, parse_device
-from llmux.backends.gguf import GgufBackend, mean_vector
+from llmux.backends.gguf import (
+    GgufBackend,
+    max_tokens,
+    mean_vector,
+    stop_strings,
+    token_bias,
+)
 from llmux.backends.llama_server_cli import check_gpu_support, find_binary, server_argv
 from llmux.backends.llama_server_io import (
     ServerError,
@@ -281,14 +287,12 @@ class LlamaServerBackend(GgufBackend):
         for key, name in SAMPLING:
             if payload.get(key) is not None:
                 body[name] = payload[key]
-        max_tokens = payload.get("max_tokens")
-        if max_tokens is not None and max_tokens < 1:
-            raise InvalidInput(f"max_tokens must be at least 1, got {max_tokens}.")
-        body["n_predict"] = -1 if max_tokens is None else max_tokens
-        stop = payload.get("stop") or []
-        body["stop"] = [stop] if isinstance(stop, str) else [str(s) for s in stop]
+        budget = max_tokens(payload)
+        body["n_predict"] = -1 if budget is None else budget
+        body["stop"] = stop_strings(payload)
         if payload.get("logit_bias"):
-            body["logit_bias"] = self._logit_bias(payload["logit_bias"])
+            bias = token_bias(payload["logit_bias"], self._vocabulary)
+            body["logit_bias"] = {str(token): value for token, value in bias.items()}
         kind = (payload.get("response_format") or {}).get("type", "text")
         if kind == "json_object" and tool_grammar is None:
             body["json_schema"] = {}
@@ -296,19 +300,6 @@ class LlamaServerBackend(GgufBackend):
             format_ = payload.get("response_format") or {}
             body["json_schema"] = (format_.get("json_schema") or {}).get("schema") or {}
         return body
-
-    def _logit_bias(self, bias: Mapping[str, Any]) -> dict[str, float]:
-        out = {}
-        for key, value in bias.items():
-            try:
-                token = int(key)
-            except ValueError:
-                raise InvalidInput(f"logit_bias keys are token ids, got {key!r}.") from None
-            if not 0 <= token < (self._vocabulary or token + 1):
-                raise InvalidInput(f"logit_bias token {token} is not in this model's "
-                                   f"vocabulary of {self._vocabulary} tokens.")
-            out[str(token)] = float(value)
-        return out
 
     def _complete(self, prompt: str, images: Sequence[bytes], payload: Mapping[str, Any],
                   cancelled: threading.Event, *, tool_grammar: str | None = None,
