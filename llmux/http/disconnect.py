@@ -1,4 +1,4 @@
-"""Notices a client going away, at once, for every HTTP request.
+"""Notices a client going away, at once, for requests that have something to stop.
 
 Falcon only looks for ``http.disconnect`` between SSE events, and not at all for
 plain responses. A resource that has something to stop when its client leaves registers
@@ -163,7 +163,7 @@ class Channel:
                     await self._next_change()
                 else:
                     await self._read(keep=True)
-        except Exception:  # never take the server's task group down
+        except Exception:  # nobody awaits this task: say it here
             log.exception("the disconnect watcher failed")
 
     async def _read(self, *, keep: bool) -> Message:
