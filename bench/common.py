@@ -182,6 +182,17 @@ class Proc:
         except psutil.Error:
             return []
 
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) the process and its children have used so far."""
+        total = 0.0
+        for process in self.tree():
+            try:
+                times = process.cpu_times()
+            except psutil.Error:
+                continue
+            total += times.user + times.system
+        return total
+
     def stop(self, grace_s: float = 15.0) -> None:
         """SIGTERM and wait (the process stops its own children), then kill what is left."""
         tree = self.tree()

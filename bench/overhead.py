@@ -12,7 +12,9 @@ client's own cost is part of it, kept small: a bare client on asyncio streams.
 A third figure says how much of that is the HTTP stack llmux is built on: the same
 requests against a bare Falcon app on Hypercorn (this script with ``--floor PORT``)
 that calls the backend in-process in its handler, with no llmux in between. llmux's
-own share is its latency minus that floor.
+own share is its latency minus that floor. Both servers' CPU time per request (the
+process and its children: llmux's worker runs the backend) is given too: on a busy
+VM it varies less than the latency, and it is what the latency is made of.
 
 Headline: the goal ratio, max over the four goals (added p50 ≤ 1 ms and p99 ≤ 5 ms, at
 1 and at 32 clients) of added ÷ goal. It is ≤ 1 when every goal is met, and unlike
@@ -75,6 +77,19 @@ async def in_process(call: Callable[[], Any], clients: int, each: int) -> list[f
         call()
     await asyncio.gather(*(client() for _ in range(clients)))
     return latencies
+
+
+def requests_sent(clients: int, each: int) -> int:
+    """How many requests ``through_http`` sends (its warm-up included)."""
+    return WARMUP + clients * each
+
+
+def timed_cpu(proc: Proc, url: str, clients: int, each: int,
+              errors: list[str]) -> tuple[list[float], float]:
+    """``through_http``'s latencies, and the server's CPU seconds per request."""
+    before = proc.cpu_seconds()
+    latencies = asyncio.run(through_http(url, clients, each, errors))
+    return latencies, (proc.cpu_seconds() - before) / requests_sent(clients, each)
 
 
 async def through_http(url: str, clients: int, each: int,
@@ -161,7 +176,7 @@ def main() -> int:
     errors: list[str] = []
     with Proc([sys.executable, __file__, "--floor", str(port)]) as floor:
         floor.wait_http(f"http://127.0.0.1:{port}/health", 30)
-        floors = [asyncio.run(through_http(f"http://127.0.0.1:{port}", clients, each, errors))
+        floors = [timed_cpu(floor, f"http://127.0.0.1:{port}", clients, each, errors)
                   for clients, each in LEVELS]
     call = in_process_call()
     config = serving({"fake": fake_model(**OPTIONS)},
@@ -170,9 +185,10 @@ def main() -> int:
     ratio = 0.0
     try:
         with Llmux(config) as server:
-            for (clients, each), bare in zip(LEVELS, floors, strict=True):
+            assert server.proc is not None
+            for (clients, each), (bare, bare_cpu) in zip(LEVELS, floors, strict=True):
                 base = asyncio.run(in_process(call, clients, each))
-                http = asyncio.run(through_http(server.url, clients, each, errors))
+                http, cpu = timed_cpu(server.proc, server.url, clients, each, errors)
                 added = {q: (percentile(http, q) - percentile(base, q)) * 1000 for q in GOALS}
                 ratio = max(ratio, *(added[q] / GOALS[q] for q in GOALS))
                 figures.append(
@@ -180,7 +196,8 @@ def main() -> int:
                     f"+{added[99]:.2f} ms p99 (llmux {ms(http)}, in-process "
                     f"{percentile(base, 50) * 1000:.3f}/{percentile(base, 99) * 1000:.3f} ms, "
                     f"bare Falcon on Hypercorn {ms(bare)}: llmux's own +"
-                    f"{(percentile(http, 50) - percentile(bare, 50)) * 1000:.2f} ms p50)")
+                    f"{(percentile(http, 50) - percentile(bare, 50)) * 1000:.2f} ms p50; "
+                    f"CPU per request {cpu * 1e6:.0f} µs, bare {bare_cpu * 1e6:.0f} µs)")
     finally:
         sweep()
     first = f" (first: {errors[0]})" if errors else ""
