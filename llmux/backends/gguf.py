@@ -27,7 +27,7 @@ from llmux.backends.paths import resolve_model_path
 from llmux.chat.output import output_parser, parsed
 from llmux.chat.render import FALLBACK_TEMPLATE, render_request
 
-__all__ = ["GgufBackend", "mean_vector"]
+__all__ = ["GgufBackend", "max_tokens", "mean_vector", "stop_strings", "token_bias"]
 
 
 class GgufBackend(Backend):
@@ -186,7 +186,7 @@ def max_tokens(payload: Mapping[str, Any]) -> int | None:
     value = payload.get("max_tokens")
     if value is not None and value < 1:
         raise InvalidInput(f"max_tokens must be at least 1, got {value}.")
-    return value if value is None else int(value)
+    return None if value is None else int(value)
 
 
 def stop_strings(payload: Mapping[str, Any]) -> list[str]:

@@ -100,10 +100,12 @@ class Channel:
     is remembered, and every later read answers it at once.
     """
 
-    def __init__(self, scope: Scope, receive: Receive, watchers: Watchers) -> None:
+    def __init__(self, scope: Scope, receive: Receive, watchers: Watchers,
+                 body_timeout_s: float) -> None:
         self._scope = scope
         self._receive = receive
         self._watchers = watchers
+        self._body_timeout_s = body_timeout_s
         self._callbacks: list[Callable[[], None]] = []
         self._pending: deque[Message] = deque()  # body messages the watcher read
         self._changed: anyio.Event | None = None  # set when a read ends
@@ -125,8 +127,9 @@ class Channel:
         server's end of the request, not the client leaving."""
         self._callbacks = []
 
-    async def app_receive(self, body_timeout_s: float) -> Message:
+    async def app_receive(self) -> Message:
         """The app's next message; the body's reads are bounded by ``body_timeout_s``."""
+        body_timeout_s = self._body_timeout_s
         while True:
             if self._pending:
                 return self._pending.popleft()
@@ -211,11 +214,8 @@ class DisconnectWatcher:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        channel = scope[CHANNEL_KEY] = Channel(scope, receive, self.watchers)
-        body_timeout_s = self.body_timeout_s
-
-        async def app_receive() -> Message:
-            return await channel.app_receive(body_timeout_s)
+        channel = scope[CHANNEL_KEY] = Channel(scope, receive, self.watchers,
+                                               self.body_timeout_s)
 
         async def app_send(message: Message) -> None:
             kind = message["type"]
@@ -228,7 +228,7 @@ class DisconnectWatcher:
             await send(message)
 
         try:
-            await self.app(scope, app_receive, app_send)
+            await self.app(scope, channel.app_receive, app_send)
         except StreamAborted as exc:
             log.warning("%s %s aborted mid-response: %s", scope.get("method"),
                         scope.get("path"), exc)
