@@ -195,6 +195,25 @@ async def test_audio_bytes_cross_the_pipe_as_bytes() -> None:
         assert [type(c.data["pcm"]) for c in chunks if isinstance(c, Chunk)] == [bytes, bytes]
 
 
+async def test_frames_a_full_pipe_cannot_take_wait_in_order_until_it_drains() -> None:
+    async with running_worker() as handle:
+        await load(handle)
+        os.kill(handle.pid, signal.SIGSTOP)  # reads nothing: its pipe fills
+        try:
+            for seconds in (4, 5, 6):  # 256 KiB and more each, the pipe takes 64 KiB
+                samples = bytes(4 * 16000 * seconds)
+                handle.write(Infer(id=seconds, op="transcribe", payload={"samples": samples}))
+            assert handle.unsent_frames == 3  # the first one's rest, and the two after it
+        finally:
+            os.kill(handle.pid, signal.SIGCONT)
+        with anyio.fail_after(10):
+            await handle.drain()
+        assert handle.unsent_frames == 0
+        for seconds in (4, 5, 6):
+            (done,) = await collect(handle, seconds)
+            assert done == Done(id=seconds, data={"duration": float(seconds), **done.data})
+
+
 async def test_stdout_noise_from_the_backend_does_not_corrupt_the_protocol() -> None:
     async with running_worker() as handle:
         assert isinstance((await load(handle, print_noise=True))[-1], Loaded)

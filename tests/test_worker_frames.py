@@ -3,8 +3,8 @@
 The worker drops a Cancel for a request id it has not seen (llmux/workers/main.py,
 ``Requests``), so a Cancel that overtook its Infer would be lost and the request would
 run to its end for a client that left. The scripted worker below holds chosen frames
-back in ``send``, as a slow pipe write would, to try to make a later frame overtake;
-the last test plays many Infer+Cancel pairs against a real worker process.
+back in ``write``, as a full pipe would, to try to make a later frame overtake; the
+last test plays many Infer+Cancel pairs against a real worker process.
 """
 
 from __future__ import annotations
@@ -49,7 +49,8 @@ _ids = itertools.count(1)
 class ScriptedWorker:
     """Stands in for a WorkerHandle. Answers like llmux/workers/main.py: an Infer runs
     until cancelled, a Cancel for an unknown id is dropped. ``hold(frame)`` says whether
-    writing that frame waits for ``release``."""
+    the pipe is full when that frame is written: it and every frame after it wait,
+    unwritten, for ``release`` (and a ``drain``)."""
 
     pid = 4242
     returncode: int | None = None
@@ -60,12 +61,31 @@ class ScriptedWorker:
         self.killed = False
         self.release = anyio.Event()
         self._hold = hold
+        self._unsent: list[wp.Frame] = []
         self._running: set[int] = set()
         self._answers, self._out = anyio.create_memory_object_stream[wp.Frame](math.inf)
 
-    async def send(self, frame: wp.Frame) -> None:
-        if self._hold(frame):
+    @property
+    def unsent_frames(self) -> int:
+        return len(self._unsent)
+
+    def write(self, frame: wp.Frame) -> None:
+        if self._unsent or (self._hold(frame) and not self.release.is_set()):
+            self._unsent.append(frame)
+        else:
+            self._take(frame)
+
+    async def drain(self) -> None:
+        if self._unsent:
             await self.release.wait()
+        while self._unsent:
+            self._take(self._unsent.pop(0))
+
+    async def send(self, frame: wp.Frame) -> None:
+        self.write(frame)
+        await self.drain()
+
+    def _take(self, frame: wp.Frame) -> None:
         self.received.append(frame)
         match frame:
             case wp.Load():
@@ -192,14 +212,14 @@ async def test_infers_reach_the_worker_in_the_order_their_jobs_started() -> None
 
 
 async def test_a_worker_that_takes_no_frames_is_killed() -> None:
-    worker = ScriptedWorker(hold=lambda frame: True)  # its pipe is full: writes block
+    worker = ScriptedWorker(hold=lambda frame: True)  # its pipe is full: nothing is written
     posted: list[Message] = []
     io = WorkerIO("m", RunningJobs(2, 5.0), post=posted.append, spawn_worker=scripted(worker),
                   on_spawned=lambda w: None, on_client_gone=lambda i: None,
                   on_stopped=lambda j, d: None)
     async with anyio.create_task_group() as tg:
         tg.start_soon(io.connect(worker))  # type: ignore[arg-type]
-        for request_id in range(1 + FRAMES_PER_JOB * 2):  # one being written, the rest queued
+        for request_id in range(FRAMES_PER_JOB * 2):  # as many as may wait unwritten
             io.send(wp.Cancel(request_id))
             await anyio.wait_all_tasks_blocked()
         assert not worker.killed

@@ -6,19 +6,21 @@ through the mailbox (``LoadProgress``, ``WorkerReady``, ``WorkerLoadFailed``,
 things that cannot wait for the mailbox. The worker's frames go straight to the reply
 stream of the running job whose id they carry.
 
-Frames to a worker leave in the order the actor queued them, through one sender task
-per worker: the worker drops a ``Cancel`` for an id it has not seen, so a Cancel that
+Frames to a worker leave in the order the actor sent them: ``send`` writes to the
+worker's pipe at once (``WorkerHandle.write``, which queues in order what a full pipe
+cannot take), and one drain task per worker writes that queue when the pipe has room.
+Order matters: the worker drops a ``Cancel`` for an id it has not seen, so a Cancel that
 overtook its Infer would be lost and the request would run to its end.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from llmux.actors.messages import (
     Failure,
@@ -44,9 +46,9 @@ log = logging.getLogger(__name__)
 
 SpawnWorker = Callable[..., Awaitable[WorkerHandle]]
 
-# NOTE: a job queues at most an Infer and a Cancel, and a job whose Cancel still waits
+# NOTE: a job sends at most an Infer and a Cancel, and a job whose Cancel still waits
 # can have finished only if its Infer went out before everything still queued. So a
-# worker that reads its pipe never has more than 3 frames per running job outstanding.
+# worker that reads its pipe never has more than 3 frames per running job unwritten.
 FRAMES_PER_JOB = 3
 
 
@@ -75,7 +77,8 @@ class WorkerIO:
         self._on_spawned = on_spawned
         self._on_client_gone = on_client_gone
         self._on_stopped = on_stopped
-        self._outbox: tuple[WorkerHandle, MemoryObjectSendStream[wp.Frame]] | None = None
+        self._worker: WorkerHandle | None = None  # the connected worker
+        self._backlog = anyio.Event()  # set when the connected worker's pipe was full
 
     # -- loading -----------------------------------------------------------------------
 
@@ -116,63 +119,63 @@ class WorkerIO:
     # -- frames to the worker --------------------------------------------------------------
 
     def connect(self, worker: WorkerHandle) -> Callable[[], Awaitable[None]]:
-        """Open ``worker``'s outbox now, so frames ``send`` queues from here on go to
-        it, and return the task that serves it (its sender and its reader) until the
-        worker exits. The actor runs that task in its own task group."""
-        size = FRAMES_PER_JOB * self._running.limit
-        outbox, frames = anyio.create_memory_object_stream[wp.Frame](size)
-        self._outbox = (worker, outbox)
-        return lambda: self._serve(worker, frames)
+        """Send frames to ``worker`` from now on, and return the task that serves it
+        (the drain of its full pipe and its reader) until the worker exits. The actor
+        runs that task in its own task group."""
+        self._worker = worker
+        self._backlog = anyio.Event()
+        return lambda: self._serve(worker)
 
     def disconnect(self) -> None:
-        """Queue nothing more for the worker (it is being stopped, or it died); frames
-        already queued still go out, then its sender ends."""
-        if self._outbox is not None:
-            self._outbox[1].close()
-            self._outbox = None
+        """Send nothing more to the worker (it is being stopped, or it died); frames
+        already sent still go out, through its stop's drain."""
+        self._worker = None
 
     def send(self, frame: wp.Frame) -> None:
-        """Queue ``frame`` for the connected worker, behind every frame queued before
-        it; never waits. Without a connected worker the frame is dropped: nobody would
-        read the answer. A full outbox means the worker stopped reading its pipe (its
-        reader thread always reads), so it is killed and its jobs fail as in a crash."""
-        if self._outbox is None:
+        """Send ``frame`` to the connected worker, behind every frame sent before it;
+        never waits. Without a connected worker the frame is dropped: nobody would read
+        the answer. A worker whose pipe stays full has stopped reading it (its reader
+        thread always reads), so it is killed and its jobs fail as in a crash."""
+        worker = self._worker
+        if worker is None:
             return
-        worker, outbox = self._outbox
         try:
-            outbox.send_nowait(frame)
-        except anyio.WouldBlock:
-            log.error("%s: worker %d takes no frames (%d queued); killing it", self.name,
-                      worker.pid, outbox.statistics().current_buffer_used)
+            worker.write(frame)
+        except WorkerDied:
+            return  # the reader reports the death
+        except wp.ProtocolError as exc:
+            # The frame cannot be encoded (the server's checks should have caught it):
+            # that request fails, the worker and the server carry on.
+            job = self._running.get(frame.id) if isinstance(frame, wp.Infer) else None
+            if job is not None:
+                self._finish(job, Failure(BadRequest(
+                    f"This request cannot be passed to the model: {exc}")))
+            else:
+                log.warning("%s: could not send %s to the worker: %s", self.name,
+                            type(frame).__name__, exc)
+            return
+        if worker.unsent_frames > FRAMES_PER_JOB * self._running.limit:
+            log.error("%s: worker %d takes no frames (%d unwritten); killing it", self.name,
+                      worker.pid, worker.unsent_frames)
             worker.kill()
-        except anyio.BrokenResourceError:
-            pass  # its sender ended: the worker died, and the reader reports it
+        elif worker.unsent_frames:
+            self._backlog.set()
 
-    async def _serve(self, worker: WorkerHandle,
-                     frames: MemoryObjectReceiveStream[wp.Frame]) -> None:
-        async with frames, anyio.create_task_group() as tg:
-            tg.start_soon(self._send_frames, worker, frames)
+    async def _serve(self, worker: WorkerHandle) -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._drain, worker)
             await self._read(worker)
             tg.cancel_scope.cancel()  # the worker is gone: nothing more can be sent
 
-    async def _send_frames(self, worker: WorkerHandle,
-                           frames: MemoryObjectReceiveStream[wp.Frame]) -> None:
-        """The worker's one sender: frames leave in the order they were queued."""
-        async for frame in frames:
+    async def _drain(self, worker: WorkerHandle) -> None:
+        """Write what the worker's full pipe could not take, as it makes room."""
+        while True:
+            await self._backlog.wait()
+            self._backlog = anyio.Event()
             try:
-                await worker.send(frame)
+                await worker.drain()
             except WorkerDied:
                 return  # the reader reports the death
-            except wp.ProtocolError as exc:
-                # The frame cannot be encoded (the server's checks should have caught
-                # it): that request fails, the worker and the server carry on.
-                job = self._running.get(frame.id) if isinstance(frame, wp.Infer) else None
-                if job is not None:
-                    await self._finish(job, Failure(BadRequest(
-                        f"This request cannot be passed to the model: {exc}")))
-                else:
-                    log.warning("%s: could not send %s to the worker: %s", self.name,
-                                type(frame).__name__, exc)
 
     # -- frames from the worker ------------------------------------------------------------
 
@@ -186,40 +189,42 @@ class WorkerIO:
                     continue  # late frames of a job already given up
                 match frame:
                     case wp.Chunk(data=data):
-                        await self._forward(job, Piece(dict(data)))
+                        self._forward(job, Piece(dict(data)))
                     case wp.Done(data=data):
                         if data.get("finish_reason") == "cancelled":
                             self._on_stopped(job, data)
-                        await self._finish(job, Finished(dict(data)))
+                        self._finish(job, Finished(dict(data)))
                     case wp.Failed(message=text, kind="invalid_request"):
-                        await self._finish(job, Failure(BadRequest(text)))
+                        self._finish(job, Failure(BadRequest(text)))
                     case wp.Failed(message=text):
-                        await self._finish(job, Failure(InternalError(
+                        self._finish(job, Failure(InternalError(
                             f"{self.name} could not complete the request: {text}"
                         )))
         except WorkerDied as exc:
             for job in self._running:
                 if not job.cancelled:
-                    await self._finish(job, Failure(ModelFailed(
+                    self._finish(job, Failure(ModelFailed(
                         f"the worker of {self.name} died while serving this request ({exc});"
                         " retry the request", retry_after_s=1.0,
                     )), post=False)
             self._post(WorkerExited(worker, str(exc)))
 
-    async def _forward(self, job: Job, reply: Reply) -> None:
+    # NOTE: a job's reply stream is unbounded (runtime.REPLY_BUFFER): a reply never
+    # waits, so one client that stops reading cannot stall the worker's other jobs.
+
+    def _forward(self, job: Job, reply: Reply) -> None:
         if job.cancelled:
             return
         try:
-            await job.reply.send(reply)
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            job.reply.send_nowait(reply)
+        except (anyio.WouldBlock, anyio.BrokenResourceError, anyio.ClosedResourceError):
             self._on_client_gone(job.id)  # stop generating within one token
 
-    async def _finish(self, job: Job, reply: Reply, *, post: bool = True) -> None:
+    def _finish(self, job: Job, reply: Reply, *, post: bool = True) -> None:
         if not job.cancelled:
-            try:
-                await job.reply.send(reply)
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-                pass
+            with contextlib.suppress(anyio.WouldBlock, anyio.BrokenResourceError,
+                                     anyio.ClosedResourceError):
+                job.reply.send_nowait(reply)
         job.reply.close()
         if post:
             self._post(JobFinished(job.id))

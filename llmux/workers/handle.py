@@ -5,11 +5,17 @@ The worker leads its own process group, so signals reach whatever it started too
 period, SIGKILL to the group; the process is always reaped. A dead pipe, a bad frame
 or a vanished process all surface as one exception, ``WorkerDied``, whose message
 says how the worker ended.
+
+Frames go out by ``write``, which never waits: it puts the frame on the pipe
+(non-blocking) and keeps, in order, whatever the pipe could not take yet, for ``drain``
+to write when it can. So a model actor sends a frame the moment it decides to, in the
+order it decided, without a task hop or a lock per frame.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import signal
@@ -73,13 +79,17 @@ class WorkerHandle:
     may be called from any task (frames are written whole, in call order).
     """
 
-    def __init__(self, process: anyio.abc.Process, model_id: str) -> None:
+    def __init__(self, process: anyio.abc.Process, model_id: str, stdin: int) -> None:
+        """``stdin``: the write end of the worker's stdin pipe, owned (closed) here."""
         self._process = process
         self.model_id = model_id
         self.pid: int = process.pid
         self._decoder = FrameDecoder()
         self._pending: deque[Frame] = deque()
-        self._send_lock = anyio.Lock()
+        self._stdin: int | None = stdin
+        os.set_blocking(stdin, False)
+        self._unsent: deque[memoryview] = deque()  # frames (or their rests) not yet written
+        self._drain_lock = anyio.Lock()
         self._receiving = False
         self._stopped = False
         # Whether stop() had to signal the worker: its exit code alone cannot tell that
@@ -112,18 +122,28 @@ class WorkerHandle:
                 caller is cancelled (cancellation then propagates).
         """
         command = [python, "-m", "llmux.worker", "--model-id", model_id, *args]
+        # NOTE: our own pipe for stdin, not anyio's stream: ``write`` needs a write
+        # that never waits (the pipe's fds are close-on-exec, other workers never
+        # inherit them).
+        stdin_read, stdin_write = os.pipe()
         try:
             process = await anyio.open_process(
                 command,
-                stdin=subprocess.PIPE,
+                stdin=stdin_read,
                 stdout=subprocess.PIPE,
                 stderr=None,
                 env=_child_env(env),
                 start_new_session=True,
             )
         except OSError as exc:
+            os.close(stdin_write)
             raise WorkerDied(f"cannot start worker {model_id} with {python}: {exc}") from exc
-        handle = cls(process, model_id)
+        except BaseException:
+            os.close(stdin_write)
+            raise
+        finally:
+            os.close(stdin_read)
+        handle = cls(process, model_id, stdin_write)
         try:
             with anyio.fail_after(start_timeout_s):
                 frame = await handle.receive()
@@ -149,25 +169,75 @@ class WorkerHandle:
         """Exit status once the process was reaped (negative: killed by a signal)."""
         return self._process.returncode
 
-    async def send(self, frame: Frame) -> None:
-        """Write one frame. Cancel-safe: a frame is written whole or not at all.
+    @property
+    def unsent_frames(self) -> int:
+        """Frames written but not yet taken by the pipe (a full pipe: the worker has
+        not read them)."""
+        return len(self._unsent)
+
+    def write(self, frame: Frame) -> None:
+        """Put ``frame`` on the pipe behind every frame before it; never waits. What
+        the pipe cannot take now stays queued, whole, for ``drain``.
 
         Raises:
             WorkerDied: the pipe is closed (the worker exited or is exiting).
             ProtocolError: the frame cannot be encoded (too big, odd values); the
                 worker is unaffected.
         """
-        data = encode(frame)
-        stdin = self._process.stdin
-        assert stdin is not None
-        async with self._send_lock:
-            try:
-                await stdin.send(data)
-            except (*_PIPE_ERRORS, OSError) as exc:
-                raise WorkerDied(
-                    f"{self._name} cannot take frames: {describe_exit(self.returncode)}",
-                    returncode=self.returncode,
-                ) from exc
+        data = memoryview(encode(frame))
+        if self._unsent:
+            self._unsent.append(data)
+            return
+        written = self._write_some(data)
+        if written < len(data):
+            self._unsent.append(data[written:])
+
+    async def drain(self) -> None:
+        """Wait until the pipe took every frame written. Cancel-safe: what is not
+        written stays queued, in order.
+
+        Raises:
+            WorkerDied: the pipe is closed.
+        """
+        if not self._unsent:
+            return
+        async with self._drain_lock:
+            while self._unsent:
+                try:
+                    await anyio.wait_writable(self._fd())
+                except anyio.ClosedResourceError:  # closed by _abort meanwhile
+                    raise self._cannot_take_frames() from None
+                head = self._unsent[0]
+                written = self._write_some(head)
+                if written == len(head):
+                    self._unsent.popleft()
+                else:
+                    self._unsent[0] = head[written:]
+
+    async def send(self, frame: Frame) -> None:
+        """``write`` the frame and ``drain``."""
+        self.write(frame)
+        await self.drain()
+
+    def _fd(self) -> int:
+        if self._stdin is None:
+            raise self._cannot_take_frames()
+        return self._stdin
+
+    def _write_some(self, data: memoryview) -> int:
+        """Write what the pipe takes now (0 when it is full)."""
+        try:
+            return os.write(self._fd(), data)
+        except BlockingIOError:
+            return 0
+        except OSError as exc:  # EPIPE: the worker closed its end
+            if exc.errno not in (errno.EPIPE, errno.EBADF):
+                log.warning("%s: writing its pipe failed: %s", self._name, exc)
+            raise self._cannot_take_frames() from exc
+
+    def _cannot_take_frames(self) -> WorkerDied:
+        return WorkerDied(f"{self._name} cannot take frames: {describe_exit(self.returncode)}",
+                          returncode=self.returncode)
 
     async def receive(self) -> Frame:
         """The next frame from the worker. Cancel-safe: no frame is lost.
@@ -252,11 +322,20 @@ class WorkerHandle:
         """SIGKILL the group, reap the process and close the pipes; shielded, bounded."""
         with anyio.CancelScope(shield=True):
             self.kill()
+            self._close_stdin()
             with anyio.move_on_after(_REAP_TIMEOUT_S):
                 await self._process.aclose()
                 self._stopped = True
             if not self._stopped:
                 log.error("%s did not exit %s s after SIGKILL", self._name, _REAP_TIMEOUT_S)
+
+    def _close_stdin(self) -> None:
+        """The worker sees EOF; frames not yet written are dropped with it."""
+        if self._stdin is not None:
+            anyio.notify_closing(self._stdin)  # a drain waiting on it ends
+            os.close(self._stdin)
+            self._stdin = None
+            self._unsent.clear()
 
     def kill(self) -> None:
         """SIGKILL the whole process group now. Safe to repeat and after exit (it then
