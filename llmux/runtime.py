@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-from anyio.streams.memory import MemoryObjectReceiveStream
 
 from llmux.actors.arbiter import GpuArbiter, ModelSpec
 from llmux.actors.base import Clock
@@ -39,6 +38,7 @@ from llmux.actors.messages import (
 )
 from llmux.actors.model_actor import ModelActor, ModelSettings, State
 from llmux.actors.placement import Rules
+from llmux.actors.replies import ReplyReceiver, ReplySender, reply_channel
 from llmux.actors.worker_io import SpawnWorker
 from llmux.config import Config, PhysicalModel, VirtualModel
 from llmux.errors import BadRequest, ModelNotFound, QueueFull, ShuttingDown
@@ -49,10 +49,6 @@ from llmux.workers.handle import WorkerHandle
 
 log = logging.getLogger(__name__)
 
-# A job's replies never make the model's frame reader wait: with several requests in
-# flight in one worker, a client that stops reading must not stall the others. A job's
-# buffer is bounded by its own reply (max_tokens pieces, one clip of audio).
-REPLY_BUFFER = math.inf
 LOADED_STATES = frozenset({State.READY, State.BUSY, State.DRAINING})
 
 
@@ -63,7 +59,7 @@ class Ticket:
     it is safe to call more than once and after the job ended.
     """
 
-    def __init__(self, job_id: int, actor: ModelActor, replies: MemoryObjectReceiveStream[Reply]):
+    def __init__(self, job_id: int, actor: ModelActor, replies: ReplyReceiver[Reply]):
         self.job_id = job_id
         self._actor = actor
         self._replies = replies
@@ -265,7 +261,8 @@ class Runtime:
         """
         actor = self.actors[model]
         now = self._clock()
-        send, receive = anyio.create_memory_object_stream[Reply](REPLY_BUFFER)
+        channel: tuple[ReplySender[Reply], ReplyReceiver[Reply]] = reply_channel()
+        send, receive = channel
         job = Job(id=next(self._ids), op=op, payload=payload, reply=send, enqueued_at=now,
                   deadline=now + (timeout_s or self.config.policy.request_deadline_s))
         try:

@@ -25,7 +25,8 @@ import attrs
 import httpx
 import pytest
 
-from llmux.actors.messages import Job, Reply
+from llmux.actors.messages import Job
+from llmux.actors.replies import reply_channel
 from llmux.actors.running import RunningJobs
 from llmux.config import parse_config
 from llmux.runtime import Runtime
@@ -42,7 +43,7 @@ CLIENT_TIMEOUT_S = 30.0
 
 
 def job(job_id: int, deadline: float = 100.0, cancelled: bool = False) -> Job:
-    send, receive = anyio.create_memory_object_stream[Reply](1)
+    send, receive = reply_channel()
     receive.close()
     return Job(id=job_id, op="chat", payload={}, deadline=deadline, reply=send,
                enqueued_at=0.0, cancelled=cancelled)

@@ -5,17 +5,17 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
-import anyio
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from llmux.actors.messages import Job, Reply
+from llmux.actors.messages import Job
+from llmux.actors.replies import reply_channel
 from llmux.actors.waiting import WaitingJobs
 
 
 def job(job_id: int, deadline: float = 100.0) -> Job:
-    send, receive = anyio.create_memory_object_stream[Reply](1)
+    send, receive = reply_channel()
     receive.close()
     return Job(id=job_id, op="chat", payload={}, deadline=deadline, reply=send,
                enqueued_at=0.0)

@@ -19,7 +19,6 @@ from typing import Any
 
 import anyio
 import pytest
-from anyio.streams.memory import MemoryObjectReceiveStream
 
 from llmux.actors.events import EventLog
 from llmux.actors.messages import (
@@ -35,6 +34,7 @@ from llmux.actors.messages import (
     WorkerExited,
 )
 from llmux.actors.model_actor import ModelActor, ModelSettings
+from llmux.actors.replies import ReplyReceiver, reply_channel
 from llmux.actors.running import RunningJobs
 from llmux.actors.worker_io import FRAMES_PER_JOB, WorkerIO
 from llmux.workers import protocol as wp
@@ -150,9 +150,9 @@ async def running_actor(model: ModelSettings, spawn: Any) -> AsyncIterator[Model
         tg.cancel_scope.cancel()
 
 
-def submit(actor: ModelActor) -> tuple[int, MemoryObjectReceiveStream[Reply]]:
+def submit(actor: ModelActor) -> tuple[int, ReplyReceiver[Reply]]:
     """Submit a chat job; returns its id and its reply stream."""
-    send, receive = anyio.create_memory_object_stream[Reply](math.inf)
+    send, receive = reply_channel()
     job = Job(id=next(_ids), op="chat", payload={"messages": [{"role": "user",
               "content": "one two three four five six seven eight"}]},
               deadline=time.monotonic() + 60, reply=send, enqueued_at=time.monotonic())
@@ -160,14 +160,14 @@ def submit(actor: ModelActor) -> tuple[int, MemoryObjectReceiveStream[Reply]]:
     return job.id, receive
 
 
-async def until_started(stream: MemoryObjectReceiveStream[Reply]) -> None:
+async def until_started(stream: ReplyReceiver[Reply]) -> None:
     """Wait for the job to start, past the status lines of a cold load."""
     with anyio.fail_after(20):
         while (reply := await stream.receive()) != Started():
             assert isinstance(reply, Status), reply
 
 
-async def replies(stream: MemoryObjectReceiveStream[Reply]) -> list[Reply]:
+async def replies(stream: ReplyReceiver[Reply]) -> list[Reply]:
     """Everything the job's stream carries until it ends."""
     with anyio.fail_after(2):
         return [reply async for reply in stream]

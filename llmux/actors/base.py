@@ -21,6 +21,8 @@ from typing import Generic, TypeVar
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
+from llmux.actors.mailbox import Mailbox
+
 M = TypeVar("M")
 Clock = Callable[[], float]
 
@@ -36,7 +38,7 @@ class Actor(Generic[M]):
     def __init__(self, name: str, *, mailbox_size: int, clock: Clock) -> None:
         self.name = name
         self.clock = clock
-        self._inbox_send, self._inbox = anyio.create_memory_object_stream[M](mailbox_size)
+        self._inbox = Mailbox[M](mailbox_size)
         self._tg: TaskGroup | None = None
 
     # -- sending ---------------------------------------------------------------------
@@ -46,14 +48,15 @@ class Actor(Generic[M]):
 
         Raises:
             anyio.WouldBlock: the mailbox is full (the caller answers 429/503).
+            anyio.ClosedResourceError: the actor has stopped.
         """
-        self._inbox_send.send_nowait(message)
+        self._inbox.put(message)
 
     def post(self, message: M) -> None:
         """Post an internal fact. Mailboxes are sized well above any internal traffic,
         so a full one here is a bug: it is logged, never silently dropped."""
         try:
-            self._inbox_send.send_nowait(message)
+            self._inbox.put(message)
         except anyio.WouldBlock:
             log.error("%s: mailbox full, lost internal message %r", self.name, message)
         except anyio.ClosedResourceError:
@@ -67,33 +70,39 @@ class Actor(Generic[M]):
             async with anyio.create_task_group() as tg:
                 self._tg = tg
                 task_status.started()
-                async with self._inbox:
+                try:
                     while True:
                         await self._take_messages()
                         self.on_timer()
+                finally:
+                    self._inbox.close()
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(CLEANUP_TIMEOUT_S):
                 await self.cleanup()
 
     async def _take_messages(self) -> None:
-        """Handle messages until the timer (``next_wakeup()``) is due.
+        """Handle messages until the timer (``next_wakeup()``) may be due.
 
-        NOTE: one cancel scope whose deadline moves, not one per message: entering and
-        leaving a scope costs more than handling most messages. Messages come first; a
-        timer already due still leaves MIN_WAIT_S for them, so an overdue timer cannot
-        starve them.
+        NOTE: one cancel scope whose deadline only ever moves earlier, not one per
+        message: entering a scope, or moving its deadline (the loop's timer) later, costs
+        more than handling most messages, and most messages move the next wake-up later
+        (a model's idle timeout starts again with each request). So ``on_timer`` may be
+        called early, and finds nothing due. Messages come first; a timer already due
+        still leaves MIN_WAIT_S for them, so an overdue timer cannot starve them.
         """
         with anyio.CancelScope() as timer:
             while True:
                 try:
-                    self.handle(self._inbox.receive_nowait())
+                    self.handle(self._inbox.take_nowait())
                     continue
                 except anyio.WouldBlock:
                     pass
                 delay = self.next_wakeup() - self.clock()
-                timer.deadline = (math.inf if delay == math.inf
-                                  else anyio.current_time() + max(delay, MIN_WAIT_S))
-                self.handle(await self._inbox.receive())
+                if delay != math.inf:
+                    deadline = anyio.current_time() + max(delay, MIN_WAIT_S)
+                    if deadline < timer.deadline:
+                        timer.deadline = deadline
+                self.handle(await self._inbox.take())
 
     def spawn(self, fn: Callable[[], object], name: str) -> None:
         """Start a child task in this actor's task group."""
@@ -110,7 +119,8 @@ class Actor(Generic[M]):
         return math.inf
 
     def on_timer(self) -> None:
-        """Called when ``next_wakeup()`` passes with no message."""
+        """Called when ``next_wakeup()`` passes with no message, and sometimes before
+        (when it moved later): act on what is due by the clock, nothing else."""
 
     async def cleanup(self) -> None:
         """Shielded and time-bounded: release what the actor owns."""

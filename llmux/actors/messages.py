@@ -2,7 +2,7 @@
 
 Commands are imperative (``Acquire``, ``Evict``), facts past tense (``Loaded``,
 ``Released``). Messages are small and frozen; replies to a client travel on the
-``Job``'s own reply stream, never through another actor.
+``Job``'s own reply channel, never through another actor.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 import attrs
-from anyio.streams.memory import MemoryObjectSendStream
 
+from llmux.actors.replies import ReplySender
 from llmux.errors import LlmuxError
 
 
@@ -72,7 +72,7 @@ class Job:
     op: str
     payload: dict[str, Any]
     deadline: float
-    reply: MemoryObjectSendStream[Reply]
+    reply: ReplySender[Reply]
     enqueued_at: float
     cancelled: bool = False
 

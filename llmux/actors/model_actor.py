@@ -485,7 +485,7 @@ class ModelActor(Actor[Message]):
     def _send(self, job: Job, reply: Reply) -> None:
         try:
             job.reply.send_nowait(reply)
-        except (anyio.WouldBlock, anyio.BrokenResourceError, anyio.ClosedResourceError):
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
             pass  # status lines are best effort; a gone client is cancelled separately
 
     def _reply_error(self, job: Job, error: LlmuxError) -> None:

@@ -209,21 +209,20 @@ class WorkerIO:
                     )), post=False)
             self._post(WorkerExited(worker, str(exc)))
 
-    # NOTE: a job's reply stream is unbounded (runtime.REPLY_BUFFER): a reply never
-    # waits, so one client that stops reading cannot stall the worker's other jobs.
+    # NOTE: a job's reply channel is unbounded (replies.py): a reply never waits, so one
+    # client that stops reading cannot stall the worker's other jobs.
 
     def _forward(self, job: Job, reply: Reply) -> None:
         if job.cancelled:
             return
         try:
             job.reply.send_nowait(reply)
-        except (anyio.WouldBlock, anyio.BrokenResourceError, anyio.ClosedResourceError):
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
             self._on_client_gone(job.id)  # stop generating within one token
 
     def _finish(self, job: Job, reply: Reply, *, post: bool = True) -> None:
         if not job.cancelled:
-            with contextlib.suppress(anyio.WouldBlock, anyio.BrokenResourceError,
-                                     anyio.ClosedResourceError):
+            with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
                 job.reply.send_nowait(reply)
         job.reply.close()
         if post:
