@@ -87,6 +87,9 @@ def setup_logging(log_format: str = "text", level: str | None = None, *,
     if log_format not in FORMATS:
         raise ValueError(f"unknown log format {log_format!r} (expected one of "
                          f"{', '.join(FORMATS)})")
+    # Neither format shows the thread or the process (a worker's lines name it in
+    # their prefix): not looking them up saves every record that work.
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     handler = _LineHandler(sys.stderr)
     handler.setFormatter(JsonFormatter(static) if log_format == "json"
                          else logging.Formatter(text_format))
