@@ -4,7 +4,7 @@ It runs in the actor's own tasks and never changes the actor's state: it reports
 through the mailbox (``LoadProgress``, ``WorkerReady``, ``WorkerLoadFailed``,
 ``JobFinished``, ``WorkerExited``) and calls back, without awaiting, for the few
 things that cannot wait for the mailbox. The worker's frames go straight to the reply
-stream of the running job whose id they carry.
+channel of the running job whose id they carry.
 
 Frames to a worker leave in the order the actor sent them: ``send`` writes to the
 worker's pipe at once (``WorkerHandle.write``, which queues in order what a full pipe

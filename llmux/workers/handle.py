@@ -75,8 +75,8 @@ def _child_env(extra: Mapping[str, str] | None) -> dict[str, str]:
 class WorkerHandle:
     """One running worker process. Create with ``spawn``.
 
-    Only one task may ``receive`` at a time (the model actor's session task); ``send``
-    may be called from any task (frames are written whole, in call order).
+    Only one task may ``receive`` at a time (the model actor's session task); ``write``
+    and ``send`` may be called from any task (frames go out whole, in call order).
     """
 
     def __init__(self, process: anyio.abc.Process, model_id: str, stdin: int) -> None:

@@ -9,8 +9,11 @@ request's would carry a foreign marker.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import time
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -179,4 +182,17 @@ def check_ledger_and_processes(server: Server, timeout_s: float = 20.0) -> dict[
     workers = {p.pid for p in live_workers()}
     assert workers == {m["pid"] for m in loaded.values()}, (
         f"live workers {workers}, loaded {[(m, x['pid']) for m, x in loaded.items()]}")
+    pipes = server_pipes(server)
+    assert len(pipes) == 2 * len(workers), (  # each worker's stdin and stdout, no more
+        f"the server holds {len(pipes)} pipes for {len(workers)} workers: {pipes}")
     return state
+
+
+def server_pipes(server: Server) -> list[str]:
+    """The pipes the server process holds open (its log is a file, not a pipe)."""
+    fds = Path(f"/proc/{server.proc.pid}/fd")
+    links = []
+    for fd in fds.iterdir():
+        with contextlib.suppress(OSError):  # closed meanwhile
+            links.append(os.readlink(fd))
+    return sorted(link for link in links if link.startswith("pipe:"))
