@@ -124,10 +124,12 @@ class Policy:
     request_deadline_s: float = 600.0
     priority_classes: dict[str, int] = attrs.field(factory=_default_priority_classes)
     # A warm spare worker per worker interpreter (llmux/spare.py): a process that has
-    # imported these modules and waits for a load, counted on the cpu ledger. Off by
-    # default: it holds host RAM (~60-100 MB) at all times; the GPU configs turn it on.
+    # imported its runtime and waits for a load, counted on the cpu ledger. Off by
+    # default: it holds host RAM at all times (~50 MB, ~250 MB with torch); the GPU
+    # configs turn it on. It imports warm_spare_imports if set, else the backend modules
+    # of the models that run on its interpreter.
     warm_spare: bool = False
-    warm_spare_imports: list[str] = attrs.field(factory=lambda: ["llmux.backends.llama_cpp"])
+    warm_spare_imports: list[str] | None = None
 
 
 @attrs.frozen(kw_only=True)

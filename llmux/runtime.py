@@ -40,6 +40,7 @@ from llmux.actors.model_actor import ModelActor, ModelSettings, State
 from llmux.actors.placement import Rules
 from llmux.actors.replies import ReplyReceiver, ReplySender, reply_channel
 from llmux.actors.worker_io import SpawnWorker
+from llmux.backends import backend_module
 from llmux.config import Config, PhysicalModel, VirtualModel
 from llmux.errors import BadRequest, ModelNotFound, QueueFull, ShuttingDown
 from llmux.leftovers import PID_FILE, WorkerPids
@@ -130,6 +131,19 @@ def load_spec(model: PhysicalModel, device: str) -> dict[str, Any]:
     }
 
 
+def spare_imports(config: Config) -> dict[str, list[str]]:
+    """Each worker interpreter and what its warm spare imports: ``warm_spare_imports``
+    if set, else the backend modules of the models that run on it (so a spare of the
+    server's interpreter has torch imported when a transformers model may take it)."""
+    explicit = config.policy.warm_spare_imports
+    imports: dict[str, list[str]] = {}
+    for model in config.physical_models.values():
+        modules = imports.setdefault(model.python or sys.executable, [])
+        wanted = explicit if explicit is not None else [backend_module(model.backend)]
+        modules.extend(module for module in wanted if module not in modules)
+    return imports
+
+
 class Runtime:
     def __init__(
         self,
@@ -157,8 +171,7 @@ class Runtime:
         self.arbiters: dict[str, GpuArbiter] = {}
         # Warm spare workers: host memory, so on the cpu ledger (when there is one).
         self.spares = SparePool(
-            interpreters=[m.python or sys.executable for m in config.physical_models.values()],
-            preload=policy.warm_spare_imports, enabled=policy.warm_spare, spawn=spawn_worker,
+            preload=spare_imports(config), enabled=policy.warm_spare, spawn=spawn_worker,
             room=lambda: self.arbiters["cpu"].snapshot()["free_bytes"]
             if "cpu" in self.arbiters else None,
             quiet=self._quiet_for_a_spare,

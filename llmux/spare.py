@@ -1,7 +1,8 @@
 """Warm spare workers: per worker interpreter, one process that has already started
-Python, imported llmux and the configured runtime modules (``policy.warm_spare_imports``)
-and waits for a Load. A model that loads takes it instead of paying for all that, which
-is most of a small model's swap cost.
+Python, imported llmux and the runtime modules its models need (their backends' modules,
+or ``policy.warm_spare_imports``) and waits for a Load. A model that loads takes it
+instead of paying for all that, which is most of a small model's swap cost (importing
+torch and transformers alone takes seconds).
 
 ``SparePool.spawn`` has ``WorkerHandle.spawn``'s signature, so model actors call it
 where they would start a worker: it hands out the spare of that interpreter (or waits
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Final
 
 import anyio
@@ -59,19 +60,20 @@ class SparePool:
     def __init__(
         self,
         *,
-        interpreters: Sequence[str],
-        preload: Sequence[str],
+        preload: Mapping[str, Sequence[str]],
         enabled: bool,
         spawn: SpawnFn = WorkerHandle.spawn,
         measure: Callable[[int], int] = process_tree_rss,
         room: Callable[[], int | None] = lambda: None,
         quiet: Callable[[], bool] = lambda: True,
     ) -> None:
-        """``room()``: free bytes of the host ledger (None: not budgeted); ``quiet()``:
+        """``preload``: each worker interpreter and the modules its spare imports;
+        ``room()``: free bytes of the host ledger (None: not budgeted); ``quiet()``:
         no model is loading or serving, so a spare may start now."""
         self.enabled = enabled
-        self._interpreters = list(dict.fromkeys(interpreters))
-        self._args = [arg for module in preload for arg in ("--preload", module)]
+        self._interpreters = list(preload)
+        self._args = {python: [arg for module in modules for arg in ("--preload", module)]
+                      for python, modules in preload.items()}
         self._spawn = spawn
         self._measure = measure
         self._room = room
@@ -197,7 +199,8 @@ class SparePool:
             self._starting[python] = started
             try:
                 handle = await self._spawn(python=python, model_id=SPARE_ID,
-                                           start_timeout_s=START_TIMEOUT_S, args=self._args)
+                                           start_timeout_s=START_TIMEOUT_S,
+                                           args=self._args[python])
             except WorkerDied as exc:
                 log.warning("cannot start a spare worker for %s: %s", python, exc)
                 return

@@ -6,11 +6,14 @@ it is off unless configured, and it dies with the server."""
 from __future__ import annotations
 
 import signal
+import sys
 from typing import Any
 
 import httpx
 import psutil
 
+from llmux.config import parse_config
+from llmux.runtime import spare_imports
 from tests.conftest import Server, fake_config, fake_model, live_workers, wait_until
 
 TIMEOUT_S = 60  # a loaded 2-core machine; the waits end as soon as the state is there
@@ -19,7 +22,7 @@ TIMEOUT_S = 60  # a loaded 2-core machine; the waits end as soon as the state is
 def spare_config(enabled: bool = True, imports: list[str] | None = None,
                  capacity: str = "2GB", **models: dict[str, Any]) -> dict[str, Any]:
     return {
-        "policy": {"warm_spare": enabled, "warm_spare_imports": imports or [],
+        "policy": {"warm_spare": enabled, "warm_spare_imports": imports,
                    "min_residency_s": 0},
         "devices": {"cpu": {"capacity": capacity}},
         **fake_config(**(models or {"chat": fake_model()})),
@@ -52,6 +55,8 @@ def test_a_spare_waits_after_the_server_starts(start_server: Any) -> None:
     pid = wait_for_spare(server)
     worker = psutil.Process(pid)
     assert "spare" in worker.cmdline()
+    # Without warm_spare_imports it imports its interpreter's models' backends.
+    assert worker.cmdline()[-2:] == ["--preload", "llmux.backends.fake"]
     assert pid in [w.pid for w in live_workers()]
     assert server.model("chat")["state"] == "unloaded"
 
@@ -121,3 +126,22 @@ def test_the_spare_dies_with_the_server(start_server: Any) -> None:
     server.stop(signal.SIGKILL)
     spare.wait(timeout=10)  # parent-death signal: no orphan even without a cleanup
     assert not spare.is_running() or spare.status() == psutil.STATUS_ZOMBIE
+
+
+def test_a_spare_imports_the_backends_of_its_interpreters_models_unless_told() -> None:
+    def model(backend: str, python: str | None = None) -> dict[str, Any]:
+        return {"type": "llm", "backend": backend, "estimated_vram": "1GB",
+                **({"python": python} if python else {})}
+
+    data: dict[str, Any] = {
+        "physical_models": {"a": model("transformers"), "b": model("llama_server"),
+                            "c": model("transformers"), "d": model("chatterbox", "/venv/py")},
+        "virtual_models": {},
+    }
+    main = sys.executable
+    assert spare_imports(parse_config(data)) == {
+        main: ["llmux.backends.transformers_backend", "llmux.backends.llama_server"],
+        "/venv/py": ["llmux.backends.chatterbox"],
+    }
+    data["policy"] = {"warm_spare_imports": ["numpy"]}
+    assert spare_imports(parse_config(data)) == {main: ["numpy"], "/venv/py": ["numpy"]}

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Final
 if TYPE_CHECKING:
     from llmux.backends.base import Backend
 
-__all__ = ["BACKEND_MODULES", "load_backend_class"]
+__all__ = ["BACKEND_MODULES", "backend_module", "load_backend_class"]
 
 BACKEND_MODULES: Final[Mapping[str, str]] = {
     "chatterbox": "llmux.backends.chatterbox:ChatterboxBackend",
@@ -25,6 +25,15 @@ BACKEND_MODULES: Final[Mapping[str, str]] = {
     "rapidocr": "llmux.backends.rapidocr:RapidOcrBackend",
     "transformers": "llmux.backends.transformers_backend:TransformersBackend",
 }
+
+
+def backend_module(name: str) -> str:
+    """The module of the backend registered as ``name`` (what a warm spare imports).
+
+    Raises:
+        KeyError: ``name`` is not registered.
+    """
+    return BACKEND_MODULES[name].partition(":")[0]
 
 
 def load_backend_class(name: str) -> type[Backend]:
