@@ -284,6 +284,16 @@ async def test_stop_completes_even_when_the_caller_is_cancelled() -> None:
         assert handle.returncode == 0
 
 
+async def test_a_write_to_a_worker_that_died_raises_worker_died() -> None:
+    async with running_worker() as handle:
+        handle.kill()
+        with pytest.raises(WorkerDied, match="cannot take frames"):  # EPIPE, once it is gone
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                handle.write(Infer(id=1, op="chat", payload=chat_payload()))
+                await anyio.sleep(0.01)
+
+
 async def test_receive_after_kill_reports_the_signal() -> None:
     async with running_worker() as handle:
         handle.kill()
