@@ -10,11 +10,12 @@ NOTE: not an anyio memory object stream. Creating one per job and waiting on it 
 yields to the loop before every receive, and a waiting receive builds an event, a
 receiver record and a task description) cost ~70 µs of CPU per job, a quarter of the
 runtime's whole share of a request. One writer side and one reader need a deque and,
-while the reader waits, one event.
+while the reader waits, one asyncio future (see llmux/actors/mailbox.py).
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections import deque
 from typing import Generic, TypeVar
 
@@ -28,14 +29,13 @@ T = TypeVar("T")
 class _Channel(Generic[T]):
     def __init__(self) -> None:
         self.items: deque[T] = deque()
-        self.arrived: anyio.Event | None = None  # set by the next put or close, if waited on
+        self.arrived: asyncio.Future[None] | None = None  # resolved by the next put or close
         self.sender_closed = False
         self.receiver_closed = False
 
     def wake(self) -> None:
-        if self.arrived is not None:
-            self.arrived.set()
-            self.arrived = None
+        if self.arrived is not None and not self.arrived.done():
+            self.arrived.set_result(None)
 
 
 class ReplySender(Generic[T]):
@@ -82,8 +82,8 @@ class ReplyReceiver(Generic[T]):
                 raise anyio.ClosedResourceError
             if channel.sender_closed:
                 raise anyio.EndOfStream
-            channel.arrived = arrived = anyio.Event()
-            await arrived.wait()
+            channel.arrived = asyncio.get_running_loop().create_future()
+            await channel.arrived
         return channel.items.popleft()
 
     def close(self) -> None:
