@@ -5,17 +5,17 @@ NOTE: not anyio's memory object stream, which serves any number of senders and
 receivers: its ``receive`` always yields to the event loop first, and one that waits
 builds an event, a receiver record and a task description. That was most of what an
 actor's message cost (two to four messages per request). One receiver needs a deque
-and, while it waits, one future of the running asyncio loop (llmux runs on asyncio:
-Hypercorn does; an anyio ``Event`` wrapping one cost ~15 % more of the runtime's CPU).
+and, while it waits, an ``Arrival``.
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections import deque
 from typing import Generic, TypeVar
 
 import anyio
+
+from llmux.actors.arrival import Arrival
 
 __all__ = ["Mailbox"]
 
@@ -28,7 +28,7 @@ class Mailbox(Generic[M]):
     def __init__(self, size: int) -> None:
         self._size = size
         self._messages: deque[M] = deque()
-        self._arrived: asyncio.Future[None] | None = None  # the next put resolves it
+        self._arrival = Arrival()
         self._closed = False
 
     def put(self, message: M) -> None:
@@ -41,8 +41,7 @@ class Mailbox(Generic[M]):
         if len(self._messages) >= self._size:
             raise anyio.WouldBlock
         self._messages.append(message)
-        if self._arrived is not None and not self._arrived.done():
-            self._arrived.set_result(None)
+        self._arrival.wake()
 
     def take_nowait(self) -> M:
         """Raises:
@@ -55,8 +54,7 @@ class Mailbox(Generic[M]):
     async def take(self) -> M:
         """The next message, waiting for one. Cancel-safe: a message is taken or left."""
         while not self._messages:
-            self._arrived = asyncio.get_running_loop().create_future()
-            await self._arrived
+            await self._arrival.wait()
         return self._messages.popleft()
 
     def close(self) -> None:

@@ -10,16 +10,17 @@ NOTE: not an anyio memory object stream. Creating one per job and waiting on it 
 yields to the loop before every receive, and a waiting receive builds an event, a
 receiver record and a task description) cost ~70 µs of CPU per job, a quarter of the
 runtime's whole share of a request. One writer side and one reader need a deque and,
-while the reader waits, one asyncio future (see llmux/actors/mailbox.py).
+while the reader waits, an ``Arrival``.
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections import deque
 from typing import Generic, TypeVar
 
 import anyio
+
+from llmux.actors.arrival import Arrival
 
 __all__ = ["ReplyReceiver", "ReplySender", "reply_channel"]
 
@@ -29,13 +30,9 @@ T = TypeVar("T")
 class _Channel(Generic[T]):
     def __init__(self) -> None:
         self.items: deque[T] = deque()
-        self.arrived: asyncio.Future[None] | None = None  # resolved by the next put or close
+        self.arrival = Arrival()  # woken by a put and by a close of either end
         self.sender_closed = False
         self.receiver_closed = False
-
-    def wake(self) -> None:
-        if self.arrived is not None and not self.arrived.done():
-            self.arrived.set_result(None)
 
 
 class ReplySender(Generic[T]):
@@ -55,12 +52,12 @@ class ReplySender(Generic[T]):
         if channel.receiver_closed:
             raise anyio.BrokenResourceError
         channel.items.append(item)
-        channel.wake()
+        channel.arrival.wake()
 
     def close(self) -> None:
         """No more replies: the receiver sees the end after the ones already put."""
         self._channel.sender_closed = True
-        self._channel.wake()
+        self._channel.arrival.wake()
 
 
 class ReplyReceiver(Generic[T]):
@@ -82,8 +79,7 @@ class ReplyReceiver(Generic[T]):
                 raise anyio.ClosedResourceError
             if channel.sender_closed:
                 raise anyio.EndOfStream
-            channel.arrived = asyncio.get_running_loop().create_future()
-            await channel.arrived
+            await channel.arrival.wait()
         return channel.items.popleft()
 
     def close(self) -> None:
@@ -91,7 +87,7 @@ class ReplyReceiver(Generic[T]):
         raises ``BrokenResourceError``."""
         self._channel.receiver_closed = True
         self._channel.items.clear()
-        self._channel.wake()
+        self._channel.arrival.wake()
 
     def __aiter__(self) -> ReplyReceiver[T]:
         return self

@@ -34,6 +34,8 @@ from typing import Any
 
 import anyio
 
+from llmux.actors.arrival import Arrival
+
 log = logging.getLogger(__name__)
 
 Scope = MutableMapping[str, Any]
@@ -108,7 +110,7 @@ class Channel:
         self._body_timeout_s = body_timeout_s
         self._callbacks: list[Callable[[], None]] = []
         self._pending: deque[Message] = deque()  # body messages the watcher read
-        self._changed: anyio.Event | None = None  # set when a read ends
+        self._read_ended = Arrival()  # the other of app and watcher waits for it
         self._reading = False
         self._watching = False
         # NOTE: the server's view, not the app's: an app refusing a request never reads
@@ -144,7 +146,7 @@ class Channel:
                          self._scope.get("method"), self._scope.get("path"), body_timeout_s)
                 self.disconnected = True  # the client is as good as gone
                 return disconnect()
-            await self._next_change()
+            await self._read_ended.wait()
 
     async def take_ready(self) -> None:
         """Read, without waiting, what the server already has of the body (a response
@@ -163,7 +165,7 @@ class Channel:
         try:
             while not self.disconnected:
                 if self._reading:
-                    await self._next_change()
+                    await self._read_ended.wait()
                 else:
                     await self._read(keep=True)
         except Exception:  # nobody awaits this task: say it here
@@ -177,9 +179,7 @@ class Channel:
             message = await self._receive()
         finally:
             self._reading = False
-            if self._changed is not None:
-                self._changed.set()
-                self._changed = None
+            self._read_ended.wake()
         if message["type"] == "http.request":
             self.body_received = not message.get("more_body", False)
             if keep:
@@ -193,11 +193,6 @@ class Channel:
                 except Exception:
                     log.exception("disconnect callback failed")
         return message
-
-    async def _next_change(self) -> None:
-        if self._changed is None:
-            self._changed = anyio.Event()
-        await self._changed.wait()
 
 
 class DisconnectWatcher:
