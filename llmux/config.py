@@ -49,6 +49,7 @@ Size = Annotated[int, "size"]
 Capacity = Annotated[int | None, "capacity"]
 
 _DEVICE_ID = re.compile(r"cpu|cuda:(0|[1-9][0-9]*)")
+_ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^\sA-Z/?#]+")  # as a browser sends it
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 _SIZE = re.compile(r"([0-9]+(?:\.[0-9]+)?|\.[0-9]+)\s*([a-z]*)", re.IGNORECASE)
 _UNITS: Final = {"": 1, "b": 1} | {
@@ -156,6 +157,10 @@ class Server:
     # A client sending a request body may go silent this long before the request is
     # refused and its connection closed (nginx's client_body_timeout).
     read_timeout_s: float = 60.0
+    # Web pages (origins) whose scripts may call llmux from a browser (CORS), as Open
+    # WebUI's direct connections do: "https://chat.example.com", or "*" for any. Empty:
+    # browsers keep other pages' scripts from reading llmux's replies.
+    cors_origins: list[str] = attrs.Factory(list)
 
     def metrics_access(self) -> str:
         """"open" or "admin", as configured or by the bind address."""
@@ -561,6 +566,11 @@ def _check(config: Config, broken: _Broken) -> _Found:
     one_of(("server", "log_format"), "log format", server.log_format, ("text", "json"))
     need(server.shutdown_grace_s >= 0, ("server", "shutdown_grace_s"), "must not be negative")
     need(server.read_timeout_s > 0, ("server", "read_timeout_s"), "must be positive")
+    any_origin = server.cors_origins == ["*"]
+    for i, origin in enumerate(server.cors_origins):
+        need(any_origin or bool(_ORIGIN.fullmatch(origin)), ("server", "cors_origins", i),
+             f'{_show(origin)} is not an origin like "https://chat.example.com" '
+             '(lower case, no path, no trailing slash), or "*" alone')
     need(policy.min_residency_s >= 0, ("policy", "min_residency_s"), "must not be negative")
     need(policy.max_queue_per_model >= 1, ("policy", "max_queue_per_model"), "must be at least 1")
     need(policy.max_turn_requests >= 1, ("policy", "max_turn_requests"), "must be at least 1")

@@ -601,3 +601,18 @@ def test_summary_truncates_long_system_prompt_prefixes() -> None:
     )
     text = render_summary(parse_config(data))
     assert ("x" * 37 + "...") in text and ("x" * 41) not in text
+
+
+def test_cors_origins_are_origins_or_a_lone_star() -> None:
+    fine = ["https://chat.example.com", "http://localhost:3000", "app://llmux"]
+    assert parse_config(doc(server={"cors_origins": fine})).server.cors_origins == fine
+    assert parse_config(doc(server={"cors_origins": ["*"]})).server.cors_origins == ["*"]
+    assert parse_config(doc()).server.cors_origins == []
+    data = doc(server={"cors_origins": ["https://ok.example", "https://a.example/",
+                                        "chat.example.com", "https://Chat.example", "*"]})
+    advice = ' is not an origin like "https://chat.example.com" (lower case, no path, ' \
+             'no trailing slash), or "*" alone'
+    assert problems_of(data) == [f'server.cors_origins[{i}]: "{origin}"{advice}'
+                                 for i, origin in ((1, "https://a.example/"),
+                                                   (2, "chat.example.com"),
+                                                   (3, "https://Chat.example"), (4, "*"))]

@@ -18,6 +18,8 @@ class AdminState:
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         resp.media = self.runtime.snapshot()
 
+    on_head = on_get
+
 
 class AdminModels:
     """``POST /admin/models/{id}/load`` and ``/unload`` on a physical (or virtual) model.

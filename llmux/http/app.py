@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
 import falcon.asgi
 
@@ -44,7 +45,13 @@ def llmux_version() -> str:
 
 
 def create_falcon_app(runtime: Runtime, keys: KeyStore) -> FalconApp:
-    app = FalconApp(cors_enable=False, middleware=[AuthMiddleware(keys), RequestLabels()])
+    """Every route. Each GET that ends (all but ``/admin/events``) answers HEAD too: its
+    resource's ``on_head`` is its ``on_get``, and Falcon sends the headers alone."""
+    origins = runtime.config.server.cors_origins
+    cors: list[falcon.CORSMiddleware[Any, Any]] = [] if not origins else [
+        falcon.CORSMiddleware(allow_origins="*" if origins == ["*"] else origins,
+                              expose_headers=["Retry-After"])]
+    app = FalconApp(middleware=[AuthMiddleware(keys), RequestLabels(), *cors])
     app.req_options.strip_url_path_trailing_slash = True
     errors.install(app)
     models = Models(runtime, created=int(time.time()))

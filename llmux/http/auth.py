@@ -51,7 +51,10 @@ class AuthMiddleware:
 
     async def process_resource(self, req: falcon.asgi.Request, resp: falcon.asgi.Response,
                                resource: object, params: dict[str, Any]) -> None:
-        if resource is None or access_of(resource) == "open" or not self.keys.enabled:
+        # NOTE: a browser's CORS preflight (OPTIONS) never carries the key; Falcon's
+        # answer to it names the allowed methods and runs nothing.
+        if (resource is None or access_of(resource) == "open" or not self.keys.enabled
+                or req.method == "OPTIONS"):
             return
         key = self.keys.authenticate(req.get_header("Authorization"))
         assert key is not None  # an enabled store returns a key or raises

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import falcon.asgi
 
-from llmux.errors import BadRequest, PayloadTooLarge
+from llmux.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 from llmux.http import json_shape
 
 T = TypeVar("T")
@@ -22,14 +22,29 @@ _TYPE_NAMES = {str: "a string", bool: "a boolean", int: "an integer", float: "a 
                list: "an array", dict: "an object"}
 
 
+def refuse_encoded(req: falcon.asgi.Request) -> None:
+    """Refuse a compressed body: llmux reads bodies as sent, and a gzipped one would be
+    reported as invalid JSON or a broken form.
+
+    Raises:
+        UnsupportedMediaType: the body has a ``Content-Encoding`` other than identity.
+    """
+    encoding = req.get_header("Content-Encoding")
+    if encoding is not None and encoding.strip().lower() not in ("", "identity"):
+        raise UnsupportedMediaType(f"The request body has Content-Encoding {encoding!r}; "
+                                   "send it uncompressed.")
+
+
 async def read_json(req: falcon.asgi.Request, limit: int) -> dict[str, Any]:
     """The request body as a JSON object.
 
     Raises:
+        UnsupportedMediaType: the body is compressed.
         PayloadTooLarge: the body exceeds ``limit`` bytes.
         BadRequest: the body is not a JSON object, or holds what llmux cannot carry
             (see :mod:`llmux.http.json_shape`).
     """
+    refuse_encoded(req)
     if req.content_length is not None and req.content_length > limit:
         raise PayloadTooLarge(f"The request body has {req.content_length} bytes; "
                               f"the limit is {limit}.")

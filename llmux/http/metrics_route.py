@@ -159,6 +159,8 @@ class MetricsResource:
         resp.data = self.metrics.exposition()
         resp.content_type = CONTENT_TYPE_LATEST
 
+    on_head = on_get
+
 
 def metrics_access(value: str) -> Access:
     """The config's "open" | "admin" as the auth middleware's access level."""

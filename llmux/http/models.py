@@ -22,6 +22,8 @@ class Health:
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         resp.media = self.runtime.health()
 
+    on_head = on_get  # probes (wget --spider) send HEAD: GET's headers, no body
+
 
 class Models:
     """Every virtual model in OpenAI's list format, with llmux's own fields."""
@@ -59,3 +61,6 @@ class Models:
         description = self.describe(model_id)
         check_model(req, model_id)
         resp.media = description
+
+    on_head = on_get
+    on_head_one = on_get_one

@@ -123,8 +123,9 @@ ERRORS: Final[dict[int, tuple[str, str]]] = {
                        "key)."),
     404: ("NotFound", "No such model; the message lists the names that exist."),
     413: ("PayloadTooLarge", "The body or upload exceeds the configured limit."),
-    415: ("UnsupportedMediaType", "The body is neither multipart/form-data nor JSON, or the "
-                                  f"audio is not one of {AUDIO_FORMATS}."),
+    415: ("UnsupportedMediaType", "The body is compressed (send it without Content-Encoding), "
+                                  "is neither multipart/form-data nor JSON, or the audio is "
+                                  f"not one of {AUDIO_FORMATS}."),
     422: ("Unprocessable", "Well-formed input the model cannot use (audio that does not "
                            "decode, a prompt longer than the model's context)."),
     429: ("TooManyRequests", "The model's queue is full; retry after `Retry-After` seconds."),
@@ -137,8 +138,7 @@ ERRORS: Final[dict[int, tuple[str, str]]] = {
                                  "retrying will not help."),
 }
 AUTH: Final = (401, 403)
-INFERENCE: Final = (400, 401, 403, 404, 413, 422, 429, 503, 507)
-UPLOAD: Final = (*INFERENCE, 415)
+INFERENCE: Final = (400, 401, 403, 404, 413, 415, 422, 429, 503, 507)
 
 
 def error_response(status: int) -> Schema:
@@ -526,11 +526,11 @@ def paths() -> dict[str, Schema]:
                 "does not predict answers 400."))},
         "/v1/audio/transcriptions": {"post": operation(
             "createTranscription", "audio", "Transcribe speech to text in its own language.",
-            {"200": transcribed("TranscriptionVerbose")}, UPLOAD, description=upload,
+            {"200": transcribed("TranscriptionVerbose")}, INFERENCE, description=upload,
             body=upload_body("Transcription"))},
         "/v1/audio/translations": {"post": operation(
             "createTranslation", "audio", "Transcribe speech and translate it to English.",
-            {"200": transcribed("TranslationVerbose")}, UPLOAD,
+            {"200": transcribed("TranslationVerbose")}, INFERENCE,
             description=f"{upload} A model that cannot translate answers 400.",
             body=upload_body("Translation"))},
         "/v1/transcribe": {"post": operation(
@@ -540,7 +540,7 @@ def paths() -> dict[str, Schema]:
                                     "line) for text.",
                      "content": {"application/json": {"schema": ref("DocumentTranscription")},
                                  "text/plain": {"schema": string()}}}},
-            UPLOAD, description=(
+            INFERENCE, description=(
                 "Send multipart/form-data. Each PDF page is rendered at 150 dpi; an ocr model "
                 "reads each page, a vlm model is asked to transcribe it. Pages are read one "
                 "after another; a client that disconnects stops the work."),
@@ -579,7 +579,7 @@ def paths() -> dict[str, Schema]:
         "/admin/models/{model_id}/unload": admin("unload"),
         "/admin/models/{model_id}/device": {"post": operation(
             "moveModel", "admin", "Reload a model on another device (CPU or a GPU).",
-            {"202": json_response("Accepted.", ref("AdminAction"))}, (*AUTH, 400, 404, 503),
+            {"202": json_response("Accepted.", ref("AdminAction"))}, (*AUTH, 400, 404, 415, 503),
             parameters=[model_id], body=json_body(obj(
                 {"device": string(description='A configured device: "cpu" or "cuda:N".')})),
             description=(
@@ -632,3 +632,5 @@ class OpenAPI:
 
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         resp.media = self.document
+
+    on_head = on_get

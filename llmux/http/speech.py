@@ -119,6 +119,8 @@ class AudioModels:
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         resp.media = {"models": [{"id": name} for name in speech_models(self.runtime)]}
 
+    on_head = on_get
+
 
 class AudioVoices:
     """``GET /v1/audio/voices[?model=…]``: one model's voices, or every speech model's."""
@@ -136,3 +138,5 @@ class AudioVoices:
             physicals = list(speech_models(self.runtime).values())
         names = dict.fromkeys(v for p in physicals for v in voice_names(p.voices))
         resp.media = {"voices": [{"id": v, "name": v} for v in names]}
+
+    on_head = on_get

@@ -63,3 +63,5 @@ class StatusPage:
         resp.set_header("Cache-Control", "no-cache")
         resp.set_header("X-Content-Type-Options", "nosniff")
         resp.set_header("Referrer-Policy", "no-referrer")
+
+    on_head = on_get

@@ -20,7 +20,7 @@ from llmux.audio.decode import decode_to_pcm, duration_s
 from llmux.audio.transcript import CONTENT_TYPES, RESPONSE_FORMATS, render
 from llmux.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 from llmux.http import json_shape
-from llmux.http.body import read_json
+from llmux.http.body import read_json, refuse_encoded
 from llmux.http.jobs import run_whole
 from llmux.http.target import resolve_for
 from llmux.runtime import Runtime
@@ -39,9 +39,11 @@ async def read_multipart(req: falcon.asgi.Request, limit: int,
     ``advice`` ends the 413's message.
 
     Raises:
+        UnsupportedMediaType: the body is compressed.
         PayloadTooLarge: the file (or the whole body) is over the limit.
         BadRequest: a field is not valid Unicode.
     """
+    refuse_encoded(req)
     if req.content_length is not None and req.content_length > limit + FORM_SLACK:
         raise PayloadTooLarge(f"The upload has {req.content_length} bytes; the limit is "
                               f"{limit} bytes. {advice}")
