@@ -535,6 +535,23 @@ async def test_a_client_that_fell_behind_hears_what_it_lost_then_gets_a_state() 
 
 
 @pytest.mark.anyio
+async def test_a_routine_event_reaches_the_feed_but_is_not_kept() -> None:
+    log = EventLog()
+    subscription = Subscription(log)
+    log.record("m", "transition", "loaded", from_state="loading", to_state="ready")
+    for i in range(600):  # more than the log keeps: routine ones push nothing out
+        log.record("m", "transition", f"request {i}", routine=True,
+                   from_state="ready", to_state="busy")
+    assert [e.reason for e in log] == ["loaded"]
+    assert log.counts["transition"] == 601
+    first, second = [await subscription.next(1.0, None) for _ in range(2)]
+    assert first is not None and second is not None
+    assert (first.routine, second.routine, second.reason) == (False, True, "request 0")
+    assert second.to_dict()["routine"] is True  # the page skips it in its list
+    subscription.end()
+
+
+@pytest.mark.anyio
 async def test_a_draining_server_ends_a_waiting_subscription() -> None:
     log = EventLog()
     subscription = Subscription(log)

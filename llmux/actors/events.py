@@ -1,7 +1,12 @@
 """The recent-events log shown in ``/admin/state``: transitions, evictions and
 refusals with their reasons. Actors append; nobody else mutates it. Listeners (the
 ``/admin/events`` stream, metrics) are called with each new event, synchronously, on
-the event loop: they must not block."""
+the event loop: they must not block.
+
+A routine event (each request's ready -> busy -> ready) goes to the listeners but is
+neither kept nor logged above DEBUG: two per request would push the loads, evictions
+and failures an operator looks for out of the recent events within seconds, and the
+request log already has each request."""
 
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ class Event:
     reason: str
     from_state: str | None = None
     to_state: str | None = None
+    routine: bool = False  # for the listeners only: not kept, logged at DEBUG
 
     def to_dict(self) -> dict[str, object]:
         return attrs.asdict(self)
@@ -50,13 +56,16 @@ class EventLog:
         """How many listeners are subscribed (in /admin/state, where a leak would show)."""
         return len(self._listeners)
 
-    def record(self, model: str, kind: str, reason: str, *, level: int = logging.INFO,
+    def record(self, model: str, kind: str, reason: str, *, routine: bool = False,
                **states: str | None) -> Event:
-        """Keep and log the event (``level``: DEBUG for the routine ones, such as every
-        request's ready -> busy -> ready, which would otherwise be most of the log)."""
-        event = Event(at=time.time(), model=model, kind=kind, reason=reason, **states)
-        self._events.append(event)
+        """Keep and log the event, and tell the listeners; a ``routine`` one is only
+        told (and logged at DEBUG)."""
+        event = Event(at=time.time(), model=model, kind=kind, reason=reason,
+                      routine=routine, **states)
+        if not routine:
+            self._events.append(event)
         self.counts[kind] += 1
+        level = logging.DEBUG if routine else logging.INFO
         moved = f" {event.from_state} -> {event.to_state}" if event.to_state else ""
         if log.isEnabledFor(level):
             log.log(level, "%s %s%s: %s", model, kind, moved, reason, extra={FIELDS: {

@@ -150,6 +150,7 @@ class ModelActor(Actor[Message]):
         self._progress: float | None = None  # load fraction while LOADING
         self._load_count = 0
         self._jobs_cancelled = 0  # jobs the worker stopped early on a cancel
+        self._jobs_started = 0  # jobs sent to a worker, ever
         self._last_used = clock()
         self._last_used_wall: float | None = None
         self._reported = (False, 0, 0)
@@ -166,9 +167,9 @@ class ModelActor(Actor[Message]):
     def _transition(self, to: State, reason: str) -> None:
         if to not in TRANSITIONS[self._state]:
             raise AssertionError(f"{self.name}: illegal transition {self._state} -> {to}")
-        routine = {self._state, to} == {State.READY, State.BUSY}
         self._events.record(
-            self.name, "transition", reason, level=logging.DEBUG if routine else logging.INFO,
+            self.name, "transition", reason,
+            routine={self._state, to} == {State.READY, State.BUSY},
             from_state=self._state.value, to_state=to.value,
         )
         self._state = to
@@ -389,6 +390,7 @@ class ModelActor(Actor[Message]):
     def _start(self, job: Job) -> None:
         self._running.add(job)
         self._started += 1
+        self._jobs_started += 1
         if self._state is State.READY:
             self._transition(State.BUSY, f"request {job.id} ({job.op})")
         self._send(job, Started())
@@ -520,6 +522,7 @@ class ModelActor(Actor[Message]):
             "in_flight": len(self._running),
             "last_used": self._last_used_wall,
             "load_count": self._load_count,
+            "jobs_started": self._jobs_started,
             "jobs_cancelled": self._jobs_cancelled,
             "load_progress": self._progress,
             "last_error": self._backoff.last_error,
