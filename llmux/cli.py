@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -178,21 +179,38 @@ def fetch_state(url: str, api_key: str | None) -> dict[str, Any]:
     return data
 
 
-def render_state(state: dict[str, Any]) -> str:
+def render_state(state: dict[str, Any], events: int = 20) -> str:
+    """``llmux state``'s text: each device's memory, each model's state and counts (its
+    last error below it), and the last ``events`` events with their local times."""
     lines = ["devices:"]
     for d in state["devices"]:
+        doing = f"  loading {d['loading']}" if d.get("loading") else ""
+        waiting = f"  waiting {', '.join(p['model'] for p in d['pending'])}" \
+            if d.get("pending") else ""
         lines.append(f"  {d['id']:<8} capacity {format_bytes(d['capacity_bytes']):>9}  "
                      f"used {format_bytes(d['used_bytes']):>9}  "
-                     f"reserved {format_bytes(d['reserved_bytes']):>9}")
+                     f"reserved {format_bytes(d['reserved_bytes']):>9}  "
+                     f"free {format_bytes(d['free_bytes']):>9}{doing}{waiting}")
     lines.append("models:")
     for m in state["models"]:
         lines.append(f"  {m['id']:<28} {m['state']:<10} {m['device']:<7} "
                      f"{format_bytes(m['footprint_bytes']):>9} {m['footprint_source']:<9} "
                      f"pid {m['pid'] or '-':<7} queued {m['queue_depth']} "
-                     f"in-flight {m['in_flight']} loads {m['load_count']}")
+                     f"in-flight {m['in_flight']} loads {m['load_count']} "
+                     f"requests {m['jobs_started']}")
+        if m["last_error"]:
+            lines.append(f"  {'':<28} last error: {m['last_error']}")
+    spares = state.get("spares") or {}
+    if spares.get("enabled"):
+        ready = ", ".join(f"pid {r['pid']} ({format_bytes(r['bytes'])})"
+                          for r in spares["ready"]) or "none ready"
+        lines.append(f"warm spares: {ready}; handed out {spares['handed_out']}, "
+                     f"dropped {spares['dropped']}")
     lines.append("recent events:")
-    for e in state["events"][-20:]:
-        lines.append(f"  {e['model']:<28} {e['kind']:<10} {e['reason']}")
+    for e in state["events"][-events:]:
+        at = time.strftime("%H:%M:%S", time.localtime(e["at"]))
+        moved = f"{e['from_state']} -> {e['to_state']}: " if e["to_state"] else ""
+        lines.append(f"  {at} {e['model']:<28} {e['kind']:<10} {moved}{e['reason']}")
     return "\n".join(lines)
 
 

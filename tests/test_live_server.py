@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from typing import Any
 
 import anyio
@@ -212,3 +213,35 @@ def test_llmux_move_asks_the_server_and_explains_a_refusal(start_server: Any) ->
     out = subprocess.run([*move, "cuda:3"], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 1 and "No device 'cuda:3'. Devices: cpu" in out.stderr
     wait_until(lambda: server.model("a")["state"] == "ready", 10, "a to load on cpu")
+
+
+def test_llmux_state_says_what_an_operator_looks_for() -> None:
+    from llmux.cli import render_state
+
+    at = time.mktime((2026, 11, 24, 7, 14, 18, 0, 0, -1))
+    state = {
+        "devices": [{"id": "cpu", "capacity_bytes": 10**9, "used_bytes": 4 * 10**8,
+                     "reserved_bytes": 2 * 10**8, "free_bytes": 4 * 10**8, "loading": "b",
+                     "pending": [{"model": "c", "reason": "next in line"}]}],
+        "models": [{"id": "a", "state": "failed", "device": "cpu", "footprint_bytes": 10**8,
+                    "footprint_source": "measured", "pid": None, "queue_depth": 0,
+                    "in_flight": 0, "load_count": 2, "jobs_started": 7,
+                    "last_error": "worker died: killed by SIGKILL"}],
+        "spares": {"enabled": True, "ready": [{"python": "py", "pid": 42, "bytes": 46 * 10**6}],
+                   "handed_out": 3, "dropped": 1},
+        "events": [{"at": at, "model": "a", "kind": "transition", "reason": "worker died",
+                    "from_state": "ready", "to_state": "failed"},
+                   {"at": at, "model": "a", "kind": "evict", "reason": "for b",
+                    "from_state": None, "to_state": None}],
+    }
+    lines = render_state(state).splitlines()
+    assert lines[1].split() == ["cpu", "capacity", "1.0", "GB", "used", "400.0", "MB",
+                                "reserved", "200.0", "MB", "free", "400.0", "MB",
+                                "loading", "b", "waiting", "c"]
+    assert lines[3].split()[-2:] == ["requests", "7"]
+    assert lines[4].split(maxsplit=2)[:2] == ["last", "error:"]
+    assert lines[4].endswith("last error: worker died: killed by SIGKILL")
+    assert lines[5] == "warm spares: pid 42 (46.0 MB); handed out 3, dropped 1"
+    assert lines[7].split() == ["07:14:18", "a", "transition", "ready", "->", "failed:",
+                                "worker", "died"]
+    assert lines[8].split() == ["07:14:18", "a", "evict", "for", "b"]
