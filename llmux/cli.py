@@ -197,8 +197,8 @@ def render_state(state: dict[str, Any], events: int = 20) -> str:
                      f"{format_bytes(m['footprint_bytes']):>9} {m['footprint_source']:<9} "
                      f"pid {m['pid'] or '-':<7} queued {m['queue_depth']} "
                      f"in-flight {m['in_flight']} loads {m['load_count']} "
-                     f"requests {m['jobs_started']}")
-        if m["last_error"]:
+                     f"requests {m.get('jobs_started', '-')}")
+        if m.get("last_error"):
             lines.append(f"  {'':<28} last error: {m['last_error']}")
     spares = state.get("spares") or {}
     if spares.get("enabled"):
