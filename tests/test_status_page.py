@@ -354,6 +354,16 @@ def test_the_page_in_chromium_asks_for_the_key_then_shows_a_swap_live(
             and any(s.startswith("beta ") for bar in p["bars"] for s in bar)))
         assert page["marker"] == "no reload since"
         assert page["conn"] == "live"
+        # A request's ready <-> busy comes on the feed marked routine: not listed.
+        browser.execute_script("""
+            const at = Date.now() / 1000;
+            addEvent({at, model: "beta", kind: "transition", reason: "request 9 (chat)",
+                      from_state: "ready", to_state: "busy", routine: true});
+            addEvent({at, model: "beta", kind: "refuse", reason: "a marker event",
+                      from_state: null, to_state: null, routine: false});""")
+        listed = read_page(browser)["events"]
+        assert any(e.endswith("beta refuse a marker event") for e in listed), listed
+        assert not [e for e in listed if "request 9" in e], listed
         devices = server.state()["devices"]
         assert len(page["bars"]) == len(devices) == 1
         [bar] = page["bars"]
