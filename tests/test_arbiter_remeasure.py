@@ -81,7 +81,7 @@ def test_a_worker_that_grew_is_re_measured_and_remembered() -> None:
     assert world.ledger() == {"a": 300 * MB}
     assert world.footprints.get("a", "cpu") == 300 * MB
     grew = [e.reason for e in world.events if e.kind == "measure"][-1]
-    assert grew == "footprint on cpu: grew from 0.2 GB to 0.3 GB while loaded; re-measured"
+    assert grew == "footprint on cpu: grew from 160.0 MB to 300.0 MB while loaded; re-measured"
 
 
 def test_noise_below_the_tolerance_is_not_a_growth() -> None:
@@ -101,7 +101,7 @@ def test_a_growth_that_overfills_the_device_evicts_an_idle_model() -> None:
     world.probe.held[102] = 350 * MB  # b grows while serving: 500 MB on a 400 MB device
     world.tick(MEASURE_INTERVAL_S)
     evicts = [(m, msg.reason) for m, msg in world.told if isinstance(msg, Evict)]
-    assert evicts == [("a", "evicted a (llm): cpu holds 0.5 GB of 0.4 GB after a model grew "
+    assert evicts == [("a", "evicted a (llm): cpu holds 500.0 MB of 400.0 MB after a model grew "
                              "past its footprint")]
 
 

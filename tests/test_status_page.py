@@ -347,7 +347,7 @@ def test_the_page_in_chromium_asks_for_the_key_then_shows_a_swap_live(
         wait_for(browser, "alpha loaded", lambda p: p["models"]["alpha"] in ("ready", "busy"))
         chat(server, "beta")
         evicted = re.compile(r"alpha evict evicted alpha \(llm\) for beta \(llm\): "
-                             r"needed 0\.3 GB, free 0\.\d GB$")
+                             r"needed 300\.0 MB, free \d+\.\d MB$")
         page = wait_for(browser, "beta loaded and alpha evicted", lambda p: (
             p["models"] == {"alpha": "unloaded", "beta": "ready"}
             and any(evicted.search(e) for e in p["events"])
@@ -446,8 +446,8 @@ def test_the_feed_sends_the_state_then_each_event_and_a_fresh_state(server: Serv
                           "the eviction")
         evicted = json.loads(seen[-1][1])
         assert evicted["model"] == "small"
-        assert re.fullmatch(r"evicted small \(llm\) for big \(llm\): needed 0\.3 GB, "
-                            r"free 0\.\d GB", evicted["reason"]), evicted
+        assert re.fullmatch(r"evicted small \(llm\) for big \(llm\): needed 300\.0 MB, "
+                            r"free \d+\.\d MB", evicted["reason"]), evicted
         state = json.loads(read_until(events, lambda n, d: n == "state" and any(
             m["id"] == "big" and m["state"] in ("ready", "busy") for m in d["models"]),
             "a state with big loaded")[-1][1])

@@ -51,11 +51,11 @@ from llmux.actors.placement import (
     Rules,
     Wait,
     Want,
-    gb,
     plan,
     relieve,
 )
 from llmux.actors.placement import Evict as EvictPlan
+from llmux.config_report import format_bytes
 
 log = logging.getLogger(__name__)
 
@@ -286,8 +286,8 @@ class GpuArbiter(Actor[Message]):
         measured = self._probe.footprint(pid, entry.used_baseline) or reported or entry.bytes
         self._events.record(
             model, "measure",
-            f"footprint on {self.device}: {gb(measured)} measured "
-            f"(was {gb(entry.bytes)} {'measured' if entry.measured else 'estimated'})",
+            f"footprint on {self.device}: {format_bytes(measured)} measured "
+            f"(was {format_bytes(entry.bytes)} {'measured' if entry.measured else 'estimated'})",
         )
         entry.bytes, entry.measured = measured, True
         entry.residency = Residency.LOADED
@@ -311,8 +311,8 @@ class GpuArbiter(Actor[Message]):
                 continue
             self._events.record(
                 model, "measure",
-                f"footprint on {self.device}: grew from {gb(entry.bytes)} to "
-                f"{gb(now_bytes)} while loaded; re-measured",
+                f"footprint on {self.device}: grew from {format_bytes(entry.bytes)} to "
+                f"{format_bytes(now_bytes)} while loaded; re-measured",
             )
             entry.bytes = now_bytes
             self._footprints.put(model, self.device, now_bytes)

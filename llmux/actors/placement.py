@@ -36,6 +36,8 @@ from collections.abc import Sequence
 
 import attrs
 
+from llmux.config_report import format_bytes
+
 
 class Residency(enum.Enum):
     """Where a resident stands in the ledger."""
@@ -131,11 +133,6 @@ class Refuse:
 Decision = Grant | Evict | Wait | Refuse
 
 
-def gb(n: int) -> str:
-    """Bytes as the GB figure people read in explanations."""
-    return f"{n / 1e9:.1f} GB"
-
-
 def may_ever_evict(resident: Resident, want: Want, rules: Rules) -> bool:
     """Whether policy allows evicting ``resident`` for ``want`` at all."""
     if resident.pinned:
@@ -197,11 +194,11 @@ def _why_not_now(resident: Resident, rules: Rules, now: float) -> str:
 
 def _refusal(view: DeviceView, want: Want, keep: Sequence[Resident]) -> str:
     held = ", ".join(
-        f"{r.model} ({'pinned' if r.pinned else r.klass}, {gb(r.bytes)})" for r in keep
+        f"{r.model} ({'pinned' if r.pinned else r.klass}, {format_bytes(r.bytes)})" for r in keep
     )
     return (
-        f"{want.model} ({want.klass}) needs {gb(want.bytes)} but {view.device} can only "
-        f"ever offer {gb(view.capacity - sum(r.bytes for r in keep))}: "
+        f"{want.model} ({want.klass}) needs {format_bytes(want.bytes)} but {view.device} can only "
+        f"ever offer {format_bytes(view.capacity - sum(r.bytes for r in keep))}: "
         f"{held} may not be evicted for it"
     )
 
@@ -219,8 +216,8 @@ def plan(view: DeviceView, want: Want, rules: Rules, now: float) -> Decision:
     """Decide what loading ``want`` on this device takes. Pure."""
     if want.bytes > view.capacity:
         return Refuse(
-            f"{want.model} ({want.klass}) needs {gb(want.bytes)} but {view.device} "
-            f"offers at most {gb(view.capacity)}"
+            f"{want.model} ({want.klass}) needs {format_bytes(want.bytes)} but {view.device} "
+            f"offers at most {format_bytes(view.capacity)}"
         )
     if any(r.model == want.model for r in view.residents):
         return Wait(f"{want.model} is still in the ledger")
@@ -252,18 +249,18 @@ def plan(view: DeviceView, want: Want, rules: Rules, now: float) -> Decision:
 
     if not victims:
         if want.bytes > view.free:
-            return Wait(f"waiting for {gb(leaving)} to be released on {view.device}")
+            return Wait(f"waiting for {format_bytes(leaving)} to be released on {view.device}")
         return Grant(want.model)
     blocked = [v for v in victims if not may_evict_now(v, rules, now)]
     if blocked:
         return Wait("; ".join(_why_not_now(v, rules, now) for v in blocked))
-    free_text = gb(max(view.free, 0))
+    free_text = format_bytes(max(view.free, 0))
     reasons = tuple(
         f"evicted {v.model} ({v.klass}) for {want.model} ({want.klass}): "
         + (
             f"exclusive group {want.group!r}"
             if v in conflicts
-            else f"needed {gb(want.bytes)}, free {free_text}"
+            else f"needed {format_bytes(want.bytes)}, free {free_text}"
         )
         + _turn_note(v, rules, now)
         for v in victims
@@ -299,11 +296,11 @@ def relieve(view: DeviceView, rules: Rules, now: float) -> Evict | Wait | None:
         if may_evict_now(candidate, rules, now):
             victims.append(candidate)
     if not victims:  # what can go now goes now; the rest when it is idle
-        return Wait(f"{view.device} is {gb(excess)} over capacity and nothing can be "
+        return Wait(f"{view.device} is {format_bytes(excess)} over capacity and nothing can be "
                     "unloaded now")
     reasons = tuple(
-        f"evicted {v.model} ({v.klass}): {view.device} holds {gb(view.used)} of "
-        f"{gb(view.capacity)} after a model grew past its footprint"
+        f"evicted {v.model} ({v.klass}): {view.device} holds {format_bytes(view.used)} of "
+        f"{format_bytes(view.capacity)} after a model grew past its footprint"
         for v in victims
     )
     return Evict(tuple(v.model for v in victims), reasons)

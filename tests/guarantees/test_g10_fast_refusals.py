@@ -51,10 +51,10 @@ def test_loads_that_can_never_fit_are_refused_at_once_with_the_reason(
     wait_until(lambda: {server.model(m)["state"] for m in ("keeper", "ears")} == {"ready"},
                30, "the pinned and preloaded models to load")
     assert refused_at_once(server, "huge") == (
-        "huge (llm) needs 2.0 GB but cpu offers at most 0.5 GB")
+        "huge (llm) needs 2.0 GB but cpu offers at most 500.0 MB")
     # room only by evicting the pinned keeper or the higher-class ears (strict priority)
     message = refused_at_once(server, "big")
-    assert message.startswith("big (llm) needs 0.2 GB but cpu can only ever offer ")
+    assert message.startswith("big (llm) needs 250.0 MB but cpu can only ever offer ")
     assert "keeper (pinned, " in message and "ears (asr, " in message
     assert message.endswith("may not be evicted for it")
     assert {e["model"] for e in server.state()["events"] if e["kind"] == "refuse"} == \
