@@ -71,7 +71,7 @@ class SparePool:
         ``room()``: free bytes of the host ledger (None: not budgeted); ``quiet()``:
         no model is loading or serving, so a spare may start now."""
         self.enabled = enabled
-        self._interpreters = list(preload)
+        # Each worker interpreter (a spare per key, in order) and its spare's arguments.
         self._args = {python: [arg for module in modules for arg in ("--preload", module)]
                       for python, modules in preload.items()}
         self._spawn = spawn
@@ -124,7 +124,7 @@ class SparePool:
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
-                for python in self._interpreters:
+                for python in self._args:
                     self._replenish(python)
                 task_status.started()
                 await anyio.sleep(math.inf)

@@ -13,7 +13,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.conftest import Server, fake_model
+from tests.conftest import Server, fake_config, fake_model
 
 KEY = "sk-semantics-7d1e4a9c"
 PAGE = "https://chat.example.com"
@@ -21,10 +21,8 @@ CHAT = {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}
 
 
 def config(**server: Any) -> dict[str, Any]:
-    return {"server": server, "devices": {"cpu": {"capacity": "1GB"}},
-            "physical_models": {"chat": fake_model(reply="hello"),
-                                "asr": fake_model(reply="words") | {"type": "asr"}},
-            "virtual_models": {"chat": {"physical": "chat"}, "whisper": {"physical": "asr"}}}
+    return {"server": server, "devices": {"cpu": {"capacity": "1GB"}}, **fake_config(
+        chat=fake_model(reply="hello"), whisper=fake_model(reply="words") | {"type": "asr"})}
 
 
 @pytest.fixture(scope="module")
