@@ -5,8 +5,8 @@ Structured facts ride on a record as ``extra={FIELDS: {...}}`` (the request log,
 lifecycle events): the text format shows them only through the message, which already
 says them in words; the JSON format adds them as keys beside ``time``, ``level``,
 ``logger`` and ``message``. Worker processes inherit the choice through
-``LLMUX_LOG_FORMAT``, so their Python logs are JSON too (a native runtime printing to
-stderr by itself is not).
+``LLMUX_LOG_FORMAT``, so their Python logs are JSON too; what their libraries print
+by themselves reaches the log as records of the server's (``llmux/workers/output.py``).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import logging
 import os
 import sys
 from collections.abc import Mapping
-from typing import Any, Final
+from typing import Any, Final, TextIO
 
 FORMATS: Final = ("text", "json")
 FIELDS: Final = "llmux_fields"  # the LogRecord attribute carrying structured facts
@@ -76,10 +76,12 @@ class _LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
 def setup_logging(log_format: str = "text", level: str | None = None, *,
                   text_format: str = TEXT_FORMAT,
-                  static: Mapping[str, Any] | None = None) -> None:
-    """Send every log record to stderr in ``log_format`` ("text" or "json"), replacing
-    whatever handlers the root logger had (safe to call again, e.g. once the config
-    named a format). ``level`` defaults to ``$LLMUX_LOG_LEVEL``, else INFO.
+                  static: Mapping[str, Any] | None = None,
+                  stream: TextIO | None = None) -> None:
+    """Send every log record to ``stream`` (stderr by default) in ``log_format``
+    ("text" or "json"), replacing whatever handlers the root logger had (safe to call
+    again, e.g. once the config named a format). ``level`` defaults to
+    ``$LLMUX_LOG_LEVEL``, else INFO.
 
     Raises:
         ValueError: an unknown format.
@@ -90,7 +92,7 @@ def setup_logging(log_format: str = "text", level: str | None = None, *,
     # Neither format shows the thread or the process (a worker's lines name it in
     # their prefix): not looking them up saves every record that work.
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
-    handler = _LineHandler(sys.stderr)
+    handler = _LineHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter(static) if log_format == "json"
                          else logging.Formatter(text_format))
     root = logging.getLogger()

@@ -28,7 +28,7 @@ CHAT = "/v1/chat/completions"
 USER = "Ada\tLovelace " + "x" * 300  # a tab and far too long: sanitised and cut
 SHOWN_USER = printable(USER, MAX_USER)
 CONFIG: dict[str, Any] = {
-    "physical_models": {"m-a": fake_model()},
+    "physical_models": {"m-a": fake_model(print_noise=True)},  # as libraries print
     "virtual_models": {"chat-a": {"physical": "m-a"}},
 }
 
@@ -157,6 +157,13 @@ def test_text_log_has_one_line_per_request_with_its_facts(logged_server: Any) ->
                         r'user="[^"]+" duration=\d+\.\d{3}s', wrong), wrong
     logs = server.logs()
     assert re.search(r"llmux\.events: m-a transition unloaded -> loading: \S", logs)
+    # What the worker's libraries print is logged too, each line naming the worker, and
+    # of a progress bar where it got to.
+    relayed = re.findall(r" INFO llmux\.worker\.output: \[worker m-a \d+\] (.*)", logs)
+    assert {"fake noise from print() during load", "fake noise on fd 1 during chat",
+            "fake bar load 100%"} <= set(relayed), relayed
+    assert not [line for line in logs.splitlines() if re.search("fake (noise|bar)", line)
+                and "llmux.worker.output: [worker m-a " not in line]
     assert_no_secret(logs)
 
 
@@ -188,6 +195,10 @@ def test_json_log_has_one_object_per_line_and_request(logged_server: Any) -> Non
                and r.get("to_state") == "loading"]
     assert loading and loading[0]["model"] == "m-a" and loading[0]["kind"] == "transition"
     assert loading[0]["reason"] and loading[0]["reason"] in loading[0]["message"]
+    relayed = [r for r in records if r["logger"] == "llmux.worker.output"]
+    assert {(r["worker"], r["message"].split("] ", 1)[1]) for r in relayed} >= {
+        ("m-a", "fake noise on fd 1 during load"), ("m-a", "fake bar chat 100%")}
+    assert all(r["pid"] == relayed[0]["pid"] and r["level"] == "INFO" for r in relayed)
     assert_no_secret(logs)
 
 

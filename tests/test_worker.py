@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import subprocess
@@ -32,6 +33,7 @@ from llmux.workers.protocol import (
     LoadFailed,
     Progress,
 )
+from tests.conftest import wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -126,8 +128,13 @@ async def collect(handle: WorkerHandle, request_id: int) -> list[Frame]:
 
 async def test_spawned_worker_says_hello_and_stops_cleanly() -> None:
     async with running_worker() as handle:
-        assert psutil.Process(handle.pid).cmdline()[1:] == [
-            "-m", "llmux.worker", "--model-id", "fake-1"]
+        *command, log_fd = psutil.Process(handle.pid).cmdline()[1:]
+        assert command == ["-m", "llmux.worker", "--model-id", "fake-1", "--log-fd"]
+        # Its log records go to our stderr; its stdout and stderr to the relay's pipe.
+        fds = f"/proc/{handle.pid}/fd"
+        assert os.readlink(f"{fds}/{log_fd}") == os.readlink("/proc/self/fd/2")
+        assert os.readlink(f"{fds}/1") == os.readlink(f"{fds}/2")
+        assert os.readlink(f"{fds}/2").startswith("pipe:")
         assert os.getpgid(handle.pid) == handle.pid
         assert handle.returncode is None
         assert await handle.stop() == 0
@@ -214,13 +221,27 @@ async def test_frames_a_full_pipe_cannot_take_wait_in_order_until_it_drains() ->
             assert done == Done(id=seconds, data={"duration": float(seconds), **done.data})
 
 
-async def test_stdout_noise_from_the_backend_does_not_corrupt_the_protocol() -> None:
+async def test_stdout_noise_from_the_backend_does_not_corrupt_the_protocol(
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="llmux.worker.output")
     async with running_worker() as handle:
         assert isinstance((await load(handle, print_noise=True))[-1], Loaded)
         await handle.send(Infer(id=1, op="chat", payload=chat_payload("hi")))
         *chunks, done = await collect(handle, 1)
         assert "".join(c.data["text"] for c in chunks if isinstance(c, Chunk)) == "echo: hi"
         assert isinstance(done, Done)
+    # ... and the server logs it, one record a line naming the worker (of a progress
+    # bar, where it got to).
+    prefix = f"[worker {handle.model_id} {handle.pid}] "
+    expected = [prefix + line for where in ["load"] * 10 + ["chat"] for line in (
+        f"fake noise from print() during {where}", f"fake noise on fd 1 during {where}",
+        f"fake bar {where} 100%")]  # the fake load prints at each of its 10 steps
+
+    def relayed() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name == "llmux.worker.output"]
+
+    wait_until(lambda: len(relayed()) >= len(expected), 5, "the worker's output relayed")
+    assert relayed() == expected
 
 
 async def test_crash_mid_stream_raises_worker_died_with_the_exit_code() -> None:

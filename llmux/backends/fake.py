@@ -306,7 +306,9 @@ class FakeBackend(Backend):
                 time.sleep(3600)
 
     def _noise(self, where: str) -> None:
-        """Write to stdout the way native runtimes do, to prove it cannot hurt."""
+        """Write to stdout and stderr the way libraries do (a progress bar rewriting
+        its line included), to prove it cannot hurt."""
         if self.noisy:
             print(f"fake noise from print() during {where}", flush=True)
             os.write(1, f"fake noise on fd 1 during {where}\n".encode())
+            os.write(2, f"\rfake bar {where} 0%\rfake bar {where} 100%\n".encode())

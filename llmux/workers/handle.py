@@ -28,6 +28,7 @@ from typing import Final
 import anyio
 import anyio.abc
 
+from llmux.workers.output import relay_output
 from llmux.workers.protocol import Frame, FrameDecoder, Hello, ProtocolError, Unload, encode
 
 __all__ = ["WorkerDied", "WorkerHandle"]
@@ -112,8 +113,10 @@ class WorkerHandle:
         """Start ``python -m llmux.worker`` and wait for its Hello.
 
         ``env`` is added to the server's environment; ``args`` to the worker's command
-        line (a spare's ``--preload``). The worker's stderr is the server's stderr, so
-        its logs land in the server log.
+        line (a spare's ``--preload``). The worker writes its log records to the
+        server's stderr (``--log-fd``), so they land in the server log as they are;
+        what its libraries print on stdout or stderr is relayed line by line
+        (``relay_output``).
 
         Raises:
             WorkerDied: the interpreter cannot start, the worker died or sent
@@ -121,29 +124,37 @@ class WorkerHandle:
                 process group is killed and reaped before raising, and also when the
                 caller is cancelled (cancellation then propagates).
         """
-        command = [python, "-m", "llmux.worker", "--model-id", model_id, *args]
-        # NOTE: our own pipe for stdin, not anyio's stream: ``write`` needs a write
-        # that never waits (the pipe's fds are close-on-exec, other workers never
-        # inherit them).
+        # NOTE: our own pipes for stdin and the output, not anyio's streams: ``write``
+        # needs a write that never waits, and the output is read by a thread (the
+        # pipes' fds are close-on-exec, other workers never inherit them).
         stdin_read, stdin_write = os.pipe()
+        output_read, output_write = os.pipe()
+        log_fd = os.dup(2)
+        command = [python, "-m", "llmux.worker", "--model-id", model_id,
+                   "--log-fd", str(log_fd), *args]
         try:
             process = await anyio.open_process(
                 command,
                 stdin=stdin_read,
                 stdout=subprocess.PIPE,
-                stderr=None,
+                stderr=output_write,
+                pass_fds=(log_fd,),
                 env=_child_env(env),
                 start_new_session=True,
             )
         except OSError as exc:
             os.close(stdin_write)
+            os.close(output_read)
             raise WorkerDied(f"cannot start worker {model_id} with {python}: {exc}") from exc
         except BaseException:
             os.close(stdin_write)
+            os.close(output_read)
             raise
         finally:
-            os.close(stdin_read)
+            for fd in (stdin_read, output_write, log_fd):
+                os.close(fd)
         handle = cls(process, model_id, stdin_write)
+        relay_output(output_read, lambda: handle.model_id, handle.pid)
         try:
             with anyio.fail_after(start_timeout_s):
                 frame = await handle.receive()

@@ -13,6 +13,10 @@ time; a ``concurrent`` backend's requests run instead on a pool of the model's
 them (cancelled, they end within a token). Frame writes from any thread go through
 one lock, so frames never interleave.
 
+Output: log records go to the server's stderr (``--log-fd``); stdout and stderr are
+one pipe that the server relays into its log line by line (``llmux/workers/output.py``),
+for whatever libraries print by themselves.
+
 The worker must never outlive the server (guarantee 4): it asks the kernel for
 SIGKILL when its parent dies, and also exits when stdin reaches EOF.
 """
@@ -30,7 +34,7 @@ import sys
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, BinaryIO, Final, NoReturn
+from typing import Any, BinaryIO, Final, NoReturn, TextIO
 
 from llmux.backends.base import Backend, InvalidInput
 from llmux.logging_setup import ENV as LOG_FORMAT_ENV
@@ -166,9 +170,10 @@ def _read_frames(fd: int, inbox: queue.Queue[Frame], requests: Requests) -> None
 class Worker:
     """The main thread's loop: load once, then serve requests until Unload."""
 
-    def __init__(self, writer: FrameWriter, requests: Requests) -> None:
+    def __init__(self, writer: FrameWriter, requests: Requests, log_stream: TextIO) -> None:
         self._writer = writer
         self._requests = requests
+        self._log_stream = log_stream
         self._backend: Backend | None = None
         self._pool: ThreadPoolExecutor | None = None  # concurrent backends only
 
@@ -197,7 +202,7 @@ class Worker:
         if self._backend is not None:
             self._writer.send(LoadFailed("this worker already holds a model"))
             return
-        _setup_logs(str(spec.get("model_id") or "?"))  # a spare learns its model here
+        _setup_logs(str(spec.get("model_id") or "?"), self._log_stream)  # a spare's model
         log.info("loading with backend %r", spec.get("backend"))
         try:
             from llmux.backends import load_backend_class
@@ -245,7 +250,7 @@ class Worker:
             self._requests.finish(request_id)
 
 
-def _setup_logs(model_id: str) -> None:
+def _setup_logs(model_id: str, stream: TextIO) -> None:
     """The server's log format (LLMUX_LOG_FORMAT, set by `llmux serve`): JSON lines name
     the worker in fields, text lines in a prefix. Called again once a spare knows its
     model."""
@@ -253,6 +258,7 @@ def _setup_logs(model_id: str) -> None:
     setup_logging(
         log_format if log_format in LOG_FORMATS else "text",
         os.environ.get("LLMUX_WORKER_LOG_LEVEL", "INFO"),
+        stream=stream,
         text_format=f"[worker {model_id} {os.getpid()}] %(levelname)s %(name)s: "
                     "%(message)s",
         static={"worker": model_id, "pid": os.getpid()},
@@ -276,6 +282,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--model-id", required=True)
     parser.add_argument("--preload", action="append", default=[],
                         help="a module to import before the Hello (warm spares)")
+    parser.add_argument("--log-fd", type=int,
+                        help="where log records go (the server's stderr); default 2")
     args = parser.parse_args(argv)
     _die_with_parent(parent_pid)
     # NOTE: a SIGTERM handler installed by Python code would wait for the main
@@ -283,7 +291,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
     # Keep the protocol on private fds, then point fd 0 at /dev/null and fd 1 at
-    # stderr: native runtimes print to stdout, and children may read stdin.
+    # stderr (the output the server relays): native runtimes print to stdout, and
+    # children may read stdin.
     proto_in = os.dup(0)
     proto_out = os.dup(1)
     devnull = os.open(os.devnull, os.O_RDONLY)
@@ -292,7 +301,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     os.dup2(2, 1)
     sys.stdout = sys.stderr
 
-    _setup_logs(args.model_id)
+    # Log records go to the server's stderr (--log-fd); stdout and stderr carry only
+    # what libraries print, which the server relays as records of its own.
+    log_stream = sys.stderr if args.log_fd is None else os.fdopen(args.log_fd, "w")
+    logging.captureWarnings(True)  # a library's warnings become records, not raw text
+    _setup_logs(args.model_id, log_stream)
     writer = FrameWriter(os.fdopen(proto_out, "wb"))
     requests = Requests()
     inbox: queue.Queue[Frame] = queue.Queue()
@@ -301,6 +314,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     ).start()
     _preload(args.preload)
     writer.send(Hello(pid=os.getpid()))
-    worker = Worker(writer, requests)
+    worker = Worker(writer, requests, log_stream)
     while True:
         worker.handle(inbox.get())

@@ -182,9 +182,13 @@ def check_ledger_and_processes(server: Server, timeout_s: float = 20.0) -> dict[
     workers = {p.pid for p in live_workers()}
     assert workers == {m["pid"] for m in loaded.values()}, (
         f"live workers {workers}, loaded {[(m, x['pid']) for m, x in loaded.items()]}")
-    pipes = server_pipes(server)
-    assert len(pipes) == 2 * len(workers), (  # each worker's stdin and stdout, no more
-        f"the server holds {len(pipes)} pipes for {len(workers)} workers: {pipes}")
+    # Each worker's stdin, stdout (frames) and output (relayed to the log), no more. A
+    # dead worker's output pipe closes once the relay has read the last of it.
+    deadline = time.monotonic() + 5
+    while len(pipes := server_pipes(server)) != 3 * len(workers):
+        assert time.monotonic() < deadline, (
+            f"the server holds {len(pipes)} pipes for {len(workers)} workers: {pipes}")
+        time.sleep(0.05)
     return state
 
 

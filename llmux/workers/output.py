@@ -1,0 +1,114 @@
+"""A worker's stray output, relayed into the server's log one record a line.
+
+Stray output is what libraries print to stdout or stderr instead of logging: progress
+bars, notices, a native runtime's messages, a dying interpreter's traceback. Written
+raw into the server's log, it would break ``--log-format json`` (one object a line)
+and would not say which worker printed it. So a worker's stdout and stderr are one
+pipe that the server reads (``relay_output``). The server, not the worker, reads it,
+so what a crashing worker prints last (a native assertion, say) is not lost with it.
+The worker's own log records do not take this path: they go straight to the server's
+stderr, already formatted.
+"""
+
+from __future__ import annotations
+
+import codecs
+import logging
+import os
+import re
+import threading
+from collections.abc import Callable
+from typing import Final
+
+from llmux.logging_setup import FIELDS
+
+__all__ = ["MAX_LINE_CHARS", "OutputLines", "relay_output"]
+
+log = logging.getLogger("llmux.worker.output")
+
+MAX_LINE_CHARS: Final = 4096  # a longer line is cut into pieces of this size
+_READ_BYTES: Final = 1 << 16
+_BREAKS: Final = re.compile(r"([\r\n])")
+
+
+class OutputLines:
+    """Cuts a byte stream into the lines a terminal would end up showing.
+
+    A carriage return rewrites the line, as progress bars do many times a second: of a
+    line's rewrites only the last one that is not blank is kept (a bar that clears
+    itself still shows its final state). Blank lines are dropped, trailing blanks
+    trimmed, bytes that are not UTF-8 replaced, and a line longer than ``max_chars``
+    is cut into pieces, so memory stays bounded whatever the worker prints. How the
+    stream is split into reads does not change the lines.
+    """
+
+    def __init__(self, max_chars: int = MAX_LINE_CHARS) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._max_chars = max_chars
+        self._shown = ""  # the line's last rewrite that was not blank
+        self._partial = ""  # the text since the line's last carriage return
+
+    def feed(self, data: bytes) -> list[str]:
+        """The lines that ``data`` completes."""
+        return self._split(self._decoder.decode(data))
+
+    def close(self) -> list[str]:
+        """The last line, if the stream ended without a newline."""
+        return self._split(self._decoder.decode(b"", final=True)) + self._end_line()
+
+    def _split(self, text: str) -> list[str]:
+        lines: list[str] = []
+        for part in _BREAKS.split(text):
+            if part == "\n":
+                lines += self._end_line()
+            elif part == "\r":
+                if self._partial.strip():
+                    self._shown = self._partial
+                self._partial = ""
+            else:
+                self._partial += part
+                while len(self._partial) > self._max_chars:
+                    lines += _shown(self._partial[:self._max_chars])
+                    self._partial = self._partial[self._max_chars:]
+                    self._shown = ""
+        return lines
+
+    def _end_line(self) -> list[str]:
+        text = self._partial if self._partial.strip() else self._shown
+        self._shown = self._partial = ""
+        return _shown(text)
+
+
+def _shown(text: str) -> list[str]:
+    """``text`` as a line of its own, trailing blanks trimmed; none if it is blank."""
+    text = text.rstrip()
+    return [text] if text else []
+
+
+def relay_output(fd: int, name: Callable[[], str], pid: int) -> threading.Thread:
+    """Log every line that arrives on ``fd`` (the read end of a worker's output pipe)
+    as a record of ``llmux.worker.output`` naming the worker, until every writer has
+    closed it; then close ``fd``. Runs in a daemon thread, which it returns started.
+    ``name`` is asked at each line: a warm spare takes a model's name when adopted."""
+
+    def emit(line: str) -> None:
+        worker = name()
+        log.info("[worker %s %d] %s", worker, pid, line,
+                 extra={FIELDS: {"worker": worker, "pid": pid}})
+
+    def run() -> None:
+        lines = OutputLines()
+        try:
+            while data := os.read(fd, _READ_BYTES):
+                for line in lines.feed(data):
+                    emit(line)
+        except OSError as exc:
+            log.warning("[worker %s %d] output pipe failed: %s", name(), pid, exc)
+        finally:
+            os.close(fd)
+        for line in lines.close():
+            emit(line)
+
+    thread = threading.Thread(target=run, name=f"worker-output-{pid}", daemon=True)
+    thread.start()
+    return thread

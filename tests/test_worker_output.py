@@ -1,0 +1,103 @@
+"""A worker's stray output (what its libraries print) becomes one log record a line
+naming the worker: the splitting rules are pure and tested exhaustively; the relay is
+tested on a real pipe. The live tests of the request log check it end to end."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from llmux.logging_setup import fields_of
+from llmux.workers.output import OutputLines, relay_output
+from tests.conftest import wait_until
+
+
+def lines_of(data: bytes, max_chars: int = 4096) -> list[str]:
+    splitter = OutputLines(max_chars)
+    return splitter.feed(data) + splitter.close()
+
+
+@pytest.mark.parametrize(("data", "lines"), [
+    (b"one\ntwo\n", ["one", "two"]),
+    (b"no newline at the end", ["no newline at the end"]),
+    (b"\n\n  \n\t\nblank lines go\n\n", ["blank lines go"]),
+    (b"trailing blanks   \t\n", ["trailing blanks"]),
+    (b"windows\r\nlines\r\n", ["windows", "lines"]),
+    # A progress bar rewrites its line: only where it got to is kept.
+    (b"\rLoading: 0%\rLoading: 50%\rLoading: 100%\n", ["Loading: 100%"]),
+    # ... also when it clears itself, or is cut short by the worker's end.
+    (b"\rLoading: 40%\r            \r", ["Loading: 40%"]),
+    (b"\rbar 10%\r      \rnext line\n", ["next line"]),
+    (b"\rstuck at 70%", ["stuck at 70%"]),
+    ("caf\u00e9 \u2713\n".encode(), ["caf\u00e9 \u2713"]),
+    (b"bad \xff byte\n", ["bad \ufffd byte"]),
+])
+def test_lines_as_a_terminal_would_end_up_showing_them(data: bytes, lines: list[str]) -> None:
+    assert lines_of(data) == lines
+
+
+def test_a_line_longer_than_the_limit_is_cut_into_pieces() -> None:
+    assert lines_of(b"abcdefghij\nkl\n", max_chars=4) == ["abcd", "efgh", "ij", "kl"]
+    splitter = OutputLines(max_chars=4)
+    assert splitter.feed(b"x" * 10) == ["xxxx", "xxxx"]  # before any newline arrives
+    assert splitter.close() == ["xx"]
+
+
+OUTPUT = st.lists(st.sampled_from(["a", "bc", " ", "\t", "\n", "\r", "\r\n", "\u00e9", "\u2713",
+                                   "\ufffd"]), max_size=60).map("".join).map(str.encode)
+
+
+@given(OUTPUT, st.lists(st.integers(min_value=0, max_value=80), max_size=6),
+       st.integers(min_value=1, max_value=8))
+def test_how_the_output_is_split_into_reads_does_not_change_the_lines(
+        data: bytes, cuts: list[int], max_chars: int) -> None:
+    splitter = OutputLines(max_chars)
+    lines: list[str] = []
+    start = 0
+    for cut in sorted({min(cut, len(data)) for cut in cuts}):  # cuts inside characters too
+        lines += splitter.feed(data[start:cut])
+        start = cut
+    lines += splitter.feed(data[start:]) + splitter.close()
+    assert lines == lines_of(data, max_chars)
+
+
+@given(OUTPUT, st.integers(min_value=1, max_value=8))
+def test_every_line_is_one_bounded_non_blank_line(data: bytes, max_chars: int) -> None:
+    for line in lines_of(data, max_chars):
+        assert line.strip() and line == line.rstrip()
+        assert "\n" not in line and "\r" not in line and len(line) <= max_chars
+
+
+LINE = st.text(st.characters(blacklist_characters="\r\n", blacklist_categories=("Cs",)),
+               max_size=20)
+
+
+@given(st.lists(LINE, max_size=8))
+def test_without_carriage_returns_every_non_blank_line_is_kept(texts: list[str]) -> None:
+    data = "".join(text + "\n" for text in texts).encode()
+    assert lines_of(data, 1000) == [text.rstrip() for text in texts if text.strip()]
+
+
+def test_the_relay_logs_each_line_naming_the_worker_then_closes_the_pipe(
+        caplog: pytest.LogCaptureFixture) -> None:
+    names = iter(["spare", "chat", "chat"])  # a spare adopted between two lines
+    read, write = os.pipe()
+    with caplog.at_level(logging.INFO, logger="llmux.worker.output"):
+        thread = relay_output(read, lambda: next(names), 4242)
+        os.write(write, b"first\n\rbar 1%\rbar 100%\n")
+        wait_until(lambda: len(caplog.records) == 2, 5, "two relayed lines")
+        os.write(write, b"last words, no newline")
+        os.close(write)
+        thread.join(5)
+    assert not thread.is_alive()
+    assert [(r.name, r.getMessage(), dict(fields_of(r))) for r in caplog.records] == [
+        ("llmux.worker.output", "[worker spare 4242] first", {"worker": "spare", "pid": 4242}),
+        ("llmux.worker.output", "[worker chat 4242] bar 100%", {"worker": "chat", "pid": 4242}),
+        ("llmux.worker.output", "[worker chat 4242] last words, no newline",
+         {"worker": "chat", "pid": 4242})]
+    with pytest.raises(OSError):
+        os.fstat(read)  # closed at the end
