@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -290,6 +291,23 @@ def test_a_killed_worker_fails_all_four_clearly_and_the_next_request_reloads(
     assert reply.status_code == 200, reply.text
     model = server.model("m")
     assert model["load_count"] == 2 and model["pid"] != pid
+
+
+def test_a_worker_that_crashes_tells_its_clients_and_the_operator_what_it_printed_last(
+    start_server: Any,
+) -> None:
+    server: Server = start_server(four(reply="word " * 40, crash_after_tokens=5))
+    seen = stream(server, "m", "p")
+    assert seen.status == 200 and not seen.done and seen.error is not None, seen
+    last_words = "its last output: fake crash after 5 tokens: assertion failed"
+    assert seen.error["error"]["message"].startswith(
+        "the worker of m died while serving this request (worker m (pid ")
+    assert f"exited with code 3; {last_words}); retry the request" in \
+        seen.error["error"]["message"]
+    wait_until(lambda: server.model("m")["state"] == "failed", 10, "the crash to be seen")
+    assert server.model("m")["last_error"].endswith(last_words)
+    assert re.search(r"llmux\.worker\.output: \[worker m \d+\] fake crash after 5 tokens",
+                     server.logs())
 
 
 def test_an_eviction_drains_all_running_requests_before_the_unload(start_server: Any) -> None:

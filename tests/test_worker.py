@@ -250,7 +250,8 @@ async def test_crash_mid_stream_raises_worker_died_with_the_exit_code() -> None:
         await handle.send(Infer(id=1, op="chat", payload=chat_payload()))
         assert isinstance(await handle.receive(), Chunk)
         assert isinstance(await handle.receive(), Chunk)
-        with pytest.raises(WorkerDied, match=r"closed its pipe and exited with code 3$"):
+        with pytest.raises(WorkerDied, match=r"closed its pipe and exited with code 3; its "
+                           r"last output: fake crash after 2 tokens: assertion failed$"):
             await handle.receive()
         assert handle.returncode == 3
         with pytest.raises(WorkerDied, match="cannot take frames: exited with code 3"):
@@ -333,6 +334,19 @@ async def test_spawn_with_a_missing_interpreter_raises_worker_died() -> None:
 async def test_spawn_of_something_that_is_not_a_worker_raises_worker_died() -> None:
     with pytest.raises(WorkerDied, match="closed its pipe and exited with code 1"):
         await WorkerHandle.spawn(python="/bin/false", model_id="fake-1")
+
+
+async def test_an_interpreter_that_cannot_run_the_worker_says_why(tmp_path: Path) -> None:
+    broken = tmp_path / "python"
+    broken.write_text("#!/bin/sh\necho 'loading...' >&2\necho 'Traceback (most recent call "
+                      "last):' >&2\necho \"ModuleNotFoundError: No module named 'msgpack'\" >&2"
+                      "\nexit 1\n")
+    broken.chmod(0o755)
+    with pytest.raises(WorkerDied) as caught:
+        await WorkerHandle.spawn(python=str(broken), model_id="fake-1")
+    assert str(caught.value).endswith(  # its last 3 lines
+        "closed its pipe and exited with code 1; its last output: loading... | Traceback "
+        "(most recent call last): | ModuleNotFoundError: No module named 'msgpack'")
 
 
 async def test_spawn_times_out_and_kills_a_silent_interpreter(tmp_path: Path) -> None:

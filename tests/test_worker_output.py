@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from llmux.logging_setup import fields_of
-from llmux.workers.output import OutputLines, relay_output
+from llmux.workers.output import OutputLines, OutputRelay
 from tests.conftest import wait_until
 
 
@@ -87,13 +88,12 @@ def test_the_relay_logs_each_line_naming_the_worker_then_closes_the_pipe(
     names = iter(["spare", "chat", "chat"])  # a spare adopted between two lines
     read, write = os.pipe()
     with caplog.at_level(logging.INFO, logger="llmux.worker.output"):
-        thread = relay_output(read, lambda: next(names), 4242)
+        relay = OutputRelay(read, lambda: next(names), 4242)
         os.write(write, b"first\n\rbar 1%\rbar 100%\n")
         wait_until(lambda: len(caplog.records) == 2, 5, "two relayed lines")
         os.write(write, b"last words, no newline")
         os.close(write)
-        thread.join(5)
-    assert not thread.is_alive()
+        relay.join(5)
     assert [(r.name, r.getMessage(), dict(fields_of(r))) for r in caplog.records] == [
         ("llmux.worker.output", "[worker spare 4242] first", {"worker": "spare", "pid": 4242}),
         ("llmux.worker.output", "[worker chat 4242] bar 100%", {"worker": "chat", "pid": 4242}),
@@ -101,3 +101,14 @@ def test_the_relay_logs_each_line_naming_the_worker_then_closes_the_pipe(
          {"worker": "chat", "pid": 4242})]
     with pytest.raises(OSError):
         os.fstat(read)  # closed at the end
+
+
+def test_last_words_are_the_last_lines_printed_just_now_cut_short() -> None:
+    read, write = os.pipe()
+    relay = OutputRelay(read, lambda: "chat", 1)
+    os.write(write, b"".join(b"line %d\n" % n for n in range(5)) + b"x" * 400 + b"\n")
+    os.close(write)
+    relay.join(5)
+    assert relay.last_words() == ["line 3", "line 4", "x" * 299 + "\u2026"]
+    time.sleep(0.2)
+    assert relay.last_words(within_s=0.1) == []  # old lines do not explain a death now

@@ -299,7 +299,8 @@ class FakeBackend(Backend):
 
     def _crash_or_hang(self, emitted: int) -> None:
         if self.crash_after is not None and emitted >= self.crash_after:
-            sys.stderr.flush()
+            # Last words on stderr, as a native runtime's failed assertion has.
+            os.write(2, f"fake crash after {emitted} tokens: assertion failed\n".encode())
             os._exit(3)
         if self.hang_after is not None and emitted >= self.hang_after:
             while True:  # ignores cancel: only the process-group kill ends this

@@ -28,7 +28,7 @@ from typing import Final
 import anyio
 import anyio.abc
 
-from llmux.workers.output import relay_output
+from llmux.workers.output import OutputRelay
 from llmux.workers.protocol import Frame, FrameDecoder, Hello, ProtocolError, Unload, encode
 
 __all__ = ["WorkerDied", "WorkerHandle"]
@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 _PACKAGE_ROOT: Final = str(Path(__file__).resolve().parents[2])
 _EXIT_AFTER_EOF_S: Final = 1.0  # how long a worker that closed its pipe gets to exit
 _REAP_TIMEOUT_S: Final = 5.0  # bound on waiting for a SIGKILLed process to be reaped
+_OUTPUT_AFTER_EXIT_S: Final = 0.5  # how long the relay gets to read a dead worker's last words
 _PIPE_ERRORS: Final = (anyio.EndOfStream, anyio.ClosedResourceError, anyio.BrokenResourceError)
 
 
@@ -80,8 +81,10 @@ class WorkerHandle:
     and ``send`` may be called from any task (frames go out whole, in call order).
     """
 
-    def __init__(self, process: anyio.abc.Process, model_id: str, stdin: int) -> None:
-        """``stdin``: the write end of the worker's stdin pipe, owned (closed) here."""
+    def __init__(self, process: anyio.abc.Process, model_id: str, stdin: int,
+                 output: int) -> None:
+        """``stdin``: the write end of the worker's stdin pipe, owned (closed) here;
+        ``output``: the read end of its stdout and stderr, relayed into the log."""
         self._process = process
         self.model_id = model_id
         self.pid: int = process.pid
@@ -93,6 +96,7 @@ class WorkerHandle:
         self._drain_lock = anyio.Lock()
         self._receiving = False
         self._stopped = False
+        self._output = OutputRelay(output, lambda: self.model_id, self.pid)
         # Whether stop() had to signal the worker: its exit code alone cannot tell that
         # from a signal someone else sent (an operator's kill, the OOM killer).
         self.escalated = False
@@ -116,7 +120,7 @@ class WorkerHandle:
         line (a spare's ``--preload``). The worker writes its log records to the
         server's stderr (``--log-fd``), so they land in the server log as they are;
         what its libraries print on stdout or stderr is relayed line by line
-        (``relay_output``).
+        (``OutputRelay``).
 
         Raises:
             WorkerDied: the interpreter cannot start, the worker died or sent
@@ -153,8 +157,7 @@ class WorkerHandle:
         finally:
             for fd in (stdin_read, output_write, log_fd):
                 os.close(fd)
-        handle = cls(process, model_id, stdin_write)
-        relay_output(output_read, lambda: handle.model_id, handle.pid)
+        handle = cls(process, model_id, stdin_write, output_read)
         try:
             with anyio.fail_after(start_timeout_s):
                 frame = await handle.receive()
@@ -274,14 +277,20 @@ class WorkerHandle:
         return self._pending.popleft()
 
     async def _died(self, what: str) -> WorkerDied:
-        """Give the worker a moment to exit, then make sure it and its group are gone."""
+        """Give the worker a moment to exit, then make sure it and its group are gone.
+        The message ends with what it printed last, if that was just now: why a native
+        runtime aborted, or why an interpreter could not start the worker."""
         try:
             with anyio.move_on_after(_EXIT_AFTER_EOF_S):
                 await self._process.wait()
         finally:
             await self._abort()
         code = self.returncode
-        return WorkerDied(f"{self._name} {what} and {describe_exit(code)}", returncode=code)
+        message = f"{self._name} {what} and {describe_exit(code)}"
+        await anyio.to_thread.run_sync(self._output.join, _OUTPUT_AFTER_EXIT_S)
+        if words := self._output.last_words():
+            message += "; its last output: " + " | ".join(words)
+        return WorkerDied(message, returncode=code)
 
     async def stop(self, grace_s: float = 5.0) -> int | None:
         """Stop the worker and reap it; return its exit status (None: unreapable).

@@ -4,8 +4,9 @@ Stray output is what libraries print to stdout or stderr instead of logging: pro
 bars, notices, a native runtime's messages, a dying interpreter's traceback. Written
 raw into the server's log, it would break ``--log-format json`` (one object a line)
 and would not say which worker printed it. So a worker's stdout and stderr are one
-pipe that the server reads (``relay_output``). The server, not the worker, reads it,
-so what a crashing worker prints last (a native assertion, say) is not lost with it.
+pipe that the server reads (``OutputRelay``). The server, not the worker, reads it,
+so what a crashing worker prints last (a native assertion, say) is not lost with it,
+and the message of its death quotes it.
 The worker's own log records do not take this path: they go straight to the server's
 stderr, already formatted.
 """
@@ -17,16 +18,20 @@ import logging
 import os
 import re
 import threading
+import time
+from collections import deque
 from collections.abc import Callable
 from typing import Final
 
 from llmux.logging_setup import FIELDS
 
-__all__ = ["MAX_LINE_CHARS", "OutputLines", "relay_output"]
+__all__ = ["MAX_LINE_CHARS", "OutputLines", "OutputRelay"]
 
 log = logging.getLogger("llmux.worker.output")
 
 MAX_LINE_CHARS: Final = 4096  # a longer line is cut into pieces of this size
+LAST_WORDS_LINES: Final = 3  # what a dying worker printed, kept for its death's message
+LAST_WORDS_S: Final = 5.0  # ... if it printed them this recently
 _READ_BYTES: Final = 1 << 16
 _BREAKS: Final = re.compile(r"([\r\n])")
 
@@ -85,30 +90,52 @@ def _shown(text: str) -> list[str]:
     return [text] if text else []
 
 
-def relay_output(fd: int, name: Callable[[], str], pid: int) -> threading.Thread:
-    """Log every line that arrives on ``fd`` (the read end of a worker's output pipe)
-    as a record of ``llmux.worker.output`` naming the worker, until every writer has
-    closed it; then close ``fd``. Runs in a daemon thread, which it returns started.
-    ``name`` is asked at each line: a warm spare takes a model's name when adopted."""
+class OutputRelay:
+    """Logs every line that arrives on a worker's output pipe as a record of
+    ``llmux.worker.output`` naming the worker, from a daemon thread, until every
+    writer has closed the pipe; then closes it. Keeps the last lines with their time:
+    what a worker printed just before it died (a native assertion, an import error)
+    says why, and goes into the message of its death (``last_words``)."""
 
-    def emit(line: str) -> None:
-        worker = name()
-        log.info("[worker %s %d] %s", worker, pid, line,
-                 extra={FIELDS: {"worker": worker, "pid": pid}})
+    def __init__(self, fd: int, name: Callable[[], str], pid: int) -> None:
+        """``fd``: the pipe's read end, owned (closed) here. ``name`` is asked at each
+        line: a warm spare takes a model's name when adopted."""
+        self._fd = fd
+        self._name = name
+        self._pid = pid
+        self._recent: deque[tuple[float, str]] = deque(maxlen=LAST_WORDS_LINES)
+        self._thread = threading.Thread(target=self._run, name=f"worker-output-{pid}",
+                                        daemon=True)
+        self._thread.start()
 
-    def run() -> None:
+    def join(self, timeout_s: float) -> None:
+        """Wait up to ``timeout_s`` for the pipe's end (every writer has exited)."""
+        self._thread.join(timeout_s)
+
+    def last_words(self, within_s: float = LAST_WORDS_S) -> list[str]:
+        """The last lines relayed in the past ``within_s`` seconds, cut short."""
+        since = time.monotonic() - within_s
+        return [_cut(line) for at, line in list(self._recent) if at >= since]
+
+    def _run(self) -> None:
         lines = OutputLines()
         try:
-            while data := os.read(fd, _READ_BYTES):
+            while data := os.read(self._fd, _READ_BYTES):
                 for line in lines.feed(data):
-                    emit(line)
+                    self._emit(line)
         except OSError as exc:
-            log.warning("[worker %s %d] output pipe failed: %s", name(), pid, exc)
+            log.warning("[worker %s %d] output pipe failed: %s", self._name(), self._pid, exc)
         finally:
-            os.close(fd)
+            os.close(self._fd)
         for line in lines.close():
-            emit(line)
+            self._emit(line)
 
-    thread = threading.Thread(target=run, name=f"worker-output-{pid}", daemon=True)
-    thread.start()
-    return thread
+    def _emit(self, line: str) -> None:
+        self._recent.append((time.monotonic(), line))
+        worker = self._name()
+        log.info("[worker %s %d] %s", worker, self._pid, line,
+                 extra={FIELDS: {"worker": worker, "pid": self._pid}})
+
+
+def _cut(line: str, limit: int = 300) -> str:
+    return line if len(line) <= limit else line[:limit - 1] + "\u2026"
