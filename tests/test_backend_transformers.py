@@ -433,10 +433,44 @@ def test_an_unknown_language_is_invalid_input(
 # -- the SmolLM2 GGUF through transformers ----------------------------------------------
 
 
+def test_a_gguf_checkpoint_is_parsed_once_per_load(tmp_path: Path) -> None:
+    import gguf
+
+    path = tmp_path / "tiny.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(2)
+    for write in (writer.write_header_to_file, writer.write_kv_data_to_file,
+                  writer.write_tensors_to_file):
+        write()
+    writer.close()
+    real_reader, real_name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    checkpoint = Checkpoint.from_spec({"model_path": str(path)}, {})
+    with checkpoint.loading():
+        first = gguf.GGUFReader(path)
+        assert gguf.GGUFReader(str(path)) is first  # what transformers calls it with
+        assert first.fields["llama.block_count"].contents() == 2
+        assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2) is \
+            gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2)
+    assert (gguf.GGUFReader, gguf.get_tensor_name_map) == (real_reader, real_name_map)
+    with Checkpoint.from_spec({"model_path": MINILM}, {}).loading():  # not a GGUF
+        assert gguf.GGUFReader is real_reader
+
+
 @pytest.mark.slow
-def test_the_smollm2_gguf_loads_and_chats() -> None:
+def test_the_smollm2_gguf_loads_and_chats(monkeypatch: pytest.MonkeyPatch) -> None:
+    import gguf
+
+    parsed: list[str] = []
+    real_reader = gguf.GGUFReader
+
+    def counted(path: Any, mode: str = "r") -> Any:
+        parsed.append(str(path))
+        return real_reader(path, mode)
+
+    monkeypatch.setattr(gguf, "GGUFReader", counted)
     started = time.monotonic()
     model = loaded("llm", SMOLLM2_GGUF, gguf=True)
+    assert len(parsed) == 1, parsed  # not once for the tokenizer, config and weights each
     try:
         chunks, done = drain(model.infer(
             "chat", {"messages": [{"role": "user", "content": "What is the capital of France?"}],

@@ -169,14 +169,15 @@ class CausalLM:
 
     def load(self, progress: ProgressFn) -> dict[str, Any]:
         label = self.checkpoint.label
-        progress(0.05, f"loading the tokenizer of {label}")
-        self.tokenizer = AutoTokenizer.from_pretrained(
-            **self.checkpoint.kwargs(), trust_remote_code=self.settings.trust_remote_code)
+        with self.checkpoint.loading():
+            progress(0.05, f"loading the tokenizer of {label}")
+            self.tokenizer = AutoTokenizer.from_pretrained(
+                **self.checkpoint.kwargs(), trust_remote_code=self.settings.trust_remote_code)
+            progress(0.3, f"loading the weights of {label}")
+            self.model = AutoModelForCausalLM.from_pretrained(
+                **self.checkpoint.kwargs(), **self.settings.model_kwargs())
         if self.chat_template:
             self.tokenizer.chat_template = str(self.chat_template)
-        progress(0.3, f"loading the weights of {label}")
-        self.model = AutoModelForCausalLM.from_pretrained(
-            **self.checkpoint.kwargs(), **self.settings.model_kwargs())
         self.model.eval()
         self.context_length = self._context_length()
         progress(1.0, f"loaded {label}")

@@ -7,9 +7,13 @@ that file's name instead of reaching for the Hub.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import gc
+import importlib
+import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Final, Protocol
 
@@ -90,11 +94,47 @@ class Checkpoint:
                                     "must be a transformers checkpoint directory")
         return cls(path, None, str(value))
 
+    def loading(self) -> contextlib.AbstractContextManager[None]:
+        """Wrap the ``from_pretrained`` calls of one load in this: a GGUF file is then
+        parsed once instead of once per call."""
+        return _gguf_parsed_once() if self.gguf_file else contextlib.nullcontext()
+
     def kwargs(self) -> dict[str, Any]:
         """The arguments every ``from_pretrained`` of this checkpoint gets."""
         extra = {"gguf_file": self.gguf_file} if self.gguf_file else {}
         return {"pretrained_model_name_or_path": str(self.directory),
                 "local_files_only": True, **extra}
+
+
+@contextlib.contextmanager
+def _gguf_parsed_once() -> Iterator[None]:
+    """Within it, gguf-py's file reader and tensor name map are built once per argument.
+
+    transformers reads a GGUF file's whole metadata (the tokenizer's ~50k strings
+    included) again for the tokenizer, the config and the weights, and rebuilds
+    gguf-py's tensor name map for every submodule of the model: 16 of the 26 s that
+    SmolLM2-135M took to load here. Both are pure reads of their arguments, so they are
+    cached for the load and dropped after it (a reader holds a memory map of the file).
+    transformers imports both from ``gguf`` at each call, which is where they are
+    swapped; a transformers that stops doing so loads as before, only slower.
+    """
+    gguf: Any = importlib.import_module("gguf")  # its attributes are swapped below
+    real_reader, real_name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers: dict[tuple[str, str], Any] = {}
+
+    def reader(path: Any, mode: str = "r") -> Any:
+        key = (os.fspath(path), mode)
+        if key not in readers:
+            readers[key] = real_reader(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader = reader
+    gguf.get_tensor_name_map = functools.cache(real_name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = real_reader, real_name_map
+        readers.clear()
 
 
 class LoadSettings:
