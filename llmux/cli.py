@@ -251,7 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmux", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("serve", help="run the server")
-    p.add_argument("--config", default=os.environ.get("LLMUX_CONFIG", DEFAULT_CONFIG))
+    p.add_argument("config", nargs="?", metavar="CONFIG",
+                   help="the config file, as check-config takes it (or --config)")
+    p.add_argument("--config", dest="config_option", metavar="CONFIG")
     p.add_argument("--host")
     p.add_argument("--port", type=int)
     p.add_argument("--api-keys", metavar="FILE",
@@ -284,8 +286,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with serve's config file taken from its argument, --config,
+    $LLMUX_CONFIG or the default, in that order (both forms at once is an error)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        if args.config and args.config_option:
+            parser.error("serve: name the config file once, as CONFIG or --config")
+        args.config = (args.config or args.config_option
+                       or os.environ.get("LLMUX_CONFIG", DEFAULT_CONFIG))
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     setup_logging(getattr(args, "log_format", None) or "text")
     code: int = args.func(args)
     return code

@@ -245,3 +245,19 @@ def test_llmux_state_says_what_an_operator_looks_for() -> None:
     assert lines[7].split() == ["07:14:18", "a", "transition", "ready", "->", "failed:",
                                 "worker", "died"]
     assert lines[8].split() == ["07:14:18", "a", "evict", "for", "b"]
+
+
+def test_serve_takes_its_config_as_an_argument_or_an_option(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from llmux.cli import DEFAULT_CONFIG, parse_args
+
+    monkeypatch.delenv("LLMUX_CONFIG", raising=False)
+    assert parse_args(["serve", "a.yaml"]).config == "a.yaml"  # as check-config takes it
+    assert parse_args(["serve", "--config", "b.yaml", "--port", "9"]).config == "b.yaml"
+    assert parse_args(["serve"]).config == DEFAULT_CONFIG
+    monkeypatch.setenv("LLMUX_CONFIG", "env.yaml")
+    assert parse_args(["serve"]).config == "env.yaml"
+    assert parse_args(["serve", "a.yaml"]).config == "a.yaml"
+    with pytest.raises(SystemExit):
+        parse_args(["serve", "a.yaml", "--config", "b.yaml"])
+    assert "name the config file once" in capsys.readouterr().err
