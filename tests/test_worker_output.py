@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from llmux.logging_setup import fields_of
-from llmux.workers.output import OutputLines, OutputRelay
+from llmux.workers.output import BURST_LINES, LINES_PER_S, LineBudget, OutputLines, OutputRelay
 from tests.conftest import wait_until
 
 
@@ -112,3 +112,40 @@ def test_last_words_are_the_last_lines_printed_just_now_cut_short() -> None:
     assert relay.last_words() == ["line 3", "line 4", "x" * 299 + "\u2026"]
     time.sleep(0.2)
     assert relay.last_words(within_s=0.1) == []  # old lines do not explain a death now
+
+
+def test_the_line_budget_allows_a_burst_then_its_rate() -> None:
+    budget = LineBudget(per_s=4, burst=3)
+    assert [budget.take(100.0) for _ in range(4)] == [True, True, True, False]
+    assert budget.take(100.125) is False  # half a line back
+    assert budget.take(100.25) is True
+    assert budget.take(100.25) is False
+    assert [budget.take(200.0) for _ in range(4)] == [True, True, True, False]  # no more
+    # than the burst, however long it was quiet
+
+
+@given(st.lists(st.floats(min_value=0, max_value=1000), max_size=200))
+def test_the_line_budget_never_allows_more_than_burst_plus_rate_times_time(
+        times: list[float]) -> None:
+    budget = LineBudget(per_s=5, burst=4)
+    times = sorted(times)
+    allowed = sum(budget.take(now) for now in times)
+    assert allowed <= 4 + 5 * (times[-1] - times[0]) + 1e-9 if times else allowed == 0
+
+
+def test_a_flood_is_counted_instead_of_logged(caplog: pytest.LogCaptureFixture) -> None:
+    read, write = os.pipe()
+    flood = BURST_LINES + 500
+    with caplog.at_level(logging.INFO, logger="llmux.worker.output"):
+        relay = OutputRelay(read, lambda: "loud", 7)
+        with os.fdopen(write, "wb") as pipe:
+            pipe.write(b"".join(b"line %d\n" % n for n in range(flood)))
+        relay.join(10)
+    logged = [r.getMessage() for r in caplog.records]
+    assert logged[0] == "[worker loud 7] line 0"
+    assert BURST_LINES <= len(logged) - 1 < BURST_LINES + 100  # the burst, and what refilled
+    dropped = flood - (len(logged) - 1)
+    assert logged[-1] == (f"[worker loud 7] {dropped} lines of its output not logged (it "
+                          f"printed more than {LINES_PER_S:g} a second)")
+    assert caplog.records[-1].levelname == "WARNING"
+    assert relay.last_words() == [f"line {n}" for n in range(flood - 3, flood)]

@@ -25,14 +25,17 @@ from typing import Final
 
 from llmux.logging_setup import FIELDS
 
-__all__ = ["MAX_LINE_CHARS", "OutputLines", "OutputRelay"]
+__all__ = ["MAX_LINE_CHARS", "LineBudget", "OutputLines", "OutputRelay"]
 
 log = logging.getLogger("llmux.worker.output")
 
 MAX_LINE_CHARS: Final = 4096  # a longer line is cut into pieces of this size
 LAST_WORDS_LINES: Final = 3  # what a dying worker printed, kept for its death's message
 LAST_WORDS_S: Final = 5.0  # ... if it printed them this recently
+LINES_PER_S: Final = 50.0  # lines a worker may have logged a second, on average ...
+BURST_LINES: Final = 1000  # ... and at once: a flood would cost the server its CPU
 _READ_BYTES: Final = 1 << 16
+_FLOOD_PAUSE_S: Final = 0.01  # after each read that went over the budget
 _BREAKS: Final = re.compile(r"([\r\n])")
 
 
@@ -90,12 +93,37 @@ def _shown(text: str) -> list[str]:
     return [text] if text else []
 
 
+class LineBudget:
+    """How many lines may be logged: ``burst`` at once, refilled at ``per_s`` a second
+    (a token bucket). Logging a line costs the server ~20 µs of CPU, and a worker can
+    print far more than that covers: 200,000 lines took a core of the server for 3.6 s
+    here, and its /health answered 30 times slower meanwhile."""
+
+    def __init__(self, per_s: float = LINES_PER_S, burst: int = BURST_LINES) -> None:
+        self._per_s = per_s
+        self._burst = float(burst)
+        self._left = float(burst)
+        self._at: float | None = None
+
+    def take(self, now: float) -> bool:
+        """Whether a line may be logged at ``now`` (monotonic seconds); counts it."""
+        if self._at is not None:
+            self._left = min(self._burst, self._left + (now - self._at) * self._per_s)
+        self._at = now
+        if self._left < 1:
+            return False
+        self._left -= 1
+        return True
+
+
 class OutputRelay:
     """Logs every line that arrives on a worker's output pipe as a record of
     ``llmux.worker.output`` naming the worker, from a daemon thread, until every
-    writer has closed the pipe; then closes it. Keeps the last lines with their time:
-    what a worker printed just before it died (a native assertion, an import error)
-    says why, and goes into the message of its death (``last_words``)."""
+    writer has closed the pipe; then closes it. Lines beyond the ``LineBudget`` are
+    counted instead, and the count is logged when lines may be logged again. Keeps the
+    last lines with their time, logged or not: what a worker printed just before it
+    died (a native assertion, an import error) says why, and goes into the message of
+    its death (``last_words``)."""
 
     def __init__(self, fd: int, name: Callable[[], str], pid: int) -> None:
         """``fd``: the pipe's read end, owned (closed) here. ``name`` is asked at each
@@ -104,6 +132,8 @@ class OutputRelay:
         self._name = name
         self._pid = pid
         self._recent: deque[tuple[float, str]] = deque(maxlen=LAST_WORDS_LINES)
+        self._budget = LineBudget()
+        self._dropped = 0  # lines not logged since the last that was
         self._thread = threading.Thread(target=self._run, name=f"worker-output-{pid}",
                                         daemon=True)
         self._thread.start()
@@ -122,19 +152,36 @@ class OutputRelay:
         try:
             while data := os.read(self._fd, _READ_BYTES):
                 for line in lines.feed(data):
-                    self._emit(line)
+                    self._relay(line)
+                if self._dropped:  # a flood: leave the server's other threads the GIL
+                    time.sleep(_FLOOD_PAUSE_S)
         except OSError as exc:
             log.warning("[worker %s %d] output pipe failed: %s", self._name(), self._pid, exc)
         finally:
             os.close(self._fd)
         for line in lines.close():
-            self._emit(line)
+            self._relay(line)
+        self._report_dropped()
 
-    def _emit(self, line: str) -> None:
-        self._recent.append((time.monotonic(), line))
+    def _relay(self, line: str) -> None:
+        now = time.monotonic()
+        self._recent.append((now, line))
+        if not self._budget.take(now):
+            self._dropped += 1
+            return
+        self._report_dropped()
+        self._log(logging.INFO, "%s", line)
+
+    def _report_dropped(self) -> None:
+        if self._dropped:
+            self._log(logging.WARNING, "%d lines of its output not logged (it printed more "
+                      "than %g a second)", self._dropped, LINES_PER_S)
+            self._dropped = 0
+
+    def _log(self, level: int, message: str, *args: object) -> None:
         worker = self._name()
-        log.info("[worker %s %d] %s", worker, self._pid, line,
-                 extra={FIELDS: {"worker": worker, "pid": self._pid}})
+        log.log(level, "[worker %s %d] " + message, worker, self._pid, *args,
+                extra={FIELDS: {"worker": worker, "pid": self._pid}})
 
 
 def _cut(line: str, limit: int = 300) -> str:
