@@ -23,7 +23,8 @@ the template exactly as the model's authors wrote it. Options, all optional:
     tool_format   "auto" (from the template), "none", "hermes" or "harmony"
     embedding     load for the ``embed`` op only (false)
     pooling       embedding models: "mean", "cls", "last" or "none" (the GGUF's choice)
-    verbose       llama.cpp's own logging to stderr (false)
+    verbose       llama.cpp's info and debug log lines too (false: its warnings and
+                  errors only, as records of the ``llama.cpp`` logger)
     mmproj        (or ``files: {mmproj: ...}``) the vision projector GGUF: chat messages
                   may then hold images (llama_vision.py); it runs on the model's device
 
@@ -67,6 +68,7 @@ from llmux.backends.gguf import (
     stop_strings,
     token_bias,
 )
+from llmux.backends.llama_log import install as install_llama_log
 from llmux.backends.llama_vision import MARKER, Projector
 from llmux.chat.output import output_formats
 from llmux.chat.render import FALLBACK_TEMPLATE, model_template, render_chat
@@ -198,10 +200,14 @@ class LlamaCppBackend(GgufBackend):
             raise ValueError(f"{path}: device {self.device} asks for the GPU, but this "
                              "llama-cpp-python build has no GPU support")
         progress(0.0, f"loading {path.name}")
+        llama_log = install_llama_log(bool(self.arguments["verbose"]))
+        llama_log.take_errors()  # only this load's count
         try:
             llm = llama_cpp.Llama(str(path), **self.arguments)
         except ValueError as exc:
-            raise ValueError(f"{path}: llama.cpp could not load it ({exc})") from exc
+            errors = llama_log.take_errors()
+            why = f"; llama.cpp: {' | '.join(errors)}" if errors else ""
+            raise ValueError(f"{path}: llama.cpp could not load it ({exc}{why})") from exc
         self._llm = llm
         mmproj = self._mmproj_path()
         if mmproj is not None:

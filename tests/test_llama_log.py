@@ -1,0 +1,76 @@
+"""llama.cpp's log in Python logging: the line assembly and levels are pure; a real
+llama.cpp load (SmolLM2 cut in half, and a context beyond the model's training) shows
+that its errors reach the load's error and its warnings the log."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from llmux.backends.llama_log import LlamaLog
+from llmux.backends.paths import resolve_model_path
+from tests.test_backend_llama_cpp import GGUF, backend
+
+
+def records(caplog: pytest.LogCaptureFixture) -> list[tuple[int, str]]:
+    return [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "llama.cpp"]
+
+
+def test_lines_are_assembled_and_logged_at_llama_cpps_levels(
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="llama.cpp")
+    log = LlamaLog()
+    log.feed(2, "loading")  # INFO: not logged unless verbose
+    log.feed(5, "...")
+    log.feed(5, ".\n")
+    log.feed(3, "n_ctx_seq (4096) > n_ctx_train")  # a WARN in two pieces
+    log.feed(3, " (2048)\n")
+    log.feed(4, "error loading model: out of memory\nfailed to load model\n")
+    log.feed(1, "debug detail\n")
+    assert records(caplog) == [
+        (logging.WARNING, "n_ctx_seq (4096) > n_ctx_train"),
+        (logging.WARNING, "(2048)"),
+        (logging.ERROR, "error loading model: out of memory"),
+        (logging.ERROR, "failed to load model")]
+    assert log.take_errors() == ["error loading model: out of memory", "failed to load model"]
+    assert log.take_errors() == []
+
+
+def test_verbose_logs_every_level_and_only_the_last_three_errors_are_kept(
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="llama.cpp")
+    log = LlamaLog()
+    log.verbose = True
+    log.feed(2, "model loaded\n")
+    log.feed(1, "tensor 0\n")
+    for n in range(5):
+        log.feed(4, f"error {n}")  # no newline: the next message ends the line
+    assert log.take_errors() == ["error 2", "error 3", "error 4"]
+    assert records(caplog)[:2] == [(logging.INFO, "model loaded"), (logging.DEBUG, "tensor 0")]
+
+
+def test_a_load_that_fails_says_what_llama_cpp_said(tmp_path: Path) -> None:
+    whole = resolve_model_path(GGUF).read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(ValueError, match=(
+            rf"^{cut}: llama.cpp could not load it \(Failed to load model from file: {cut}; "
+            r"llama.cpp: llama_model_load: error loading model: tensor '[^']+' data is not "
+            r"within the file bounds, model is corrupted or incomplete \| .*failed to load "
+            r"model\)$")):
+        backend(str(cut)).load(lambda fraction, message: None)
+
+
+def test_llama_cpps_warnings_are_log_records(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="llama.cpp")
+    llm = backend(n_ctx=16384)  # beyond the 8192 SmolLM2 was trained on
+    try:
+        llm.load(lambda fraction, message: None)
+    finally:
+        llm.unload()
+    logged = records(caplog)
+    assert any(level == logging.WARNING and "n_ctx_train" in message
+               for level, message in logged), logged
+    assert all(level >= logging.WARNING for level, _ in logged)  # not verbose: no info
