@@ -300,6 +300,7 @@ class FakeBackend(Backend):
     def _crash_or_hang(self, emitted: int) -> None:
         if self.crash_after is not None and emitted >= self.crash_after:
             # Last words on stderr, as a native runtime's failed assertion has.
+            sys.stderr.flush()
             os.write(2, f"fake crash after {emitted} tokens: assertion failed\n".encode())
             os._exit(3)
         if self.hang_after is not None and emitted >= self.hang_after:

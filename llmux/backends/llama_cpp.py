@@ -201,7 +201,7 @@ class LlamaCppBackend(GgufBackend):
                              "llama-cpp-python build has no GPU support")
         progress(0.0, f"loading {path.name}")
         llama_log = install_llama_log(bool(self.arguments["verbose"]))
-        llama_log.take_errors()  # only this load's count
+        llama_log.take_errors()  # forget those of before this load
         try:
             llm = llama_cpp.Llama(str(path), **self.arguments)
         except ValueError as exc:
