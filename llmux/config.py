@@ -29,6 +29,16 @@ from cattrs.gen import make_dict_structure_fn, make_mapping_structure_fn
 from llmux.config_report import format_bytes
 
 MODEL_TYPES: Final = ("llm", "vlm", "ocr", "asr", "tts", "embedding", "forecast")
+_TYPE_NAMES: Final = {
+    "llm": "a chat model (llm)", "vlm": "a vision chat model (vlm)", "ocr": "an OCR model",
+    "asr": "a speech recognition model (asr)", "tts": "a speech model (tts)",
+    "embedding": "an embedding model", "forecast": "a forecasting model",
+}
+
+
+def a_model_of_type(model_type: str) -> str:
+    """The type in words, with its article, for messages: "an embedding model"."""
+    return _TYPE_NAMES.get(model_type, f"a model of type {model_type}")
 BACKENDS: Final = (
     "fake",
     "llama_cpp",
@@ -608,7 +618,7 @@ def _check(config: Config, broken: _Broken) -> _Found:
              f"the {model.backend} backend serves one request at a time; more than 1 needs "
              f"one of {', '.join(sorted(CONCURRENT_BACKENDS))}")
         need(not model.voices or model.type == "tts", (*path, "voices"),
-             f"only speech (tts) models have voices, this is a {model.type} model")
+             f"only speech (tts) models have voices, this is {a_model_of_type(model.type)}")
         if model.source is not None:
             found += _check_source(model, model.source, path)
         klass = model.priority_class or model.type

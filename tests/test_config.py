@@ -12,6 +12,7 @@ from llmux.backends import BACKEND_MODULES, load_backend_class
 from llmux.config import (
     BACKENDS,
     CONCURRENT_BACKENDS,
+    MODEL_TYPES,
     Config,
     ConfigError,
     Device,
@@ -616,3 +617,13 @@ def test_cors_origins_are_origins_or_a_lone_star() -> None:
                                  for i, origin in ((1, "https://a.example/"),
                                                    (2, "chat.example.com"),
                                                    (3, "https://Chat.example"), (4, "*"))]
+
+
+def test_every_model_type_has_words_for_messages() -> None:
+    from llmux.config import a_model_of_type
+
+    for model_type in MODEL_TYPES:
+        words = a_model_of_type(model_type)
+        assert words.startswith(("a ", "an ")) and "model of type" not in words, words
+    assert a_model_of_type("embedding") == "an embedding model"
+    assert a_model_of_type("ocr") == "an OCR model"

@@ -205,7 +205,7 @@ def test_a_model_of_another_type_is_a_400(server: Server) -> None:
                           json={"model": "embed", "series": [1.0], "horizon": 1})
     assert response.status_code == 400
     assert error(response) == {
-        "message": "'embed' is a embedding model and cannot forecast time series.",
+        "message": "'embed' is an embedding model and cannot forecast time series.",
         "type": "invalid_request_error", "param": "model", "code": None}
 
 

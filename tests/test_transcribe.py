@@ -302,7 +302,7 @@ def test_without_a_prompt_the_vlm_is_asked_to_transcribe(live: Server) -> None:
      "file", f"at most {MAX_PAGES} are read per request"),
     (b"x", {}, "model", "'model' is required."),
     (b"x", {"model": "chatty"}, "model",
-     "'chatty' is a llm model and cannot read documents; use an ocr or vlm model."),
+     "'chatty' is a chat model (llm) and cannot read documents; use an ocr or vlm model."),
     (b"x", {"model": "reader", "response_format": "srt"}, "response_format",
      "'response_format' must be json or text."),
 ])

@@ -6,7 +6,7 @@ from typing import Any
 
 import falcon.asgi
 
-from llmux.config import PhysicalModel, VirtualModel
+from llmux.config import PhysicalModel, VirtualModel, a_model_of_type
 from llmux.errors import BadRequest
 from llmux.http.auth import check_model
 from llmux.http.body import field, read_json
@@ -26,7 +26,8 @@ def resolve_for(req: falcon.asgi.Request, runtime: Runtime, name: str,
     note_model(req, name)  # a configured name: the metrics' model label
     check_model(req, name)
     if physical.type not in types:
-        raise BadRequest(f"'{name}' is a {physical.type} model and {refusal}.", param="model")
+        raise BadRequest(f"'{name}' is {a_model_of_type(physical.type)} and {refusal}.",
+                         param="model")
     return virtual, physical
 
 
