@@ -28,17 +28,13 @@ from cattrs.gen import make_dict_structure_fn, make_mapping_structure_fn
 
 from llmux.config_report import format_bytes
 
-MODEL_TYPES: Final = ("llm", "vlm", "ocr", "asr", "tts", "embedding", "forecast")
-_TYPE_NAMES: Final = {
+# The model types, each with its words for messages.
+_TYPE_WORDS: Final = {
     "llm": "a chat model (llm)", "vlm": "a vision chat model (vlm)", "ocr": "an OCR model",
     "asr": "a speech recognition model (asr)", "tts": "a speech model (tts)",
     "embedding": "an embedding model", "forecast": "a forecasting model",
 }
-
-
-def a_model_of_type(model_type: str) -> str:
-    """The type in words, with its article, for messages: "an embedding model"."""
-    return _TYPE_NAMES.get(model_type, f"a model of type {model_type}")
+MODEL_TYPES: Final = tuple(_TYPE_WORDS)
 BACKENDS: Final = (
     "fake",
     "llama_cpp",
@@ -67,6 +63,11 @@ _UNITS: Final = {"": 1, "b": 1} | {
     for power, prefix in enumerate("kmgt", start=1)
     for binary in ("", "i")
 }
+
+
+def a_model_of_type(model_type: str) -> str:
+    """The type in words, with its article, for messages: "an embedding model"."""
+    return _TYPE_WORDS.get(model_type, f"a model of type {model_type}")
 
 
 class ConfigError(Exception):
