@@ -13,6 +13,7 @@ import httpx
 import pytest
 import yaml
 
+from llmux.http.origin_form import origin_form
 from tests.conftest import Server, fake_config, fake_model
 
 KEY = "sk-semantics-7d1e4a9c"
@@ -163,3 +164,31 @@ def test_an_identity_encoding_is_read_as_it_is(client: httpx.Client) -> None:
                         headers={"Content-Encoding": "identity"})
     assert reply.status_code == 200, reply.text
     assert reply.json()["choices"][0]["message"]["content"] == "hello"
+
+
+# -- absolute-form targets ---------------------------------------------------------------
+
+
+def test_an_absolute_form_target_is_served_as_its_path(server: Server, client: httpx.Client
+                                                       ) -> None:
+    """RFC 9112 3.2.2: a server must accept ``GET http://host/path``. A client sends it
+    when llmux is its proxy, as httpx does here; the host named in it does not matter."""
+    with httpx.Client(proxy=server.url, timeout=30,
+                      headers={"Authorization": f"Bearer {KEY}"}) as proxied:
+        models = proxied.get("http://models.example:9/v1/models?ignored=1")
+        reply = proxied.post("http://llmux.example/v1/chat/completions", json=CHAT)
+        health = proxied.head("HTTP://LLMUX.EXAMPLE/health")
+    assert models.status_code == 200 and models.json() == client.get("/v1/models").json()
+    assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"] \
+        == "hello"
+    assert health.status_code == 200
+    assert '"GET /v1/models" 200' in server.logs()  # logged, and counted, by its route
+
+
+@pytest.mark.parametrize(("target", "path"), [
+    ("http://h/v1/models", "/v1/models"), ("https://h:8081/a%20b", "/a%20b"),
+    ("HTTP://H", "/"), ("Http://h/", "/"), ("http://h/x;y", "/x;y"),
+    ("/v1/models", None), ("*", None), ("http:/v1", None), ("httpx://h/", None)])
+def test_origin_form_takes_the_path_of_absolute_targets_only(target: str,
+                                                             path: str | None) -> None:
+    assert origin_form(target) == path

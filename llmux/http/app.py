@@ -28,6 +28,7 @@ from llmux.http.metrics_route import (
 )
 from llmux.http.models import Health, Models
 from llmux.http.openapi import OpenAPI, openapi_document
+from llmux.http.origin_form import OriginForm
 from llmux.http.speech import AudioModels, AudioVoices, Speech
 from llmux.http.status_page import StatusPage
 from llmux.http.transcribe import Transcribe
@@ -88,8 +89,9 @@ def create_falcon_app(runtime: Runtime, keys: KeyStore) -> FalconApp:
 def create_app(runtime: Runtime, keys: KeyStore, watchers: Watchers) -> ASGIApp:
     """The ASGI app Hypercorn serves: Falcon (behind the check that refuses bodies cut
     short) inside the disconnect watcher, inside the request metrics (which see each
-    response end, streams included). ``watchers`` holds the disconnect watchers' tasks."""
+    response end, streams included), inside the rewrite of absolute-form targets.
+    ``watchers`` holds the disconnect watchers' tasks."""
     falcon_app = create_falcon_app(runtime, keys)
     watched = DisconnectWatcher(CompleteBodies(falcon_app),  # type: ignore[arg-type]
                                 watchers, runtime.config.server.read_timeout_s)
-    return RequestObserver(watched, runtime.metrics)
+    return OriginForm(RequestObserver(watched, runtime.metrics))
