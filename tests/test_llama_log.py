@@ -1,10 +1,12 @@
 """llama.cpp's log in Python logging: the line assembly and levels are pure; a real
-llama.cpp load (SmolLM2 cut in half, and a context beyond the model's training) shows
-that its errors reach the load's error and its warnings the log."""
+llama.cpp load (SmolLM2 cut in half, and a context beyond the model's training) and a
+real failed decode show that its errors reach the error raised and its warnings the
+log."""
 
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 
 import pytest
@@ -61,6 +63,36 @@ def test_a_load_that_fails_says_what_llama_cpp_said(tmp_path: Path) -> None:
             r"within the file bounds, model is corrupted or incomplete \| .*failed to load "
             r"model\)$")):
         backend(str(cut)).load(lambda fraction, message: None)
+
+
+def test_a_runtime_error_within_explaining_quotes_the_errors_logged_within() -> None:
+    log = LlamaLog()
+    log.feed(4, "an error of an earlier request\n")
+    expected = (r"^llama.cpp could not embed \(llama_decode returned -3; llama.cpp: "
+                r"ggml_backend_cuda_buffer_type_alloc_buffer: out of memory\)$")
+    with pytest.raises(RuntimeError, match=expected), log.explaining("embed"):
+        log.feed(4, "ggml_backend_cuda_buffer_type_alloc_buffer: out of memory\n")
+        raise RuntimeError("llama_decode returned -3")
+    with pytest.raises(ValueError, match=r"^other$"), log.explaining("embed"):
+        raise ValueError("other")  # not llama-cpp-python's: passes as it is
+
+
+def test_a_generation_that_fails_says_what_llama_cpp_said() -> None:
+    """A real llama_decode failure: a token beyond the vocabulary (no request can send
+    one; a decode that runs out of GPU memory fails the same way)."""
+    llm = backend()
+    llm.load(lambda fraction, message: None)
+    try:
+        beyond = llm._llm.n_vocab() + 5
+        with pytest.raises(RuntimeError, match=(
+                r"^llama.cpp could not generate \(llama_decode returned -1; llama.cpp: "
+                rf"init: invalid token\[0\] = {beyond} \| .*failed to decode, ret = -1\)$")):
+            list(llm._generate([beyond], {"max_tokens": 3}, threading.Event()))
+        after = list(llm.infer("chat", {"messages": [{"role": "user", "content": "hi"}],
+                                        "max_tokens": 2}, threading.Event()))
+        assert "".join(chunk.get("text", "") for chunk in after)  # the model still works
+    finally:
+        llm.unload()
 
 
 def test_llama_cpps_warnings_are_log_records(caplog: pytest.LogCaptureFixture) -> None:

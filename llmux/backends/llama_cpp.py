@@ -187,6 +187,7 @@ class LlamaCppBackend(GgufBackend):
         self.arguments = llama_arguments(self.options, self.device)
         output_formats("", self.options)  # a bad reasoning/tool format: ValueError now
         self._llm: Any = None
+        self._llama_log = install_llama_log(bool(self.arguments["verbose"]))
         self._projector: Projector | None = None
         self._defaults: dict[str, Any] = {}
 
@@ -200,14 +201,12 @@ class LlamaCppBackend(GgufBackend):
             raise ValueError(f"{path}: device {self.device} asks for the GPU, but this "
                              "llama-cpp-python build has no GPU support")
         progress(0.0, f"loading {path.name}")
-        llama_log = install_llama_log(bool(self.arguments["verbose"]))
-        llama_log.take_errors()  # forget those of before this load
+        self._llama_log.take_errors()  # forget those of before this load
         try:
             llm = llama_cpp.Llama(str(path), **self.arguments)
         except ValueError as exc:
-            errors = llama_log.take_errors()
-            why = f"; llama.cpp: {' | '.join(errors)}" if errors else ""
-            raise ValueError(f"{path}: llama.cpp could not load it ({exc}{why})") from exc
+            raise ValueError(f"{path}: llama.cpp could not load it "
+                             f"({exc}{self._llama_log.why()})") from exc
         self._llm = llm
         mmproj = self._mmproj_path()
         if mmproj is not None:
@@ -300,21 +299,22 @@ class LlamaCppBackend(GgufBackend):
         generated, finish = 0, "length"
         tokens_out = llm.generate(tokens, grammar=grammar, **arguments)
         try:
-            for token in tokens_out:
-                if cancelled.is_set():
-                    break
-                generated += 1
-                if llama_cpp.llama_vocab_is_eog(vocab, token):
-                    finish = "stop"
-                    break
-                text = stop_text.feed(decoder.decode(llm.detokenize([token], special=special)))
-                if text:
-                    yield {"text": text}
-                if stop_text.hit:
-                    finish = "stop"
-                    break
-                if generated >= budget:
-                    break
+            with self._llama_log.explaining("generate"):
+                for token in tokens_out:
+                    if cancelled.is_set():
+                        break
+                    generated += 1
+                    if llama_cpp.llama_vocab_is_eog(vocab, token):
+                        finish = "stop"
+                        break
+                    text = stop_text.feed(decoder.decode(llm.detokenize([token], special=special)))
+                    if text:
+                        yield {"text": text}
+                    if stop_text.hit:
+                        finish = "stop"
+                        break
+                    if generated >= budget:
+                        break
         finally:
             tokens_out.close()
         if cancelled.is_set():
@@ -373,18 +373,19 @@ class LlamaCppBackend(GgufBackend):
             # NOTE: llama.cpp fails on a text of no tokens, and may then crash on exit.
             if not self._llm.tokenize(text.encode(), add_bos=True):
                 raise InvalidInput(f"Input {index} has no tokens to embed.")
-        if self._llm.pooling_type() != llama_cpp.LLAMA_POOLING_TYPE_NONE:
-            vectors, count = self._llm.embed(texts, truncate=True, return_count=True)
-            return vectors, count
-        # NOTE: without pooling, llama-cpp-python 0.3.36 reads the per-token vectors of a
-        # batch of several texts from the wrong offsets: embed one at a time, and average
-        # the tokens.
-        means, total = [], 0
-        for text in texts:
-            rows, tokens = self._llm.embed(text, truncate=True, return_count=True)
-            means.append(mean_vector(rows))
-            total += tokens
-        return means, total
+        with self._llama_log.explaining("embed"):
+            if self._llm.pooling_type() != llama_cpp.LLAMA_POOLING_TYPE_NONE:
+                vectors, count = self._llm.embed(texts, truncate=True, return_count=True)
+                return vectors, count
+            # NOTE: without pooling, llama-cpp-python 0.3.36 reads the per-token vectors of
+            # a batch of several texts from the wrong offsets: embed one at a time, and
+            # average the tokens.
+            means, total = [], 0
+            for text in texts:
+                rows, tokens = self._llm.embed(text, truncate=True, return_count=True)
+                means.append(mean_vector(rows))
+                total += tokens
+            return means, total
 
     # -- helpers -----------------------------------------------------------------------
 

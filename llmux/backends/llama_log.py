@@ -1,5 +1,5 @@
 """llama.cpp's own log, routed into Python logging, its last errors kept for the
-message of a failed load.
+message of a failed load or decode.
 
 llama-cpp-python prints llama.cpp's log itself, by the level numbers of an older ggml.
 The llama.cpp it vendors (0.3.36, pinned) numbers them 1 DEBUG, 2 INFO, 3 WARN,
@@ -8,16 +8,18 @@ warnings raw and hid the errors: a load failed with "Failed to load model from f
 and nothing said why ("tensor ... data is not within the file bounds", a CUDA
 allocation that failed). This module replaces its callback in the worker process:
 warnings and errors become log records, debug and info ones too when ``verbose`` is
-on, and the last error lines are kept for the load to quote.
+on, and the last error lines are kept for the message of a failed load or decode.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import logging
 import threading
 from collections import deque
+from collections.abc import Iterator
 from typing import Any, Final
 
 __all__ = ["LlamaLog", "install"]
@@ -57,6 +59,23 @@ class LlamaLog:
             errors = list(self._errors)
             self._errors.clear()
             return errors
+
+    def why(self) -> str:
+        """``take_errors`` as the end of an error message: ``"; llama.cpp: a | b"``, or
+        ``""`` when llama.cpp said nothing."""
+        errors = self.take_errors()
+        return f"; llama.cpp: {' | '.join(errors)}" if errors else ""
+
+    @contextlib.contextmanager
+    def explaining(self, what: str) -> Iterator[None]:
+        """Within, llama-cpp-python's RuntimeError (a failed ``llama_decode`` says only
+        "llama_decode returned -3") is raised again as "llama.cpp could not ``what``
+        (...)", with the errors llama.cpp logged within."""
+        self.take_errors()  # forget those of before
+        try:
+            yield
+        except RuntimeError as exc:
+            raise RuntimeError(f"llama.cpp could not {what} ({exc}{self.why()})") from exc
 
     def _end_line(self) -> None:
         if self._partial:
