@@ -252,10 +252,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("serve", help="run the server")
     p.add_argument("config", nargs="?", metavar="CONFIG",
-                   help="the config file, as check-config takes it (or --config)")
-    p.add_argument("--config", dest="config_option", metavar="CONFIG")
-    p.add_argument("--host")
-    p.add_argument("--port", type=int)
+                   help="the config file, as check-config takes it (or --config; default "
+                        f"$LLMUX_CONFIG, else {DEFAULT_CONFIG})")
+    p.add_argument("--config", dest="config_option", metavar="CONFIG",
+                   help="the config file, named this way instead")
+    p.add_argument("--host", help="address to listen on (overrides server.host)")
+    p.add_argument("--port", type=int, help="port to listen on (overrides server.port)")
     p.add_argument("--api-keys", metavar="FILE",
                    help="API keys file (overrides server.api_keys_file)")
     p.add_argument("--log-format", choices=FORMATS,
@@ -263,27 +265,35 @@ def build_parser() -> argparse.ArgumentParser:
                         "server.log_format)")
     p.set_defaults(func=cmd_serve)
     p = sub.add_parser("check-config", help="validate a config file and summarise it")
-    p.add_argument("file")
+    p.add_argument("file", help="the config file")
     p.set_defaults(func=cmd_check_config)
     p = sub.add_parser("state", help="print a running server's state")
-    p.add_argument("--url", default=os.environ.get("LLMUX_URL", "http://127.0.0.1:8081"))
-    p.add_argument("--api-key")
-    p.add_argument("--json", action="store_true")
+    _server_options(p)
+    p.add_argument("--json", action="store_true", help="the state as /admin/state gives it")
     p.set_defaults(func=cmd_state)
     p = sub.add_parser("move", help="reload a model on another device (cpu, cuda:N)")
-    p.add_argument("model")
-    p.add_argument("device")
-    p.add_argument("--url", default=os.environ.get("LLMUX_URL", "http://127.0.0.1:8081"))
-    p.add_argument("--api-key")
+    p.add_argument("model", help="a physical or virtual model")
+    p.add_argument("device", help="a device of the config: cpu, cuda:0 ...")
+    _server_options(p)
     p.set_defaults(func=cmd_move)
     p = sub.add_parser("pull", help="download the model files a config names")
     p.add_argument("models", nargs="*", metavar="MODEL",
                    help="physical or virtual models (default: every model with a source)")
-    p.add_argument("--config", default=os.environ.get("LLMUX_CONFIG", DEFAULT_CONFIG))
+    p.add_argument("--config", default=os.environ.get("LLMUX_CONFIG", DEFAULT_CONFIG),
+                   help=f"the config file (default $LLMUX_CONFIG, else {DEFAULT_CONFIG})")
     p.add_argument("--reserve", type=parse_size, default=0, metavar="SIZE",
                    help="disk space to leave free, e.g. 20GB (default 0)")
     p.set_defaults(func=cmd_pull)
     return parser
+
+
+def _server_options(p: argparse.ArgumentParser) -> None:
+    """Where the running server is, and the admin key it asks for."""
+    p.add_argument("--url", default=os.environ.get("LLMUX_URL", "http://127.0.0.1:8081"),
+                   help="the server (default $LLMUX_URL, else http://127.0.0.1:8081)")
+    p.add_argument("--api-key", metavar="KEY",
+                   help="an admin key, if the server has keys; $LLMUX_API_KEY keeps it out "
+                        "of the process list")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

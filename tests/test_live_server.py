@@ -261,3 +261,16 @@ def test_serve_takes_its_config_as_an_argument_or_an_option(
     with pytest.raises(SystemExit):
         parse_args(["serve", "a.yaml", "--config", "b.yaml"])
     assert "name the config file once" in capsys.readouterr().err
+
+
+def test_every_command_line_argument_says_what_it_is() -> None:
+    """``llmux COMMAND --help`` is the operator's reference: no bare ``--url URL``."""
+    import argparse
+
+    from llmux.cli import build_parser
+
+    commands = next(action for action in build_parser()._actions
+                    if isinstance(action, argparse._SubParsersAction))
+    bare = [f"{name} {action.dest}" for name, command in commands.choices.items()
+            for action in command._actions if not action.help]
+    assert len(commands.choices) == 5 and bare == []
