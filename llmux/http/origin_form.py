@@ -1,7 +1,8 @@
 """A request target in absolute form (``GET http://host:8081/v1/models``) is served as
-its path, as RFC 9112 (3.2.2) asks of every server; clients send it through a forward
-proxy, or when configured with one. Hypercorn passes the whole URL on as the ASGI path,
-so without this wrapper every such request was a 404.
+its path, as RFC 9112 (3.2.2) asks of every server: a client sends it when llmux is
+its proxy (``HTTP_PROXY`` pointing at llmux), and some proxies pass it on as they got
+it. Hypercorn passes the whole URL on as the ASGI path, so without this wrapper every
+such request was a 404.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ class OriginForm:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and (path := origin_form(scope["path"])) is not None:
-            raw = origin_form(scope.get("raw_path", b"").decode("latin-1"))
+            raw = origin_form((scope.get("raw_path") or b"").decode("latin-1"))
             raw_path = raw.encode("latin-1") if raw is not None else path.encode()
             scope = {**scope, "path": path, "raw_path": raw_path}
         await self.app(scope, receive, send)
