@@ -248,6 +248,17 @@ def test_chat_streams_pieces_until_max_tokens(smollm: LlamaCppBackend) -> None:
     assert done["usage"] == {"prompt_tokens": 27, "completion_tokens": 6, "total_tokens": 33}
 
 
+STARS = [{"role": "user", "content": "Reply with three star emojis and nothing else."}]
+
+
+def test_a_reply_cut_inside_a_character_ends_before_it(smollm: LlamaCppBackend) -> None:
+    """Greedy SmolLM2 writes each 🌟 (4 bytes) as 3 tokens: 4 tokens end one byte into
+    the second, which is left out, not written as U+FFFD."""
+    replies = {n: text_of(chat(smollm, messages=STARS, max_tokens=n, temperature=0)[0])
+               for n in (4, 6)}
+    assert replies == {4: "🌟", 6: "🌟🌟"}
+
+
 def test_greedy_and_seeded_replies_repeat(smollm: LlamaCppBackend) -> None:
     greedy = [text_of(chat(smollm, max_tokens=12, temperature=0)[0]) for _ in range(2)]
     assert greedy[0] and greedy[0] == greedy[1]

@@ -475,10 +475,16 @@ def test_the_smollm2_gguf_loads_and_chats(monkeypatch: pytest.MonkeyPatch) -> No
         chunks, done = drain(model.infer(
             "chat", {"messages": [{"role": "user", "content": "What is the capital of France?"}],
                      "max_tokens": 8}, threading.Event()))
+        # Each 🌟 (4 bytes) is 3 tokens: 4 tokens end one byte into the second, which is
+        # left out, not written as U+FFFD.
+        stars = [{"role": "user", "content": "Reply with three star emojis and nothing else."}]
+        cut = [_joined(drain(model.infer("chat", {"messages": stars, "max_tokens": n},
+                                         threading.Event()))[0], "text") for n in (4, 6)]
     finally:
         model.unload()
     assert "".join(c["text"] for c in chunks).strip()
     assert done["usage"]["completion_tokens"] <= 8
+    assert cut == ["🌟", "🌟🌟"]
     assert time.monotonic() - started < 120
 
 

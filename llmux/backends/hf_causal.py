@@ -128,6 +128,12 @@ class _Streamer(TextIteratorStreamer):  # type: ignore[misc]
             value = value[~torch.isin(value, self.hidden.to(value.device))]
         super().put(value)
 
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        # NOTE: the streamer holds text back to the last space, so only its last piece
+        # can end in a character cut short (an emoji at max_tokens), which the tokenizer
+        # decodes as U+FFFD: that is no text.
+        super().on_finalized_text(text.rstrip("\ufffd") if stream_end else text, stream_end)
+
 
 def tool_prefill(payload: Mapping[str, Any]) -> str:
     """The start of the answer that makes a Hermes-format model call a tool when the

@@ -320,7 +320,9 @@ class LlamaCppBackend(GgufBackend):
         if cancelled.is_set():
             finish = "cancelled"
         else:
-            tail = stop_text.feed(decoder.decode(b"", final=True)) + stop_text.flush()
+            # NOTE: not the decoder's final flush: bytes still held there are a character
+            # cut short (an emoji at max_tokens), which it would write as U+FFFD.
+            tail = stop_text.flush()
             if tail:
                 yield {"text": tail}
         usage = {"prompt_tokens": len(tokens), "completion_tokens": generated,
