@@ -27,7 +27,7 @@ from llmux.config import Config, ConfigError, load_config, parse_size
 from llmux.config_report import format_bytes, render_summary
 from llmux.logging_setup import ENV as LOG_FORMAT_ENV
 from llmux.logging_setup import FORMATS, setup_logging
-from llmux.model_files import render_missing
+from llmux.model_files import missing_files, render_missing
 
 log = logging.getLogger("llmux")
 
@@ -118,6 +118,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if problem:
         print(f"llmux: {problem}", file=sys.stderr)
         return 2
+    for missing in missing_files(config):  # news, not an error: it may be pulled later
+        log.warning("%s", missing.warning())
     if keys.enabled:
         log.info("authentication on: %d API keys (%s)", len(keys.keys),
                  ", ".join(k.name for k in keys.keys))

@@ -1,4 +1,5 @@
-"""Which model files a config names that are not on this machine (``llmux check-config``).
+"""Which model files a config names that are not on this machine (``llmux check-config``,
+and a warning each when ``llmux serve`` starts).
 
 Looks at every physical model's ``model_path`` and ``files``; ``pkg:`` paths are found
 with ``importlib.util.find_spec``, which locates a package without importing it, so
@@ -25,6 +26,12 @@ class ModelFile:
     value: str  # as the config writes it
     problem: str
     pullable: bool  # the model has a source: `llmux pull` can fetch it
+
+    def warning(self) -> str:
+        """One line for the server's log at start: the model cannot load until then."""
+        fix = f"; `llmux pull {self.model}` fetches it" if self.pullable else ""
+        return (f"model {self.model}: its {self.role} {self.value} is missing "
+                f"({self.problem}), so it cannot load{fix}")
 
 
 def missing_files(config: Config) -> list[ModelFile]:

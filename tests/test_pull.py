@@ -43,6 +43,7 @@ from llmux.pull_plan import (
     render_rows,
     select_files,
 )
+from tests.conftest import fake_config, fake_model
 
 ROOT = Path(__file__).parent.parent
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -362,6 +363,25 @@ def test_check_config_lists_missing_model_files_and_still_passes(
                         "worker's interpreter"]
     assert "here.gguf" not in report
     assert f"3 model files missing; `llmux pull --config {config}` downloads" in report
+
+
+def test_serve_warns_of_each_missing_model_file_at_start(start_server: Any,
+                                                         tmp_path: Path) -> None:
+    """The operator learns it from the log at start, not from the first request."""
+    gone = f"{tmp_path}/gone/Chat-Q4_K_M.gguf"
+    models = {"gone": fake_model() | {"model_path": gone, "source": {
+                  "repo": "acme/Chat-GGUF", "files": ["Chat-Q4_K_M.gguf"]}},
+              "pkg": fake_model() | {"model_path": "pkg:no_such_package_here/model.gguf"},
+              "here": fake_model()}
+    server = start_server(fake_config(**models))
+    warnings = [line.split(" WARNING llmux: ", 1)[1] for line in server.logs().splitlines()
+                if " WARNING llmux: model " in line]
+    assert warnings == [
+        f"model gone: its model_path {gone} is missing (no such file or directory), so it "
+        "cannot load; `llmux pull gone` fetches it",
+        "model pkg: its model_path pkg:no_such_package_here/model.gguf is missing (the "
+        "Python package 'no_such_package_here' is not installed in the worker's "
+        "interpreter), so it cannot load"]
 
 
 def test_check_config_of_the_embedded_default_finds_its_packaged_models() -> None:
