@@ -70,10 +70,10 @@ def test_a_runtime_error_within_explaining_quotes_the_errors_logged_within() -> 
     log.feed(4, "an error of an earlier request\n")
     expected = (r"^llama.cpp could not embed \(llama_decode returned -3; llama.cpp: "
                 r"ggml_backend_cuda_buffer_type_alloc_buffer: out of memory\)$")
-    with pytest.raises(RuntimeError, match=expected), log.explaining("embed"):
+    with pytest.raises(RuntimeError, match=expected), log.explaining("llama.cpp could not embed"):
         log.feed(4, "ggml_backend_cuda_buffer_type_alloc_buffer: out of memory\n")
         raise RuntimeError("llama_decode returned -3")
-    with pytest.raises(ValueError, match=r"^other$"), log.explaining("embed"):
+    with pytest.raises(ValueError, match=r"^other$"), log.explaining("llama.cpp could not embed"):
         raise ValueError("other")  # not llama-cpp-python's: passes as it is
 
 

@@ -201,12 +201,8 @@ class LlamaCppBackend(GgufBackend):
             raise ValueError(f"{path}: device {self.device} asks for the GPU, but this "
                              "llama-cpp-python build has no GPU support")
         progress(0.0, f"loading {path.name}")
-        self._llama_log.take_errors()  # forget those of before this load
-        try:
+        with self._llama_log.explaining(f"{path}: llama.cpp could not load it", ValueError):
             llm = llama_cpp.Llama(str(path), **self.arguments)
-        except ValueError as exc:
-            raise ValueError(f"{path}: llama.cpp could not load it "
-                             f"({exc}{self._llama_log.why()})") from exc
         self._llm = llm
         mmproj = self._mmproj_path()
         if mmproj is not None:
@@ -299,7 +295,7 @@ class LlamaCppBackend(GgufBackend):
         generated, finish = 0, "length"
         tokens_out = llm.generate(tokens, grammar=grammar, **arguments)
         try:
-            with self._llama_log.explaining("generate"):
+            with self._llama_log.explaining("llama.cpp could not generate"):
                 for token in tokens_out:
                     if cancelled.is_set():
                         break
@@ -375,7 +371,7 @@ class LlamaCppBackend(GgufBackend):
             # NOTE: llama.cpp fails on a text of no tokens, and may then crash on exit.
             if not self._llm.tokenize(text.encode(), add_bos=True):
                 raise InvalidInput(f"Input {index} has no tokens to embed.")
-        with self._llama_log.explaining("embed"):
+        with self._llama_log.explaining("llama.cpp could not embed"):
             if self._llm.pooling_type() != llama_cpp.LLAMA_POOLING_TYPE_NONE:
                 vectors, count = self._llm.embed(texts, truncate=True, return_count=True)
                 return vectors, count

@@ -60,22 +60,20 @@ class LlamaLog:
             self._errors.clear()
             return errors
 
-    def why(self) -> str:
-        """``take_errors`` as the end of an error message: ``"; llama.cpp: a | b"``, or
-        ``""`` when llama.cpp said nothing."""
-        errors = self.take_errors()
-        return f"; llama.cpp: {' | '.join(errors)}" if errors else ""
-
     @contextlib.contextmanager
-    def explaining(self, what: str) -> Iterator[None]:
-        """Within, llama-cpp-python's RuntimeError (a failed ``llama_decode`` says only
-        "llama_decode returned -3") is raised again as "llama.cpp could not ``what``
-        (...)", with the errors llama.cpp logged within."""
+    def explaining(self, failure: str, kind: type[Exception] = RuntimeError
+                   ) -> Iterator[None]:
+        """Within, llama-cpp-python's ``kind`` of exception (a failed load's ValueError
+        says only "Failed to load model from file", a failed ``llama_decode``'s
+        RuntimeError only "llama_decode returned -3") is raised again as
+        "``failure`` (...; llama.cpp: ...)", with the errors llama.cpp logged within."""
         self.take_errors()  # forget those of before
         try:
             yield
-        except RuntimeError as exc:
-            raise RuntimeError(f"llama.cpp could not {what} ({exc}{self.why()})") from exc
+        except kind as exc:
+            errors = self.take_errors()
+            why = f"; llama.cpp: {' | '.join(errors)}" if errors else ""
+            raise kind(f"{failure} ({exc}{why})") from exc
 
     def _end_line(self) -> None:
         if self._partial:
