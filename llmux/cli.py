@@ -119,7 +119,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"llmux: {problem}", file=sys.stderr)
         return 2
     for missing in missing_files(config):  # news, not an error: it may be pulled later
-        log.warning("%s", missing.warning())
+        log.warning("%s", missing.warning(config))
     if keys.enabled:
         log.info("authentication on: %d API keys (%s)", len(keys.keys),
                  ", ".join(k.name for k in keys.keys))
@@ -218,7 +218,7 @@ def render_state(state: dict[str, Any], events: int = 20) -> str:
 
 def cmd_state(args: argparse.Namespace) -> int:
     try:
-        state = fetch_state(args.url, args.api_key or os.environ.get("LLMUX_API_KEY"))
+        state = fetch_state(args.url, args.api_key)
     except (urllib.error.URLError, OSError, ValueError) as exc:
         print(f"cannot read state from {args.url}: {exc}", file=sys.stderr)
         return 1
@@ -232,9 +232,8 @@ def cmd_move(args: argparse.Namespace) -> int:
     request = urllib.request.Request(url, method="POST",
                                      data=json.dumps({"device": args.device}).encode(),
                                      headers={"Content-Type": "application/json"})
-    api_key = args.api_key or os.environ.get("LLMUX_API_KEY")
-    if api_key:
-        request.add_header("Authorization", f"Bearer {api_key}")
+    if args.api_key:
+        request.add_header("Authorization", f"Bearer {args.api_key}")
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
             json.load(response)
@@ -293,7 +292,7 @@ def _server_options(p: argparse.ArgumentParser) -> None:
     """Where the running server is, and the admin key it asks for."""
     p.add_argument("--url", default=os.environ.get("LLMUX_URL", "http://127.0.0.1:8081"),
                    help="the server (default $LLMUX_URL, else http://127.0.0.1:8081)")
-    p.add_argument("--api-key", metavar="KEY",
+    p.add_argument("--api-key", metavar="KEY", default=os.environ.get("LLMUX_API_KEY"),
                    help="an admin key, if the server has keys; $LLMUX_API_KEY keeps it out "
                         "of the process list")
 

@@ -263,6 +263,20 @@ def test_serve_takes_its_config_as_an_argument_or_an_option(
     assert "name the config file once" in capsys.readouterr().err
 
 
+def test_state_and_move_take_the_server_and_key_from_the_environment(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from llmux.cli import parse_args
+
+    monkeypatch.setenv("LLMUX_URL", "http://gpu-box:8081")
+    monkeypatch.setenv("LLMUX_API_KEY", "sk-from-env")
+    for command in (["state"], ["move", "chat", "cpu"]):
+        args = parse_args(command)
+        assert (args.url, args.api_key) == ("http://gpu-box:8081", "sk-from-env")
+        assert parse_args([*command, "--api-key", "sk-given"]).api_key == "sk-given"
+    monkeypatch.delenv("LLMUX_API_KEY")
+    assert parse_args(["state"]).api_key is None
+
+
 def test_every_command_line_argument_says_what_it_is() -> None:
     """``llmux COMMAND --help`` is the operator's reference: no bare ``--url URL``."""
     import argparse
