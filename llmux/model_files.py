@@ -14,7 +14,7 @@ import attrs
 from llmux.backends.paths import PREFIX, resolve_model_path
 from llmux.config import Config
 
-__all__ = ["ModelFile", "missing_files", "render_missing"]
+__all__ = ["ModelFile", "missing_files", "pull_command", "render_missing"]
 
 
 @attrs.frozen
@@ -27,11 +27,18 @@ class ModelFile:
     problem: str
     pullable: bool  # the model has a source: `llmux pull` can fetch it
 
-    def warning(self) -> str:
+    def warning(self, config: Config) -> str:
         """One line for the server's log at start: the model cannot load until then."""
-        fix = f"; `llmux pull {self.model}` fetches it" if self.pullable else ""
+        fix = f"; `{pull_command(config, self.model)}` fetches it" if self.pullable else ""
         return (f"model {self.model}: its {self.role} {self.value} is missing "
                 f"({self.problem}), so it cannot load{fix}")
+
+
+def pull_command(config: Config, *models: str) -> str:
+    """The ``llmux pull`` of ``models`` (of every model with a source, without any) from
+    the file ``config`` came from, as an operator would type it."""
+    source = f" --config {config.source}" if config.source else ""
+    return f"llmux pull{''.join(f' {model}' for model in models)}{source}"
 
 
 def missing_files(config: Config) -> list[ModelFile]:
@@ -67,6 +74,5 @@ def render_missing(config: Config) -> str:
               for row in (headers, *rows)]
     count = f"{len(missing)} model file{'s' if len(missing) != 1 else ''} missing"
     if any(m.pullable for m in missing):
-        source = f" --config {config.source}" if config.source else ""
-        count += f"; `llmux pull{source}` downloads those whose model has a source"
+        count += f"; `{pull_command(config)}` downloads those whose model has a source"
     return "\n".join([*lines, count]) + "\n"

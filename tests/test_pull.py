@@ -378,7 +378,7 @@ def test_serve_warns_of_each_missing_model_file_at_start(start_server: Any,
                 if " WARNING llmux: model " in line]
     assert warnings == [
         f"model gone: its model_path {gone} is missing (no such file or directory), so it "
-        "cannot load; `llmux pull gone` fetches it",
+        f"cannot load; `llmux pull gone --config {server.config_path}` fetches it",
         "model pkg: its model_path pkg:no_such_package_here/model.gguf is missing (the "
         "Python package 'no_such_package_here' is not installed in the worker's "
         "interpreter), so it cannot load"]
