@@ -41,6 +41,10 @@ EVICT_REASONS: Final = ("make_room", "exclusive_group")
 KILL_REASONS: Final = ("ignored_cancel", "ignored_unload", "other")
 STATES: Final = tuple(state.value for state in State)
 LOADED: Final = frozenset({State.READY.value, State.BUSY.value, State.DRAINING.value})
+# A transition out of these (other than to loading) ends a load: loading -> ready or
+# failed, or unloaded/failed -> failed when its files are missing and it never began.
+LOAD_OUTCOMES: Final = frozenset({State.LOADING.value, State.UNLOADED.value,
+                                  State.FAILED.value})
 NO_KEY: Final = "none"
 
 
@@ -284,7 +288,7 @@ class Metrics:
         origin, to = event.from_state, event.to_state
         if to == State.LOADING.value:
             self._loading_since[model] = event.at
-        elif origin == State.LOADING.value:
+        elif origin in LOAD_OUTCOMES:
             since = self._loading_since.pop(model, event.at)
             result = "loaded" if to == State.READY.value else "failed"
             self.loads.labels(model, result).inc()

@@ -1,5 +1,6 @@
 """Which model files a config names that are not on this machine (``llmux check-config``,
-and a warning each when ``llmux serve`` starts).
+a warning each when ``llmux serve`` starts, and the model actor's check before it asks
+for memory to load).
 
 Looks at every physical model's ``model_path`` and ``files``; ``pkg:`` paths are found
 with ``importlib.util.find_spec``, which locates a package without importing it, so
@@ -12,9 +13,9 @@ from __future__ import annotations
 import attrs
 
 from llmux.backends.paths import PREFIX, resolve_model_path
-from llmux.config import Config
+from llmux.config import Config, PhysicalModel
 
-__all__ = ["ModelFile", "missing_files", "pull_command", "render_missing"]
+__all__ = ["ModelFile", "cannot_load", "missing_files", "pull_command", "render_missing"]
 
 
 @attrs.frozen
@@ -27,11 +28,14 @@ class ModelFile:
     problem: str
     pullable: bool  # the model has a source: `llmux pull` can fetch it
 
+    @property
+    def what(self) -> str:
+        return f"its {self.role} {self.value} is missing ({self.problem})"
+
     def warning(self, config: Config) -> str:
         """One line for the server's log at start: the model cannot load until then."""
         fix = f"; `{pull_command(config, self.model)}` fetches it" if self.pullable else ""
-        return (f"model {self.model}: its {self.role} {self.value} is missing "
-                f"({self.problem}), so it cannot load{fix}")
+        return f"model {self.model}: {self.what}, so it cannot load{fix}"
 
 
 def pull_command(config: Config, *models: str) -> str:
@@ -43,21 +47,36 @@ def pull_command(config: Config, *models: str) -> str:
 
 def missing_files(config: Config) -> list[ModelFile]:
     """Every configured model path that does not exist here, in config order."""
+    return [file for model in config.physical_models.values()
+            for file in missing_files_of(model)]
+
+
+def missing_files_of(model: PhysicalModel) -> list[ModelFile]:
+    """The paths of ``model`` that do not exist here (a few ``stat`` calls)."""
     missing: list[ModelFile] = []
-    for model in config.physical_models.values():
-        paths = [("model_path", model.model_path), *model.files.items()]
-        for role, value in paths:
-            if not value:
-                continue
-            if value.startswith(PREFIX) and model.python is not None:
-                continue  # NOTE: the package lives in another interpreter's environment
-            try:
-                resolve_model_path(value)
-            except FileNotFoundError as exc:
-                why = str(exc).removeprefix(f"{value}: ").removesuffix(f" ({value})")
-                missing.append(ModelFile(model=model.id, role=role, value=value,
-                                         problem=why, pullable=model.source is not None))
+    for role, value in [("model_path", model.model_path), *model.files.items()]:
+        if not value:
+            continue
+        if value.startswith(PREFIX) and model.python is not None:
+            continue  # NOTE: the package lives in another interpreter's environment
+        try:
+            resolve_model_path(value)
+        except FileNotFoundError as exc:
+            why = str(exc).removeprefix(f"{value}: ").removesuffix(f" ({value})")
+            missing.append(ModelFile(model=model.id, role=role, value=value,
+                                     problem=why, pullable=model.source is not None))
     return missing
+
+
+def cannot_load(model: PhysicalModel, config: Config) -> str | None:
+    """Why ``model`` cannot load now, for want of its files, or None: its load would
+    fail, so no memory should be freed for it."""
+    missing = missing_files_of(model)
+    if not missing:
+        return None
+    fix = (f"; `{pull_command(config, model.id)}` fetches "
+           f"{'it' if len(missing) == 1 else 'them'}") if model.source is not None else ""
+    return f"{model.id} cannot load: {'; '.join(file.what for file in missing)}{fix}"
 
 
 def render_missing(config: Config) -> str:

@@ -8,6 +8,7 @@ actor, and each actor's cleanup stops its worker). Resources talk to it through
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import math
@@ -45,6 +46,7 @@ from llmux.config import Config, PhysicalModel, VirtualModel
 from llmux.errors import BadRequest, ModelNotFound, QueueFull, ShuttingDown
 from llmux.leftovers import PID_FILE, WorkerPids
 from llmux.metrics import Metrics
+from llmux.model_files import cannot_load
 from llmux.spare import SparePool
 from llmux.workers.handle import WorkerHandle
 
@@ -212,6 +214,7 @@ class Runtime:
                 events=self.events,
                 clock=clock,
                 spawn_worker=self.spares.spawn,
+                cannot_load=functools.partial(cannot_load, model, config),
             )
         for arbiter in self.arbiters.values():
             arbiter.connect(self.actors)

