@@ -186,3 +186,36 @@ def test_tool_choice_none_renders_no_tools(server: Server) -> None:
     assert "<tools>" not in prompt
     assert "<tools>" in template_of(server, model="Smol-Instruct", messages=QUESTION,
                                     tools=[WEATHER])
+
+
+def test_stop_logit_bias_and_a_json_schema_reach_the_model_over_http(
+        client: openai.OpenAI) -> None:
+    """The request fields as the SDK sends them (``stop`` as one string, ``logit_bias``
+    with string keys, ``response_format`` from a pydantic model) arrive at the model;
+    their effect on the model itself is tested in test_backend_llama_cpp."""
+    import llama_cpp
+    import pydantic
+
+    from llmux.backends.paths import resolve_model_path
+
+    full = client.chat.completions.create(model="Smol-Instruct", messages=QUESTION,
+                                          max_tokens=16).choices[0].message.content
+    assert full is not None and len(full.split()) >= 4, full
+    stop = " " + full.split()[2]
+    cut = client.chat.completions.create(model="Smol-Instruct", messages=QUESTION,
+                                         max_tokens=16, stop=stop).choices[0]
+    assert (cut.message.content, cut.finish_reason) == (full[:full.index(stop)], "stop")
+
+    vocab = llama_cpp.Llama(str(resolve_model_path(GGUF)), vocab_only=True, verbose=False)
+    banana = vocab.tokenize(b" banana", add_bos=False)[0]
+    biased = client.chat.completions.create(model="Smol-Instruct", messages=QUESTION,
+                                            max_tokens=3, logit_bias={str(banana): 100})
+    assert biased.choices[0].message.content == "banana banana banana"
+
+    class Weather(pydantic.BaseModel):
+        city: str
+        sunny: bool
+
+    parsed = client.chat.completions.parse(model="Smol-Instruct", messages=QUESTION,
+                                           max_tokens=40, response_format=Weather)
+    assert isinstance(parsed.choices[0].message.parsed, Weather)

@@ -15,6 +15,7 @@ from typing import Any
 import anyio
 import httpx
 import openai
+import psutil
 import pytest
 import yaml
 
@@ -203,6 +204,37 @@ def test_a_model_that_cannot_load_says_why_and_loads_once_its_file_is_there(
     wait_until(lambda: httpx.post(url, json=body, timeout=60).status_code == 200, 10,
                "the retried load to succeed")
     assert server.model("late")["state"] == "ready"
+
+
+def test_an_idle_model_unloads_after_its_idle_timeout_and_reloads_on_demand(
+    start_server: Any,
+) -> None:
+    """idle_timeout_s counts from the end of the last request: a stream longer than it
+    is not cut, and the model unloads (its worker exits, its memory is released) only
+    once it has been idle that long."""
+    model = fake_model(tokens_per_s=10, reply=" ".join(["word"] * 15)) | {"idle_timeout_s": 1}
+    server = start_server(fake_config(m=model))
+    body = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body,
+                      timeout=30) as reply:
+        lines = [line for line in reply.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]" and len(lines) > 15  # 1.5 s of tokens, whole
+    loaded = server.model("m")
+    assert loaded["state"] == "ready", loaded
+    wait_until(lambda: server.model("m")["state"] == "unloaded", 10, "the idle unload")
+    assert not psutil.pid_exists(loaded["pid"]) or \
+        psutil.Process(loaded["pid"]).status() == psutil.STATUS_ZOMBIE
+    state = server.state()
+    assert state["devices"][0]["used_bytes"] == 0
+    assert [e["reason"] for e in state["events"] if e["to_state"] == "unloading"] == [
+        "idle for 1 s"]
+    metrics = httpx.get(f"{server.url}/metrics", timeout=5).text
+    assert 'llmux_model_unloads_total{model="m",reason="idle"} 1.0' in metrics
+
+    again = httpx.post(f"{server.url}/v1/chat/completions", json=body | {"stream": False},
+                       timeout=30)
+    assert again.status_code == 200
+    assert server.model("m")["load_count"] == 2
 
 
 def test_llmux_move_asks_the_server_and_explains_a_refusal(start_server: Any) -> None:

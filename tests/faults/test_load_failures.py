@@ -6,6 +6,7 @@ every one of its clients gets a fast 503 that says why and when to retry, /healt
 from __future__ import annotations
 
 import re
+import time
 from typing import Any
 
 import anyio
@@ -92,23 +93,27 @@ def test_a_model_whose_file_is_missing_evicts_nobody_and_loads_once_it_is_there(
             {"role": "user", "content": "hi"}]}, timeout=30)
 
     assert chat("a").status_code == 200
-    for _ in range(3):  # the first fails the load; the others in its backoff
+    for backoff in (1, 2, 4):  # a load attempt each, after the backoff before it
         refused = chat("c")
         assert refused.status_code == 503, refused.text
-        assert float(refused.headers["retry-after"]) >= 1
+        assert refused.headers["retry-after"] == str(backoff)
         message = refused.json()["error"]["message"]
-        assert f"c cannot load: its model_path {late} is missing (no such file or " \
-               "directory)" in message, message
+        assert message == (f"c cannot load: its model_path {late} is missing (no such file "
+                           "or directory)"), message
+        time.sleep(backoff + 0.2 if backoff < 4 else 0)
+    during = chat("c")  # in the 4 s backoff: the reason again, and when to retry
+    assert during.status_code == 503
+    assert "next attempt in" in during.json()["error"]["message"]
     assert server.model("a")["state"] == "ready"
     assert server.model("a")["load_count"] == 1
     assert server.model("c")["state"] == "failed"
     assert str(late) in server.model("c")["last_error"]
     assert not [e for e in server.state()["events"] if e["kind"] == "evict"]
     metrics = httpx.get(f"{server.url}/metrics", timeout=5).text
-    assert 'llmux_model_loads_total{model="c",result="failed"} 1.0' in metrics
+    assert 'llmux_model_loads_total{model="c",result="failed"} 3.0' in metrics
     assert 'llmux_worker_crashes_total{model="c"}' not in metrics
 
     late.write_bytes(b"weights")  # pulled: the fake backend does not read it
-    assert chat("c").status_code == 200  # at once, though the backoff is not over
+    assert chat("c").status_code == 200  # at once, though the 4 s backoff is not over
     assert server.model("c")["state"] == "ready"
     check_ledger_and_processes(server)
