@@ -514,6 +514,10 @@ def test_bad_uploads_get_clear_errors(server: Server) -> None:
     assert_error(transcribe(upload("wav"), response_format="docx"), 400,
                  param="response_format")
     assert_error(transcribe(upload("wav"), temperature="warm"), 400, param="temperature")
+    assert_error(transcribe(upload("wav"), language="e"), 400, param="language",
+                 contains="ISO-639-1")
+    assert_error(transcribe(upload("wav"), **{"timestamp_granularities[]": "line"}), 400,
+                 param="timestamp_granularities[]", contains="word and segment")
     assert_error(post(server, "/v1/audio/transcriptions", data={"model": "whisper"},
                       files={"other": ("x", b"1")}), 400, contains="'file' is required")
     assert_error(post(server, "/v1/audio/transcriptions", content=b"raw",
@@ -566,6 +570,13 @@ def test_speech_defaults_to_mp3_and_knows_its_voices(server: Server) -> None:
                  contains="Voices: joe, amy", param="voice")
     assert_error(post(server, "/v1/audio/speech", json={"model": "tts", "input": " "}), 400,
                  param="input")
+    assert_error(post(server, "/v1/audio/speech", json={"model": "tts", "input": "x" * 4097}),
+                 400, param="input", contains="the limit is 4096")
+    assert_error(post(server, "/v1/audio/speech", json={"model": "tts", "input": "hi",
+                                                        "voice": 5}), 400, param="voice")
+    assert_error(post(server, "/v1/audio/speech", json={"model": "tts", "input": "hi",
+                                                        "stream_format": "sse"}), 400,
+                 param="stream_format", contains="not server-sent events")
     assert_error(post(server, "/v1/audio/speech", json={"model": "tts", "input": "hi",
                                                         "speed": 9}), 400, param="speed")
     assert_error(post(server, "/v1/audio/speech", json={"model": "tts", "input": "hi",

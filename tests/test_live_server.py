@@ -220,7 +220,7 @@ def test_an_idle_model_unloads_after_its_idle_timeout_and_reloads_on_demand(
         lines = [line for line in reply.iter_lines() if line.startswith("data: ")]
     assert lines[-1] == "data: [DONE]" and len(lines) > 15  # 1.5 s of tokens, whole
     loaded = server.model("m")
-    assert loaded["state"] == "ready", loaded
+    assert loaded["state"] in ("ready", "busy"), loaded  # busy: its end not yet counted
     wait_until(lambda: server.model("m")["state"] == "unloaded", 10, "the idle unload")
     assert not psutil.pid_exists(loaded["pid"]) or \
         psutil.Process(loaded["pid"]).status() == psutil.STATUS_ZOMBIE
