@@ -224,6 +224,15 @@ class WorkerLoadFailed(Message):
 
 
 @attrs.frozen
+class FilesChecked(Message):
+    """The model actor's look for its model's files (in a thread) is done."""
+
+    look: int  # which look: only the latest counts
+    missing: str | None  # why the model cannot load for want of files, or None
+    deadline: float | None  # the Acquire's to send if none is missing; None: a look again
+
+
+@attrs.frozen
 class JobFinished(Message):
     """The worker answered Done or Failed for the running job."""
 

@@ -7,15 +7,16 @@ jobs at once (``RunningJobs``), and on ``Evict`` finishes the running jobs, unlo
 and reports ``Released``. A load that fails is retried with capped exponential
 backoff: on the next request once the backoff is over (requests in between are
 answered at once with the reason and ``Retry-After``), or by itself for a model
-asked to be loaded (preload, pinned, admin). A load whose files are missing fails
-before it asks for room (``cannot_load``), so it evicts nothing; a request that
-finds them there again (pulled since) loads at once, backoff or not. A crash counts
-as a failure too: a lone one is retried at once, one soon after another failure backs
-off like a failed load, and a pinned model reloads by itself (the count and the wait
-are ``LoadBackoff``, backoff.py). Slow work runs in the actor's own tasks, which report
-back through the mailbox: stopping the worker here, and the worker's I/O (loading it,
-frames to it in order, frames from it to the running jobs) in ``WorkerIO``
-(worker_io.py).
+asked to be loaded (preload, pinned, admin). Before it asks for room, the actor looks
+for the model's files (``cannot_load``, in a thread: a hung network filesystem stalls
+only that load); a load whose files are missing fails there, so it evicts nothing,
+and a request in its backoff has the actor look again, so it loads at once when they
+are there (pulled since). A crash counts as a failure too: a lone one is retried at
+once, one soon after another failure backs off like a failed load, and a pinned model
+reloads by itself (the count and the wait are ``LoadBackoff``, backoff.py). Slow work
+runs in the actor's own tasks, which report back through the mailbox: stopping the
+worker here, the look for the files, and the worker's I/O (loading it, frames to it
+in order, frames from it to the running jobs) in ``WorkerIO`` (worker_io.py).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Final
 
 import anyio
+import anyio.to_thread
 import attrs
 
 from llmux.actors.arbiter import Mailbox
@@ -40,6 +42,7 @@ from llmux.actors.messages import (
     CancelJob,
     Evict,
     Failure,
+    FilesChecked,
     Granted,
     Job,
     JobFinished,
@@ -153,6 +156,8 @@ class ModelActor(Actor[Message]):
         self._backoff = LoadBackoff()
         self._cannot_load = cannot_load  # why a load would fail before it starts, or None
         self._files_missing = False  # the last load failed so: a request checks again
+        self._look = 0  # the latest look for the files; an older one's answer is stale
+        self._looking = False  # a look is under way
         self._progress: float | None = None  # load fraction while LOADING
         self._load_count = 0
         self._jobs_cancelled = 0  # jobs the worker stopped early on a cancel
@@ -222,6 +227,9 @@ class ModelActor(Actor[Message]):
                 self._ready(worker, reported)
             case WorkerLoadFailed(reason=reason):
                 self._load_failed(reason)
+            case FilesChecked(look=look, missing=missing, deadline=deadline):
+                if look == self._look:
+                    self._files_checked(missing, deadline)
             case JobFinished(job_id=job_id):
                 self._job_finished(job_id)
             case WorkerExited(worker=worker, reason=reason):
@@ -234,13 +242,10 @@ class ModelActor(Actor[Message]):
 
     def _submit(self, job: Job) -> None:
         now = self.clock()
-        if self._state is State.FAILED and not self._backoff.due(now) and not self._acquiring \
-                and not self._files_found():
-            wait = self._backoff.retry_at - now
-            self._reply_error(job, ModelFailed(
-                f"{self.name} failed: {self._backoff.last_error}; next attempt in {wait:.0f} s",
-                retry_after_s=wait,
-            ))
+        in_backoff = self._state is State.FAILED and not self._backoff.due(now) \
+            and not self._acquiring
+        if in_backoff and not self._files_missing:
+            self._refuse_in_backoff(job)
             return
         if self._waiting.is_full:
             self._reply_error(job, QueueFull(
@@ -251,6 +256,15 @@ class ModelActor(Actor[Message]):
         self._waiting.append(job)
         if self._state is State.LOADING:
             self._send(job, self._loading_status())
+        elif in_backoff and not self._looking:  # its files may be there now: look again
+            self._look_for_files(None)
+
+    def _refuse_in_backoff(self, job: Job) -> None:
+        wait = self._backoff.retry_at - self.clock()
+        self._reply_error(job, ModelFailed(
+            f"{self.name} failed: {self._backoff.last_error}; next attempt in {wait:.0f} s",
+            retry_after_s=wait,
+        ))
 
     def _cancel(self, job_id: int) -> None:
         queued = self._waiting.remove(job_id)
@@ -394,25 +408,41 @@ class ModelActor(Actor[Message]):
         return self._wanted and self._state is State.FAILED and not self._acquiring
 
     def _acquire(self, deadline: float) -> None:
-        """Ask the arbiter for room to load, unless the load cannot succeed: then it
-        fails here, before anything is evicted for it."""
-        # NOTE: a few stat() calls on the event loop, once per load (or refused request).
-        blocker = self._cannot_load()
-        self._files_missing = blocker is not None
-        if blocker is not None:
-            self._load_failed(blocker, started=False)
-            return
+        """Ask the arbiter for room to load once the model's files are found: a load
+        without them fails before anything is evicted for it."""
         self._acquiring = True
-        self._arbiter.post(Acquire(self.name, deadline))
+        self._look_for_files(deadline)
 
-    def _files_found(self) -> bool:
-        """The last load failed for want of files that are there now (pulled since):
-        the backoff is waived, so this request loads at once."""
-        if not self._files_missing or self._cannot_load() is not None:
-            return False
-        self._files_missing = False
-        self._backoff.waive()
-        return True
+    def _look_for_files(self, deadline: float | None) -> None:
+        """Look for the files in a thread, then ``FilesChecked``; a newer look makes
+        this one's answer stale."""
+        self._look += 1
+        self._looking = True
+        look = self._look
+
+        async def run() -> None:
+            missing = await anyio.to_thread.run_sync(self._cannot_load,
+                                                     abandon_on_cancel=True)
+            self.post(FilesChecked(look, missing, deadline))
+
+        self.spawn(run, "files")
+
+    def _files_checked(self, missing: str | None, deadline: float | None) -> None:
+        self._looking = False
+        self._files_missing = missing is not None
+        if deadline is None:  # looked again for the requests in a backoff
+            if missing is None:
+                self._backoff.waive()  # so _pump asks for room for them
+            else:
+                for job in self._waiting.clear():
+                    self._refuse_in_backoff(job)
+        elif not self._acquiring:
+            return  # withdrawn while it looked: its requests left, or a move came
+        elif missing is not None:
+            self._acquiring = False
+            self._load_failed(missing, started=False)
+        else:
+            self._arbiter.post(Acquire(self.name, deadline))
 
     def _start(self, job: Job) -> None:
         self._running.add(job)

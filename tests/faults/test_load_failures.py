@@ -6,6 +6,7 @@ every one of its clients gets a fast 503 that says why and when to retry, /healt
 from __future__ import annotations
 
 import re
+import threading
 import time
 from typing import Any
 
@@ -13,7 +14,7 @@ import anyio
 import httpx
 import pytest
 
-from tests.conftest import Server, wait_until
+from tests.conftest import Server, fake_config, fake_model, wait_until
 from tests.faults.support import Outcome, check_ledger_and_processes, stream_chat, three_models
 
 pytestmark = pytest.mark.anyio
@@ -117,3 +118,38 @@ def test_a_model_whose_file_is_missing_evicts_nobody_and_loads_once_it_is_there(
     assert chat("c").status_code == 200  # at once, though the 4 s backoff is not over
     assert server.model("c")["state"] == "ready"
     check_ledger_and_processes(server)
+
+
+async def test_a_hung_look_for_a_models_files_holds_up_only_that_model(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A network filesystem that hangs the look for one model's files (a stat that does
+    not return) holds up that model's requests only: the look runs in a thread. On the
+    event loop it would stop the whole server until the stat returned."""
+    from llmux import runtime as runtime_module
+    from llmux.actors.model_actor import State
+    from llmux.config import PhysicalModel, parse_config
+
+    released = threading.Event()
+
+    def look(model: PhysicalModel, config: Any) -> str | None:
+        if model.id == "hung":
+            released.wait(10)
+        return None
+
+    monkeypatch.setattr(runtime_module, "cannot_load", look)
+    runtime = runtime_module.Runtime(parse_config(fake_config(hung=fake_model(),
+                                                              ok=fake_model())))
+    payload = {"messages": [{"role": "user", "content": "hi"}]}
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            await tg.start(runtime.run)
+            held = runtime.submit("hung", "chat", payload)
+            _, served = await runtime.submit("ok", "chat", payload).collect()
+            assert served["finish_reason"] == "stop"
+            assert not released.is_set()
+            assert runtime.actors["hung"].state is State.UNLOADED  # still looking
+            released.set()
+            _, answered = await held.collect()
+            assert answered["finish_reason"] == "stop"
+            tg.cancel_scope.cancel()
