@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -32,6 +33,7 @@ from llmux.model_files import missing_files, render_missing
 log = logging.getLogger("llmux")
 
 DEFAULT_CONFIG = "config/llmux.yaml"
+FILES_CHECK_S = 5.0  # how long serve waits for its look for missing model files
 MAX_HEADER_BYTES = 16 * 1024  # request line + headers; Hypercorn's default, made explicit
 
 
@@ -99,6 +101,25 @@ async def serve(config: Config, host: str, port: int, keys: KeyStore) -> None:
     drain.stopped()
 
 
+def warn_of_missing_files(config: Config, within_s: float = FILES_CHECK_S) -> None:
+    """A warning for each model file that is not here (news, not an error: it may be
+    pulled later). The look runs in a daemon thread and the start waits for it at most
+    ``within_s``: a network filesystem that hangs must not keep the server from
+    serving the models that are elsewhere."""
+    done = threading.Event()
+
+    def look() -> None:
+        for missing in missing_files(config):
+            log.warning("%s", missing.warning(config))
+        done.set()
+
+    threading.Thread(target=look, name="llmux-model-files", daemon=True).start()
+    if not done.wait(within_s):
+        log.warning("the model files were not all found within %g s (a filesystem that "
+                    "does not answer?): starting anyway; a model whose files cannot be "
+                    "read will fail its load", within_s)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     config = load_or_report(args.config)
     if config is None:
@@ -118,8 +139,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if problem:
         print(f"llmux: {problem}", file=sys.stderr)
         return 2
-    for missing in missing_files(config):  # news, not an error: it may be pulled later
-        log.warning("%s", missing.warning(config))
+    warn_of_missing_files(config)
     if keys.enabled:
         log.info("authentication on: %d API keys (%s)", len(keys.keys),
                  ", ".join(k.name for k in keys.keys))

@@ -412,6 +412,22 @@ def test_a_model_with_missing_files_says_which_and_how_to_pull_them(tmp_path: Pa
     }
 
 
+def test_serve_starts_though_the_look_for_model_files_hangs(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A network filesystem that does not answer delays the start by the bound only."""
+    from llmux import cli
+    from llmux.config import parse_config
+
+    released = threading.Event()
+    monkeypatch.setattr(cli, "missing_files", lambda config: released.wait(30) and [])
+    with caplog.at_level("WARNING", logger="llmux"):
+        cli.warn_of_missing_files(parse_config(fake_config(m=fake_model())), within_s=0.2)
+    released.set()
+    assert [r.getMessage() for r in caplog.records] == [
+        "the model files were not all found within 0.2 s (a filesystem that does not "
+        "answer?): starting anyway; a model whose files cannot be read will fail its load"]
+
+
 def test_check_config_of_the_embedded_default_finds_its_packaged_models() -> None:
     out = subprocess.run([sys.executable, "-m", "llmux.cli", "check-config",
                           str(ROOT / "config" / "llmux.yaml")], cwd=ROOT, capture_output=True,
