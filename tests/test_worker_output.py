@@ -149,9 +149,9 @@ def test_a_flood_is_counted_instead_of_logged(caplog: pytest.LogCaptureFixture) 
     assert lines[:BURST_LINES] == [f"[worker loud 7] line {n}" for n in range(BURST_LINES)]
     # beyond the burst, only what refilled while it ran (a slow machine refills more)
     assert len(lines) <= BURST_LINES + LINES_PER_S * took_s + 1
-    counts = [int(m) for m in (re.fullmatch(
-        rf"\[worker loud 7\] (\d+) lines of its output not logged \(it printed more "
-        rf"than {LINES_PER_S:g} a second\)", message)[1] for message in counted)]
+    count = re.compile(rf"\[worker loud 7\] (\d+) lines of its output not logged \(it "
+                       rf"printed more than {LINES_PER_S:g} a second\)")
+    counts = [int(count.fullmatch(message)[1]) for message in counted]  # type: ignore[index]
     assert len(lines) + sum(counts) == flood  # every line logged or counted, once
     assert caplog.records[-1].levelname == "WARNING"  # the count comes last
     assert relay.last_words() == [f"line {n}" for n in range(flood - 3, flood)]
