@@ -53,7 +53,7 @@ class World:
 
     def load(self, model: str, pid: int, nbytes: int) -> None:
         self.arbiter.handle(Acquire(model, self.now + 60))
-        assert (model, Granted(model)) in self.told
+        assert (model, Granted(model, self.arbiter)) in self.told
         self.probe.held[pid] = nbytes
         self.arbiter.handle(Loaded(model, pid, None))
 

@@ -34,6 +34,18 @@ def test_a_mailbox_keeps_order_and_refuses_past_its_size(messages: list[int], si
         mailbox.take_nowait()
 
 
+def test_an_unbounded_put_goes_past_the_size_that_bounds_the_others() -> None:
+    mailbox = Mailbox[int](2)
+    mailbox.put(1)
+    mailbox.put(2)
+    with pytest.raises(anyio.WouldBlock):
+        mailbox.put(3)
+    mailbox.put(4, bounded=False)  # an actor's own fact, never refused
+    with pytest.raises(anyio.WouldBlock):
+        mailbox.put(5)
+    assert [mailbox.take_nowait() for _ in range(len(mailbox))] == [1, 2, 4]
+
+
 async def test_a_waiting_take_wakes_on_a_put_and_a_cancelled_one_loses_nothing() -> None:
     mailbox = Mailbox[str](4)
     with anyio.move_on_after(0.05):

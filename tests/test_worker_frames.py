@@ -125,7 +125,7 @@ class Arbiter:
 
     def post(self, message: Message) -> None:
         if isinstance(message, Acquire) and self.actor is not None:
-            self.actor.tell(Granted(message.model))
+            self.actor.tell(Granted(message.model, self))
 
 
 def settings(max_concurrency: int = 1, **options: Any) -> ModelSettings:

@@ -271,6 +271,9 @@ class GpuArbiter(Actor[Message]):
         self._replan(recent=isinstance(message, Usage))
 
     def _acquire(self, model: str, deadline: float) -> None:
+        entry = self._ledger.get(model)
+        if entry is not None and entry.residency in (Residency.LOADING, Residency.LOADED):
+            return  # its actor took a grant that crossed its Withdraw: it has the room
         for pending in self._pending:
             if pending.model == model:
                 pending.deadline = max(pending.deadline, deadline)
@@ -432,7 +435,7 @@ class GpuArbiter(Actor[Message]):
             used_baseline=self._probe.used_bytes(), queued=self._queued.get(head.model, 0),
         )
         self._loading = head.model
-        self._tell(head.model, Granted(head.model))
+        self._tell(head.model, Granted(head.model, self))
 
     def _tell(self, model: str, message: Message) -> None:
         self._actors[model].post(message)

@@ -53,12 +53,11 @@ class Actor(Generic[M]):
         self._inbox.put(message)
 
     def post(self, message: M) -> None:
-        """Post an internal fact. Mailboxes are sized well above any internal traffic,
-        so a full one here is a bug: it is logged, never silently dropped."""
+        """Post an internal fact. It is never refused for room: clients' requests may
+        fill the mailbox, and a lost fact (a worker ready, a job finished, a grant)
+        would leave a model, or its whole device, waiting for ever."""
         try:
-            self._inbox.put(message)
-        except anyio.WouldBlock:
-            log.error("%s: mailbox full, lost internal message %r", self.name, message)
+            self._inbox.put(message, bounded=False)
         except anyio.ClosedResourceError:
             log.debug("%s: stopped, dropped %r", self.name, message)
 

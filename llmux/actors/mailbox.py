@@ -23,7 +23,10 @@ M = TypeVar("M")
 
 
 class Mailbox(Generic[M]):
-    """Messages in the order they were put; ``take`` by one task at a time."""
+    """Messages in the order they were put; ``take`` by one task at a time.
+
+    ``size`` bounds what clients put, not the actor's own facts: those are few per
+    event, and a lost one (a worker ready, a job finished) would strand the model."""
 
     def __init__(self, size: int) -> None:
         self._size = size
@@ -31,14 +34,14 @@ class Mailbox(Generic[M]):
         self._arrival = Arrival()
         self._closed = False
 
-    def put(self, message: M) -> None:
+    def put(self, message: M, *, bounded: bool = True) -> None:
         """Raises:
-            anyio.WouldBlock: the mailbox holds ``size`` messages.
+            anyio.WouldBlock: ``bounded``, and the mailbox holds ``size`` messages.
             anyio.ClosedResourceError: the actor stopped taking messages.
         """
         if self._closed:
             raise anyio.ClosedResourceError
-        if len(self._messages) >= self._size:
+        if bounded and len(self._messages) >= self._size:
             raise anyio.WouldBlock
         self._messages.append(message)
         self._arrival.wake()

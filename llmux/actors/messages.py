@@ -129,9 +129,11 @@ class Withdraw(Message):
 
 @attrs.frozen
 class Granted(Message):
-    """The arbiter reserved room: load now."""
+    """The arbiter reserved room: load now. It names the ``arbiter`` that granted, so
+    a grant that crossed a Withdraw or a move can be given back to it."""
 
     model: str
+    arbiter: Any = attrs.field(eq=False, repr=False)
 
 
 @attrs.frozen

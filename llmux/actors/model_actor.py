@@ -168,6 +168,7 @@ class ModelActor(Actor[Message]):
         self._killed: WorkerHandle | None = None  # the worker killed for ignoring a cancel
         self._started = 0  # jobs started since the worker loaded (the arbiter's turns)
         self._wanted = False  # asked to be loaded without a request: retried on failure
+        self._unload_asked: str | None = None  # an admin unload that came while loading
 
     @property
     def state(self) -> State:
@@ -198,6 +199,9 @@ class ModelActor(Actor[Message]):
                     self._wanted = True
                     if not self._acquiring:
                         self._acquire(self.clock() + self.settings.load_timeout_s * 2)
+            case Granted(arbiter=arbiter) if not self._acquiring or arbiter is not self._arbiter:
+                # withdrawn (its requests left, or a move) before the grant arrived
+                arbiter.post(LoadFailed(self.name, "no longer wanted when room was granted"))
             case Granted():
                 self._acquiring = False
                 self._transition(State.LOADING, "granted by the arbiter")
@@ -213,7 +217,10 @@ class ModelActor(Actor[Message]):
                 self._unload(reason)
             case RequestUnload(reason=reason):
                 self._wanted = False
-                self._unload(reason)
+                if self._state is State.LOADING:
+                    self._unload_asked = reason  # done once it is loaded, in _pump
+                else:
+                    self._unload(reason)
             case MoveTo(device=device) as move:
                 self._move_to = move
                 if self._acquiring:
@@ -281,6 +288,13 @@ class ModelActor(Actor[Message]):
             return  # the timer expires jobs one by one; the rest re-acquire
         for job in self._waiting.clear():
             self._reply_error(job, LoadRefused(reason))
+        if self._wanted and self._state is State.FAILED:
+            # pinned or asked for, and it does not fit now (foreign use may shrink):
+            # try again after a backoff, not at once and for ever
+            wait = self._backoff.load_failed(reason, self.clock())
+            self._transition(State.FAILED, f"refused: {reason}; retry in {wait:.0f} s")
+        else:
+            self._wanted = False
 
     def _unload(self, reason: str) -> None:
         if self._state is State.READY:
@@ -373,10 +387,15 @@ class ModelActor(Actor[Message]):
                                                 "device": move.device})
         self._events.record(self.name, "move", f"moved to {move.device}")
         self._backoff.waive()
+        self._wanted = True  # an admin asked for it there: loaded with or without requests
         self._acquire(self.clock() + self.settings.load_timeout_s * 2)
 
     def _pump(self) -> None:
         """Start what the current state allows; then tell the arbiter our load."""
+        if self._unload_asked is not None and self._state is not State.LOADING:
+            reason, self._unload_asked = self._unload_asked, None
+            if self._state is State.READY:
+                self._unload(reason)
         if self._move_to is not None:
             if self._state is State.READY:  # the move came while it was loading
                 self._unload(f"moving to {self._move_to.device}")
@@ -396,6 +415,10 @@ class ModelActor(Actor[Message]):
             self._events.record(self.name, "retry", f"retrying the load (failures in a row: "
                                 f"{self._backoff.in_a_row}) after: {self._backoff.last_error}")
             self._acquire(self.clock() + self.settings.load_timeout_s * 2)
+        if (self._acquiring and not self._waiting and not self._wanted
+                and self._state is not State.LOADING):
+            self._acquiring = False  # its requests left: the arbiter plans for nobody
+            self._arbiter.post(Withdraw(self.name))
         report = (len(self._running) > 0, len(self._waiting), self._started)
         if report != self._reported:
             self._reported = report
@@ -486,10 +509,6 @@ class ModelActor(Actor[Message]):
                 f"({self._state.value}) and reached the request deadline",
                 retry_after_s=5.0,
             ))
-        if (self._acquiring and not self._waiting and not self._wanted
-                and self._state is not State.LOADING):
-            self._acquiring = False
-            self._arbiter.post(Withdraw(self.name))
         self._expire_running(now)
         idle = self.settings.idle_timeout_s
         if self._state is State.READY and idle is not None and now - self._last_used >= idle:
