@@ -613,6 +613,8 @@ def _check(config: Config, broken: _Broken) -> _Found:
             one_of((*path, "capabilities", i), "capability", capability, CAPABILITIES)
         need(model.load_timeout_s > 0, (*path, "load_timeout_s"), "must be positive")
         need((model.idle_timeout_s or 0) >= 0, (*path, "idle_timeout_s"), "must not be negative")
+        need(not (model.pinned and model.idle_timeout_s is not None), (*path, "idle_timeout_s"),
+             "a pinned model stays loaded, so it never idles out: leave one of the two out")
         need(model.max_concurrency >= 1, (*path, "max_concurrency"), "must be at least 1")
         need(model.max_concurrency <= 1 or model.backend in CONCURRENT_BACKENDS
              or model.backend not in BACKENDS, (*path, "max_concurrency"),

@@ -406,6 +406,14 @@ def test_out_of_range_numbers_and_unknown_names_are_named() -> None:
     ]
 
 
+def test_a_pinned_model_has_no_idle_timeout() -> None:
+    data = doc(physical_models={"qwen3.5-4b": model(pinned=True, idle_timeout_s=300)})
+    assert problems_of(data) == [
+        "physical_models.qwen3.5-4b.idle_timeout_s: a pinned model stays loaded, so it "
+        "never idles out: leave one of the two out"
+    ]
+
+
 def test_all_problems_are_reported_at_once_in_document_order() -> None:
     data = {
         "server": {"port": "8081"},

@@ -7,9 +7,12 @@ when a CUDA device is configured, so a CPU-only server never loads NVML.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Protocol
 
 import psutil
+
+log = logging.getLogger(__name__)
 
 
 class DeviceProbe(Protocol):
@@ -75,22 +78,31 @@ class NvmlProbe:
     Per-process memory where the worker's PID is visible; inside a container NVML
     reports host PIDs, so the fallback is the device's used-memory delta since the
     grant (the arbiter serialises loads per device, so the delta is this model's).
+
+    A failed NVML call (a driver hiccup, a GPU gone) answers with the last reading and
+    a warning, not an exception: the probe runs inside the device's arbiter, and an
+    exception there would stop the server.
     """
 
     verify_release = True
 
-    def __init__(self, index: int) -> None:
-        import pynvml  # only with a CUDA device configured
+    def __init__(self, index: int, nvml: Any = None) -> None:
+        if nvml is None:
+            import pynvml  # only with a CUDA device configured
 
-        pynvml.nvmlInit()
-        self._nvml: Any = pynvml
-        self._handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            nvml = pynvml
+        nvml.nvmlInit()
+        self._nvml: Any = nvml
+        self._index = index
+        self._handle = nvml.nvmlDeviceGetHandleByIndex(index)
+        self._memory = nvml.nvmlDeviceGetMemoryInfo(self._handle)  # fails at start if broken
+        self._failing = False
 
     def total_bytes(self) -> int:
-        return int(self._nvml.nvmlDeviceGetMemoryInfo(self._handle).total)
+        return int(self._read_memory().total)
 
     def used_bytes(self) -> int:
-        return int(self._nvml.nvmlDeviceGetMemoryInfo(self._handle).used)
+        return int(self._read_memory().used)
 
     def footprint(self, pid: int, used_at_grant: int) -> int:
         mine = self.process_bytes(pid)
@@ -104,9 +116,30 @@ class NvmlProbe:
             pids |= {p.pid for p in psutil.Process(pid).children(recursive=True)}
         except psutil.Error:
             pass
-        procs = self._nvml.nvmlDeviceGetComputeRunningProcesses(self._handle)
+        try:
+            procs = self._nvml.nvmlDeviceGetComputeRunningProcesses(self._handle)
+        except self._nvml.NVMLError as exc:
+            self._failed(exc)
+            return None
         mine = [p.usedGpuMemory for p in procs if p.pid in pids and p.usedGpuMemory]
         return int(sum(mine)) if mine else None
+
+    def _read_memory(self) -> Any:
+        try:
+            self._memory = self._nvml.nvmlDeviceGetMemoryInfo(self._handle)
+        except self._nvml.NVMLError as exc:
+            self._failed(exc)
+        else:
+            if self._failing:
+                log.info("NVML answers again for cuda:%d", self._index)
+                self._failing = False
+        return self._memory
+
+    def _failed(self, exc: Exception) -> None:
+        if not self._failing:
+            log.warning("NVML failed for cuda:%d (%s): using its last reading until it "
+                        "answers again", self._index, exc)
+        self._failing = True
 
 
 def probe_for(device_id: str) -> DeviceProbe:

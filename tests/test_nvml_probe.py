@@ -1,0 +1,84 @@
+"""The CUDA probe (llmux/actors/devices.py NvmlProbe) over a scripted NVML: there is no
+GPU here, so these check the probe's own logic, the calls it makes and what it does
+when NVML fails (it runs inside the arbiter, which an exception would stop)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from llmux.actors.devices import NvmlProbe
+
+GB = 1 << 30
+
+
+class NVMLError(Exception):
+    pass
+
+
+class ScriptedNvml:
+    """The few pynvml calls the probe makes (by their names); ``broken`` makes them fail."""
+
+    NVMLError = NVMLError
+
+    def __init__(self) -> None:
+        self.used = 2 * GB
+        self.processes: list[Any] = []
+        self.broken = False
+
+    def nvmlInit(self) -> None:
+        pass
+
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> str:
+        return f"gpu{index}"
+
+    def nvmlDeviceGetMemoryInfo(self, handle: str) -> Any:
+        if self.broken:
+            raise NVMLError("Unknown Error")
+        return SimpleNamespace(total=16 * GB, used=self.used)
+
+    def nvmlDeviceGetComputeRunningProcesses(self, handle: str) -> list[Any]:
+        if self.broken:
+            raise NVMLError("Unknown Error")
+        return self.processes
+
+
+def test_a_worker_is_measured_by_its_own_processes_else_by_the_delta() -> None:
+    nvml = ScriptedNvml()
+    probe = NvmlProbe(0, nvml)
+    assert (probe.total_bytes(), probe.used_bytes()) == (16 * GB, 2 * GB)
+    nvml.processes = [SimpleNamespace(pid=os.getpid(), usedGpuMemory=3 * GB),
+                      SimpleNamespace(pid=1, usedGpuMemory=5 * GB)]
+    assert probe.footprint(os.getpid(), used_at_grant=2 * GB) == 3 * GB
+    nvml.processes, nvml.used = [], 6 * GB  # PIDs hidden (a container): the delta
+    assert probe.footprint(os.getpid(), used_at_grant=2 * GB) == 4 * GB
+
+
+def test_a_failing_nvml_answers_with_the_last_reading_and_one_warning(
+        caplog: pytest.LogCaptureFixture) -> None:
+    nvml = ScriptedNvml()
+    probe = NvmlProbe(1, nvml)
+    assert probe.used_bytes() == 2 * GB
+    nvml.broken = True
+    with caplog.at_level(logging.INFO, logger="llmux.actors.devices"):
+        assert probe.used_bytes() == 2 * GB
+        assert probe.total_bytes() == 16 * GB
+        assert probe.process_bytes(os.getpid()) is None
+        assert probe.footprint(os.getpid(), used_at_grant=1 * GB) == 1 * GB
+        nvml.broken, nvml.used = False, 3 * GB
+        assert probe.used_bytes() == 3 * GB
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2
+    assert messages[0].startswith("NVML failed for cuda:1 (Unknown Error)")
+    assert messages[1] == "NVML answers again for cuda:1"
+
+
+def test_nvml_broken_at_start_is_an_error_at_start() -> None:
+    nvml = ScriptedNvml()
+    nvml.broken = True
+    with pytest.raises(NVMLError):
+        NvmlProbe(0, nvml)
