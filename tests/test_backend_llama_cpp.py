@@ -280,6 +280,24 @@ def test_cancel_stops_within_a_token(smollm: LlamaCppBackend) -> None:
     assert done["usage"]["completion_tokens"] <= 4
 
 
+def test_cancel_stops_the_evaluation_of_a_long_prompt(smollm: LlamaCppBackend) -> None:
+    """A prompt of thousands of tokens takes seconds before its first token; a cancel
+    in that time ends it at once, and the next request finds the context whole."""
+    before = text_of(chat(smollm, max_tokens=8, temperature=0)[0])
+    cancelled = threading.Event()
+    timer = threading.Timer(0.1, cancelled.set)
+    timer.start()
+    started = time.monotonic()
+    prompt = " ".join(f"word{i}" for i in range(900))  # about 3,800 tokens
+    chunks, done = drain(smollm.infer("complete", {"prompt": prompt, "max_tokens": 5},
+                                      cancelled))
+    took = time.monotonic() - started
+    timer.join()
+    assert chunks == [] and done["finish_reason"] == "cancelled"
+    assert took < 2.0
+    assert text_of(chat(smollm, max_tokens=8, temperature=0)[0]) == before
+
+
 def test_stop_sequences_end_the_reply_before_them(smollm: LlamaCppBackend) -> None:
     full = text_of(chat(smollm, max_tokens=16, temperature=0)[0])
     words = full.split()
@@ -294,6 +312,17 @@ def test_logit_bias_takes_token_id_strings(smollm: LlamaCppBackend) -> None:
     banana = smollm._llm.tokenize(b" banana", add_bos=False)[0]
     chunks, _ = chat(smollm, max_tokens=3, temperature=0, logit_bias={str(banana): 100})
     assert text_of(chunks) == " banana" * 3
+
+
+@pytest.mark.parametrize("piece", [b"-" * 64, b"\n" + b" " * 32])
+def test_a_token_longer_than_32_bytes_keeps_its_text(smollm: LlamaCppBackend,
+                                                     piece: bytes) -> None:
+    """SmolLM2 has such tokens (rows of dashes, indentation); llama-cpp-python's own
+    detokenize returned nothing for them."""
+    token, = smollm._llm.tokenize(piece, add_bos=False, special=False)
+    chunks, done = chat(smollm, max_tokens=2, temperature=0, logit_bias={str(token): 100})
+    assert done["usage"]["completion_tokens"] == 2
+    assert text_of(chunks) == piece.decode() * 2
 
 
 def test_bad_logit_bias_is_invalid_input(smollm: LlamaCppBackend) -> None:

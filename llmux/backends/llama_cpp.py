@@ -40,6 +40,7 @@ Sampling defaults, where a request leaves a parameter out: the GGUF's recommende
 from __future__ import annotations
 
 import codecs
+import ctypes
 import gc
 import json
 import logging
@@ -294,16 +295,24 @@ class LlamaCppBackend(GgufBackend):
         stop_text = StopText(stops)
         generated, finish = 0, "length"
         tokens_out = llm.generate(tokens, grammar=grammar, **arguments)
+        # NOTE: the prompt's evaluation, before the first token, also stops on cancel
+        # (a long prompt takes seconds); after it, cancel is checked at each token, so
+        # the callback, which costs a call into Python at each step of llama.cpp's
+        # graph, is gone.
+        abort = llama_cpp.ggml_abort_callback(lambda _data: cancelled.is_set())
+        llama_cpp.llama_set_abort_callback(llm.ctx, abort, None)
         try:
             with self._llama_log.explaining("llama.cpp could not generate"):
                 for token in tokens_out:
+                    if not generated:
+                        llama_cpp.llama_set_abort_callback(llm.ctx, NO_ABORT, None)
                     if cancelled.is_set():
                         break
                     generated += 1
                     if llama_cpp.llama_vocab_is_eog(vocab, token):
                         finish = "stop"
                         break
-                    text = stop_text.feed(decoder.decode(llm.detokenize([token], special=special)))
+                    text = stop_text.feed(decoder.decode(token_bytes(vocab, token, special)))
                     if text:
                         yield {"text": text}
                     if stop_text.hit:
@@ -311,7 +320,11 @@ class LlamaCppBackend(GgufBackend):
                         break
                     if generated >= budget:
                         break
+        except RuntimeError:
+            if not cancelled.is_set():
+                raise  # not llama_decode's "aborted"
         finally:
+            llama_cpp.llama_set_abort_callback(llm.ctx, NO_ABORT, None)
             tokens_out.close()
         if cancelled.is_set():
             finish = "cancelled"
@@ -390,8 +403,8 @@ class LlamaCppBackend(GgufBackend):
     def _token_text(self, token: int) -> str:
         if token < 0:
             return ""
-        text: bytes = self._llm.detokenize([token], special=True)
-        return text.decode("utf-8", errors="replace")
+        vocab = llama_cpp.llama_model_get_vocab(self._llm.model)
+        return token_bytes(vocab, token, True).decode("utf-8", errors="replace")
 
     @staticmethod
     def _sampling_defaults(metadata: Mapping[str, str]) -> dict[str, Any]:
@@ -406,3 +419,20 @@ class LlamaCppBackend(GgufBackend):
                     log.warning("ignoring %s = %r: not a number", key, metadata[key])
             defaults[argument] = value
         return defaults
+
+
+NO_ABORT: Final = llama_cpp.ggml_abort_callback()  # a NULL callback: llama.cpp runs on
+
+
+def token_bytes(vocab: Any, token: int, special: bool, size: int = 64) -> bytes:
+    """A token's text, as bytes.
+
+    NOTE: not ``Llama.detokenize``: its 32-byte buffer turns a longer piece (a newline
+    and 32 spaces of indented code, a row of dashes) into nothing, without an error.
+    llama.cpp answers a short buffer with the size it needs, as a negative count.
+    """
+    buffer = ctypes.create_string_buffer(size)
+    n = llama_cpp.llama_token_to_piece(vocab, token, buffer, size, 0, special)
+    if n < 0:
+        return token_bytes(vocab, token, special, -n)
+    return ctypes.string_at(buffer, n)
