@@ -230,6 +230,8 @@ class SparePool:
         except WorkerDied as exc:
             log.info("spare worker gone: %s", exc)
         finally:
-            if self._ready.get(spare.python) is spare:
+            if self._ready.get(spare.python) is spare:  # not handed out: dead, or shutdown
                 del self._ready[spare.python]
+                with anyio.CancelScope(shield=True):
+                    await spare.handle.stop(1.0)
             spare.watching.set()

@@ -9,11 +9,14 @@ import signal
 import sys
 from typing import Any
 
+import anyio
 import httpx
 import psutil
+import pytest
 
 from llmux.config import parse_config
 from llmux.runtime import spare_imports
+from llmux.spare import SparePool
 from tests.conftest import Server, fake_config, fake_model, live_workers, wait_until
 
 TIMEOUT_S = 60  # a loaded 2-core machine; the waits end as soon as the state is there
@@ -126,6 +129,21 @@ def test_the_spare_dies_with_the_server(start_server: Any) -> None:
     server.stop(signal.SIGKILL)
     spare.wait(timeout=10)  # parent-death signal: no orphan even without a cleanup
     assert not spare.is_running() or spare.status() == psutil.STATUS_ZOMBIE
+
+
+@pytest.mark.anyio
+async def test_a_spare_is_stopped_when_the_pool_stops() -> None:
+    """Not left to the parent-death signal: a runtime inside a longer-lived process
+    would keep it, and its pid file, otherwise."""
+    pool = SparePool(preload={sys.executable: []}, enabled=True)
+    with anyio.fail_after(TIMEOUT_S):
+        async with anyio.create_task_group() as tg:
+            await tg.start(pool.run)
+            while not pool.snapshot()["ready"]:  # noqa: ASYNC110 (a spare posts no event)
+                await anyio.sleep(0.05)
+            spare = psutil.Process(pool.snapshot()["ready"][0]["pid"])
+            tg.cancel_scope.cancel()
+    assert not spare.is_running()  # stopped and reaped before run() returned
 
 
 def test_a_spare_imports_the_backends_of_its_interpreters_models_unless_told() -> None:
