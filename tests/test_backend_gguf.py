@@ -159,6 +159,23 @@ def test_a_demanded_tool_call_of_a_hermes_model_is_held_by_a_grammar(
         assert '"<tool_call>\\n" call "\\n</tool_call>"' in grammar
 
 
+def test_a_demanded_call_after_a_think_the_template_opened_is_a_call() -> None:
+    """The template opens ``<think>`` in the prompt and the grammar makes the call come
+    first: the thought is closed in the prompt, so the call is not taken for reasoning."""
+    backend = Scripted('<tool_call>\n{"name": "weather", "arguments": {"city": "Paris"}}'
+                       "\n</tool_call>")
+    backend._formats = ("think", "hermes")
+    backend._template = ("{% for m in messages %}{{ m.content }}{% endfor %}"
+                         "<|im_start|>assistant\n<think>\n")
+    chunks, done = infer(backend, "chat", messages=HELLO, tools=[WEATHER],
+                         tool_choice="required")
+    assert backend.completions[0]["prompt"].endswith("<think>\n\n</think>\n\n")
+    assert not [c for c in chunks if "reasoning" in c]
+    assert [c["tool_calls"][0]["function"]["name"] for c in chunks
+            if c.get("tool_calls") and "name" in c["tool_calls"][0]["function"]] == ["weather"]
+    assert done["finish_reason"] == "tool_calls"
+
+
 def test_embeddings_come_back_normalised_in_order() -> None:
     backend = Scripted(embedding=True)
     chunks, done = infer(backend, "embed", input=["a", "bb"])

@@ -151,6 +151,26 @@ def test_a_tool_call_in_another_key_order_is_still_a_call() -> None:
     assert result["calls"] == [{"id": "call_0", "name": "f", "arguments": '{"x": 1}'}]
 
 
+@pytest.mark.parametrize("call", [
+    '{"name": "f", "arguments": "{\\"city\\": \\"Paris\\"}"}',
+    '{"arguments": "{\\"city\\": \\"Paris\\"}", "name": "f"}',
+])
+@given(cuts=st.lists(st.integers(min_value=0), max_size=10))
+def test_arguments_written_as_a_json_string_come_out_as_their_json(call: str,
+                                                                   cuts: list[int]) -> None:
+    """Some models quote the arguments; in either key order and any chunking, the
+    client's json.loads(arguments) gets the object, not a string."""
+    text = f"<tool_call>\n{call}\n</tool_call>"
+    result = collect(TaggedParser(think=False, tools=True, new_id=_ids()), split(text, cuts))
+    assert result["calls"] == [{"id": "call_0", "name": "f", "arguments": '{"city": "Paris"}'}]
+
+
+def test_quoted_arguments_cut_short_come_out_as_written() -> None:
+    text = '<tool_call>\n{"name": "f", "arguments": "{\\"city'
+    result = collect(TaggedParser(think=False, tools=True, new_id=_ids()), [text])
+    assert result["calls"] == [{"id": "call_0", "name": "f", "arguments": '"{\\"city'}]
+
+
 def test_a_broken_tool_call_is_kept_as_text() -> None:
     text = "<tool_call>not json</tool_call> done"
     result = collect(TaggedParser(think=False, tools=True), [text])

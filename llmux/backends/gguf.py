@@ -26,6 +26,7 @@ from llmux.backends.base import Backend, InvalidInput, Stream, answer, bool_opti
 from llmux.backends.paths import resolve_model_path
 from llmux.chat.output import output_parser, parsed
 from llmux.chat.render import FALLBACK_TEMPLATE, render_request
+from llmux.chat.tagged import open_thought_closed
 
 __all__ = ["GgufBackend", "max_tokens", "mean_vector", "stop_strings", "token_bias"]
 
@@ -138,10 +139,12 @@ class GgufBackend(Backend):
     def _chat(self, payload: Mapping[str, Any], cancelled: threading.Event) -> Stream:
         """The reply, parsed into reasoning, answer and tool calls by the model's format."""
         prompt, images = self._chat_prompt(payload)
+        grammar = self._tool_grammar(payload)
+        if grammar is not None and self._formats[0] == "think":
+            prompt = open_thought_closed(prompt)  # the call comes first, not a thought
         parser = output_parser(self._formats, prompt, payload)
         # Harmony's channels are special tokens: the parser must see them.
-        reply = self._complete(prompt, images, payload, cancelled,
-                               tool_grammar=self._tool_grammar(payload),
+        reply = self._complete(prompt, images, payload, cancelled, tool_grammar=grammar,
                                harmony="harmony" in self._formats)
         return parsed(reply, parser)
 

@@ -113,6 +113,7 @@ class _Call:
         self._text = ""
         self._arguments_at = -1  # where the arguments start in _text, once known
         self._sent = 0  # how much of _text has gone out as arguments
+        self._quoted = False  # the arguments are a JSON string (some models write that)
 
     def add(self, text: str) -> list[Delta]:
         self._text += text
@@ -125,6 +126,9 @@ class _Call:
             out.append(call_start(self.index, self.id, name))
             self.emitted = True
             self._arguments_at = self._sent = head.end()
+            self._quoted = self._text[head.end()] == '"'
+        if self._quoted:
+            return out  # arguments written as a JSON string of JSON: decoded at the close
         # The object's closing brace (and the spaces before it) are not arguments: hold
         # back from the last brace seen, which may be that one.
         last = self._text.rfind("}")
@@ -134,6 +138,8 @@ class _Call:
     def close(self, *, complete: bool) -> list[Delta]:
         """The rest of the arguments; a block that never matched the format comes out as
         answer text (``complete``: its closing tag was seen)."""
+        if self._arguments_at >= 0 and self._quoted:
+            return [call_arguments(self.index, _unquoted(self._text[self._arguments_at:]))]
         if self._arguments_at >= 0:
             end = self._text.rstrip()
             end = end[:-1].rstrip() if end.endswith("}") else end
@@ -151,6 +157,24 @@ class _Call:
         fragment = self._text[self._sent:limit]
         self._sent = limit
         return [call_arguments(self.index, fragment)]
+
+
+def _unquoted(text: str) -> str:
+    """The arguments JSON held in the JSON string that ``text`` starts with; a string
+    cut short (the reply's budget ended) as it was written."""
+    try:
+        value, _ = json.JSONDecoder().raw_decode(text)
+    except ValueError:
+        return text.rstrip().removesuffix("}").rstrip()
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
+def open_thought_closed(prompt: str) -> str:
+    """``prompt`` with the think block it leaves open (Qwen3 thinking, Qwen3.5) closed
+    empty, as such templates write ``enable_thinking: false``: for a reply that a grammar
+    makes begin with a tool call, which the parser would otherwise take for reasoning."""
+    tail = prompt.rstrip()
+    return f"{tail}\n\n{THINK_CLOSE}\n\n" if tail.endswith(THINK_OPEN) else prompt
 
 
 def _whole_call(text: str) -> tuple[str, str] | None:
