@@ -122,12 +122,29 @@ def _openable() -> list[str]:
     return [f for f in FORMATS if f in Image.OPEN]
 
 
+def _scheme_of(url: str, where: str) -> str:
+    """The URL's scheme in lower case; "" when it has none. Pure.
+
+    Raises:
+        BadRequest: the URL is malformed (``http://[example.com``: urlsplit refuses it).
+    """
+    try:
+        return urllib.parse.urlsplit(url).scheme.lower() if ":" in url else ""
+    except ValueError as exc:
+        raise BadRequest(f"'{where}' is not a valid URL: {exc}.", param=where) from exc
+
+
 class _HttpRedirectsOnly(urllib.request.HTTPRedirectHandler):
-    """Follows a redirect only to another http(s) URL (urllib allows ftp too)."""
+    """Follows a redirect only to another well-formed http(s) URL (urllib allows ftp
+    too)."""
 
     def redirect_request(self, req: urllib.request.Request, fp: Any, code: int, msg: str,
                          headers: Any, newurl: str) -> urllib.request.Request | None:
-        if urllib.parse.urlsplit(newurl).scheme not in ("http", "https"):
+        try:
+            scheme = urllib.parse.urlsplit(newurl).scheme
+        except ValueError:
+            scheme = ""
+        if scheme not in ("http", "https"):
             raise urllib.error.HTTPError(newurl, code, "redirect to a URL that is not http(s)",
                                          headers, fp)
         return super().redirect_request(req, fp, code, msg, headers, newurl)
@@ -138,9 +155,10 @@ def fetch_image(url: str, where: str, limit: int, timeout_s: float = FETCH_TIMEO
     Blocking: run it in a thread.
 
     Raises:
-        BadRequest: another scheme, an HTTP error, no answer in time, too big a body.
+        BadRequest: a malformed URL, another scheme, an HTTP error, no answer in time,
+            too big a body.
     """
-    if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
+    if _scheme_of(url, where) not in ("http", "https"):
         raise BadRequest(f"'{where}' must be an http(s) URL.", param=where)
     deadline = time.monotonic() + timeout_s
     opener = urllib.request.build_opener(_HttpRedirectsOnly)
@@ -173,10 +191,11 @@ def image_bytes(url: str, where: str, *, allow_remote: bool, limit: int) -> byte
     """The checked image file a part's URL names. Blocking: run it in a thread.
 
     Raises:
-        BadRequest: a remote URL while they are disabled, another scheme, or any
-            problem of :func:`decode_data_url`, :func:`fetch_image`, :func:`check_image`.
+        BadRequest: a malformed URL, a remote URL while they are disabled, another
+            scheme, or any problem of :func:`decode_data_url`, :func:`fetch_image`,
+            :func:`check_image`.
     """
-    scheme = urllib.parse.urlsplit(url).scheme.lower() if ":" in url else ""
+    scheme = _scheme_of(url, where)
     if scheme == "data":
         data = decode_data_url(url, where)
     elif scheme in ("http", "https"):

@@ -251,17 +251,21 @@ class Runtime:
 
     # -- what resources use -------------------------------------------------------------
 
-    def resolve(self, name: str) -> tuple[VirtualModel, PhysicalModel]:
-        """The virtual model a client named, and its physical model.
+    def resolve(self, name: str, visible: Callable[[str], bool] | None = None
+                ) -> tuple[VirtualModel, PhysicalModel]:
+        """The virtual model a client named, and its physical model. ``visible`` says
+        which names the caller may be told of (its key's models); None: every name.
 
         Raises:
-            ModelNotFound: no such virtual model; the message lists the valid names.
+            ModelNotFound: no such virtual model; the message lists the visible names,
+                or only says so when the caller may see none.
         """
         virtual = self.config.virtual_models.get(name)
         if virtual is None:
-            names = ", ".join(sorted(self.config.virtual_models))
-            raise ModelNotFound(f"The model '{name}' does not exist. Available models: {names}",
-                                param="model")
+            names = ", ".join(sorted(n for n in self.config.virtual_models
+                                     if visible is None or visible(n)))
+            listed = f" Available models: {names}" if names else ""
+            raise ModelNotFound(f"The model '{name}' does not exist.{listed}", param="model")
         return virtual, self.config.physical_models[virtual.physical]
 
     def submit(self, model: str, op: str, payload: dict[str, Any], *,

@@ -7,6 +7,7 @@ import base64
 import hashlib
 import json
 import struct
+import typing
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,8 @@ from hypothesis import strategies as st
 
 from llmux.audio.decode import ACCEPTED_FORMATS, decode_to_pcm, duration_s
 from llmux.audio.encode import SPEECH_FORMATS
+from llmux.chat.virtual import apply_virtual, template_effort
+from llmux.config import VirtualModel
 from tests.conftest import Server, fake_model, live_workers, wait_until
 from tests.test_audio import upload
 
@@ -47,7 +50,8 @@ CONFIG: dict[str, Any] = {
         "asr-en": fake_model() | {"type": "asr"},
         "voice": fake_model(sample_rate=22050, tokens_per_s=0)
         | {"type": "tts", "voices": {"joe": "joe-medium", "amy": "amy-low"}},
-        "slow-voice": fake_model(tokens_per_s=10) | {"type": "tts"},
+        "slow-voice": fake_model(tokens_per_s=10, context_length=100) | {"type": "tts"},
+        "looker": fake_model() | {"type": "vlm"},
     },
     "virtual_models": {
         "chat": {"physical": "tool-llm"},
@@ -60,6 +64,7 @@ CONFIG: dict[str, Any] = {
         "whisper-en": {"physical": "asr-en"},
         "tts": {"physical": "voice"},
         "slow-tts": {"physical": "slow-voice"},
+        "vision": {"physical": "looker"},
     },
 }
 
@@ -206,10 +211,29 @@ def test_an_error_after_the_stream_started_is_one_error_event_then_the_end(
     assert json.loads(events[-1][6:])["error"]["message"].startswith("The prompt has 10 tokens")
 
 
-def test_a_prompt_over_the_context_is_a_400_from_the_worker(client: openai.OpenAI) -> None:
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_a_prompt_over_the_context_is_a_400_from_the_worker(client: openai.OpenAI,
+                                                            stream: bool) -> None:
+    client.chat.completions.create(model="chat", messages=USER)  # loaded: it refuses at once
     with pytest.raises(openai.BadRequestError, match="context holds 200"):
         client.chat.completions.create(
-            model="chat", messages=[{"role": "user", "content": "word " * 300}])
+            model="chat", messages=[{"role": "user", "content": "word " * 300}], stream=stream)
+
+
+@pytest.mark.parametrize("include_usage", [False, True], ids=["finish-chunk", "usage-chunk"])
+def test_a_chat_stream_sends_usage_once(client: openai.OpenAI, include_usage: bool) -> None:
+    # OpenAI: with include_usage, only the last chunk (no choices) has it; without,
+    # llmux puts it on the finish chunk, where Open WebUI reads it.
+    options: Any = {"include_usage": True} if include_usage else openai.NOT_GIVEN
+    chunks = list(client.chat.completions.create(model="plain", messages=USER, stream=True,
+                                                 stream_options=options))
+    (carrier,) = [c for c in chunks if c.usage is not None]
+    if include_usage:
+        assert carrier is chunks[-1] and carrier.choices == []
+        assert chunks[-2].choices[0].finish_reason == "stop"
+    else:
+        assert carrier.choices[0].finish_reason == "stop"
+    assert carrier.usage is not None and carrier.usage.completion_tokens == 2
 
 
 # -- completions and embeddings ----------------------------------------------------------
@@ -223,6 +247,27 @@ def test_text_completions_whole_streamed_batched_and_echoed(client: openai.OpenA
     assert [c.index for c in batch.choices] == [0, 1]
     stream = client.completions.create(model="chat", prompt="x y", stream=True)
     assert "".join(c.choices[0].text for c in stream if c.choices) == "echo: x y"
+
+
+def test_a_streamed_completion_over_the_context_is_a_400(client: openai.OpenAI) -> None:
+    client.completions.create(model="chat", prompt="x")  # loaded: it refuses at once
+    with pytest.raises(openai.BadRequestError, match="context holds 200"):
+        client.completions.create(model="chat", prompt="word " * 300, stream=True)
+
+
+@pytest.mark.parametrize("include_usage", [False, True], ids=["finish-chunk", "usage-chunk"])
+def test_a_completion_stream_sends_usage_once(client: openai.OpenAI,
+                                              include_usage: bool) -> None:
+    options: Any = {"include_usage": True} if include_usage else openai.NOT_GIVEN
+    chunks = list(client.completions.create(model="plain", prompt="x y", stream=True,
+                                            stream_options=options))
+    (carrier,) = [c for c in chunks if c.usage is not None]
+    if include_usage:
+        assert carrier is chunks[-1] and carrier.choices == []
+        assert chunks[-2].choices[0].finish_reason == "stop"
+    else:
+        assert carrier.choices[0].finish_reason == "stop"
+    assert carrier.usage is not None and carrier.usage.completion_tokens == 2
 
 
 def test_embeddings_in_input_order_as_floats_and_base64(client: openai.OpenAI,
@@ -363,8 +408,8 @@ def test_the_log_names_keys_and_never_shows_them(server: Server) -> None:
     ({"model": "chat", "messages": USER, "stream": "yes"}, 400, "stream", "boolean"),
     ({"model": "chat", "messages": USER, "tools": [{"type": "function"}]}, 400, "tools[0]",
      "must be"),
-    ({"model": "chat", "messages": USER, "reasoning_effort": "max"}, 400, "reasoning_effort",
-     "must be one of"),
+    ({"model": "chat", "messages": USER, "reasoning_effort": "extreme"}, 400,
+     "reasoning_effort", "must be one of"),
     ({"model": "whisper", "messages": USER}, 400, "model", "cannot chat"),
     ({"model": "plain", "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}}]}]},
@@ -379,6 +424,10 @@ def test_the_log_names_keys_and_never_shows_them(server: Server) -> None:
     ({"model": "chat", "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": 5}}]}]}, 400,
      "messages[0].content[0].image_url", "must be a string"),
+    ({"model": "vision", "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "what is this"},
+        {"type": "image_url", "image_url": {"url": "http://[example.com/cat.png"}}]}]}, 400,
+     "messages[0].content[1].image_url", "is not a valid URL"),
     ({"model": "chat", "messages": USER, "stop": ""}, 400, "stop", "non-empty string"),
     ({"model": "chat", "messages": USER, "stop": ["a", 1]}, 400, "stop", "non-empty string"),
     ({"model": "chat", "messages": USER, "stop": ["s"] * 17}, 400, "stop", "at most 16"),
@@ -469,6 +518,18 @@ def test_open_webui_style_upload_is_detected_from_the_bytes(server: Server) -> N
     assert response.json() == {"text": "hello from the fake recogniser"}
 
 
+def test_an_upload_s_media_type_is_read_in_any_case(server: Server) -> None:
+    request = httpx.Request("POST", f"{server.url}/v1/audio/transcriptions",
+                            headers={"Authorization": f"Bearer {FULL_KEY}"},
+                            files={"file": ("a.wav", upload("wav"))}, data={"model": "whisper"})
+    kind = request.headers["Content-Type"]
+    request.headers["Content-Type"] = kind.replace("multipart/form-data", "Multipart/Form-Data")
+    with httpx.Client(timeout=30) as client:
+        response = client.send(request)
+    assert response.status_code == 200, response.text
+    assert response.json() == {"text": "hello from the fake recogniser"}
+
+
 def test_the_json_variant_of_transcriptions(server: Server) -> None:
     data = base64.b64encode(upload("wav", 1.0)).decode()
     response = post(server, "/v1/audio/transcriptions", json={
@@ -556,6 +617,14 @@ def test_speech_audio_arrives_while_it_is_still_being_made(server: Server) -> No
         assert server.model("slow-voice")["in_flight"] == 1
         rest = b"".join(chunks)
     assert duration_s(decode_to_pcm(first + rest)) == pytest.approx(1.5, abs=0.1)
+
+
+def test_speech_a_loaded_model_refuses_is_a_400_not_a_cut_stream(server: Server) -> None:
+    assert post(server, "/v1/audio/speech", json={"model": "slow-tts", "input": "hi"}
+                ).status_code == 200  # loaded: the worker refuses the next one at once
+    response = post(server, "/v1/audio/speech", json={"model": "slow-tts",
+                                                      "input": "word " * 101})
+    assert_error(response, 400, contains="speaks at most 100 at once")
 
 
 def test_speech_defaults_to_mp3_and_knows_its_voices(server: Server) -> None:
@@ -678,6 +747,55 @@ def test_a_requests_reasoning_effort_rewrites_the_prefix(server: Server) -> None
     given = json.loads(reply.json()["prompt"])
     assert given["messages"][0] == {"role": "system", "content": "Reasoning: low"}
     assert given["reasoning_effort"] == "low"
+
+
+SDK_EFFORTS = typing.get_args(typing.get_args(openai.types.shared.ReasoningEffort)[0])
+
+
+@pytest.mark.parametrize("effort", SDK_EFFORTS)
+def test_every_reasoning_effort_of_the_sdk_is_accepted(client: openai.OpenAI,
+                                                      effort: str) -> None:
+    reply = client.chat.completions.create(model="plain", messages=USER,
+                                           reasoning_effort=effort)  # type: ignore[arg-type]
+    assert reply.choices[0].message.content == "plain answer"
+
+
+@pytest.mark.parametrize(("requested", "effort", "thinking"), [
+    (None, None, None), ("minimal", "minimal", None), ("low", "low", None),
+    ("medium", "medium", None), ("high", "high", None), ("xhigh", "high", None),
+    ("max", "high", None), ("none", "low", False)])
+def test_a_template_gets_an_effort_it_knows(requested: str | None, effort: str | None,
+                                            thinking: bool | None) -> None:
+    assert template_effort(requested) == (effort, thinking)
+
+
+@pytest.mark.parametrize(("enable_thinking", "client_kwargs", "thinking"), [
+    (None, None, False), (True, None, False), (True, {"enable_thinking": True}, True)])
+def test_reasoning_effort_none_turns_thinking_off_unless_the_client_says(
+        enable_thinking: bool | None, client_kwargs: dict[str, Any] | None,
+        thinking: bool) -> None:
+    virtual = VirtualModel(name="m", physical="m", enable_thinking=enable_thinking,
+                           system_prompt_prefix="Reasoning: high")
+    payload = apply_virtual(virtual, [{"role": "user", "content": "Hi"}],
+                            {"reasoning_effort": "none"}, client_kwargs)
+    assert payload["chat_template_kwargs"] == {"enable_thinking": thinking}
+    assert payload["reasoning_effort"] == "low"
+    assert payload["messages"][0] == {"role": "system", "content": "Reasoning: low"}
+
+
+@pytest.mark.parametrize(("requested", "line", "kwargs"), [
+    ("xhigh", "high", {"flavour": "oss"}), ("max", "high", {"flavour": "oss"}),
+    ("none", "low", {"flavour": "oss", "enable_thinking": False})])
+def test_the_template_is_given_the_effort_it_knows(server: Server, requested: str,
+                                                   line: str, kwargs: dict[str, Any]) -> None:
+    reply = post(server, "/apply-template", json={
+        "model": "oss-high", "reasoning_effort": requested,
+        "messages": [{"role": "user", "content": "Hi"}]})
+    assert reply.status_code == 200, reply.text
+    given = json.loads(reply.json()["prompt"])
+    assert given["messages"][0] == {"role": "system", "content": f"Reasoning: {line}"}
+    assert given["reasoning_effort"] == line
+    assert given["chat_template_kwargs"] == kwargs
 
 
 def test_apply_template_needs_a_key_and_a_chat_model(server: Server) -> None:

@@ -304,6 +304,50 @@ def test_each_caller_gets_exactly_the_expected_status(client: httpx.Client, rout
         assert status == want, (route, caller, headers, text[:300])
 
 
+# -- what a 404 tells of the other models --------------------------------------------
+
+EVERY_MODEL = "chat, embed, forecaster, reader, spare, tts, whisper"
+
+
+def not_found(client: httpx.Client, method: str, path: str, headers: dict[str, str],
+              **kwargs: Any) -> str:
+    """The message of the 404 a request naming the model 'nope' gets."""
+    reply = client.request(method, path, headers=headers, **kwargs)
+    assert reply.status_code == 404, reply.text
+    message: str = reply.json()["error"]["message"]
+    return message
+
+
+@pytest.mark.parametrize(("caller", "listed"), [(USER, f" Available models: {EVERY_MODEL}"),
+                                                (LIMITED, " Available models: spare")])
+def test_an_unknown_model_s_404_lists_only_the_models_the_key_may_use(
+        client: httpx.Client, caller: str, listed: str) -> None:
+    headers = CALLERS[caller][0]
+    chat = {"model": "nope", "messages": USER_MESSAGE}
+    assert not_found(client, "POST", "/v1/chat/completions", headers, json=chat) == \
+        f"The model 'nope' does not exist.{listed}"
+    assert not_found(client, "GET", "/v1/models/nope", headers) == \
+        f"The model 'nope' does not exist.{listed}"
+
+
+def test_an_open_route_names_no_model_to_a_caller_without_a_key(client: httpx.Client) -> None:
+    assert not_found(client, "GET", "/v1/audio/voices?model=nope", {}) == \
+        "The model 'nope' does not exist."
+
+
+def test_without_keys_a_404_lists_every_model(tmp_path: Path) -> None:
+    server = Server({"physical_models": {"chat": fake_model(), "voice": fake_model()
+                                         | {"type": "tts"}},
+                     "virtual_models": {"chat": {"physical": "chat"},
+                                        "tts": {"physical": "voice"}}}, tmp_path)
+    try:
+        with httpx.Client(base_url=server.url, timeout=30) as keyless:
+            assert not_found(keyless, "GET", "/v1/audio/voices?model=nope", {}) == \
+                "The model 'nope' does not exist. Available models: chat, tts"
+    finally:
+        server.stop()
+
+
 def test_no_key_of_the_run_is_in_any_reply_or_log_line(server: Server) -> None:
     assert len(SEEN) > 100  # the matrix ran before this test
     log = server.logs()

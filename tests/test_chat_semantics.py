@@ -125,6 +125,26 @@ def test_a_requests_reasoning_effort_overrides_the_virtual_models(server: Server
     assert "Reasoning: high" in prompt and "Reasoning: low" not in prompt
 
 
+def test_reasoning_effort_none_turns_thinking_off_and_asks_gpt_oss_for_low(
+        server: Server) -> None:
+    assert template_of(server, model="Smol-Thinking", messages=QUESTION,
+                       reasoning_effort="none").endswith("<think>\n\n</think>\n\n")
+    assert template_of(server, model="Smol-Thinking", messages=QUESTION,
+                       reasoning_effort="none",
+                       chat_template_kwargs={"enable_thinking": True}).endswith("<think>\n")
+    prompt = template_of(server, model="Smol-OSS-High", messages=QUESTION,
+                         reasoning_effort="none")
+    assert "Reasoning: low" in prompt and "Reasoning: high" not in prompt
+
+
+@pytest.mark.parametrize("effort", ["xhigh", "max"])
+def test_openai_s_highest_efforts_are_high_for_gpt_oss(server: Server, effort: str) -> None:
+    prompt = template_of(server, model="Smol-OSS-Low", messages=QUESTION,
+                         reasoning_effort=effort)
+    assert "Reasoning: high" in prompt and f"Reasoning: {effort}" not in prompt
+    assert "Reasoning: low" not in prompt
+
+
 def _weather_call(message: Any) -> Any:
     assert message.tool_calls, message
     call = message.tool_calls[0]

@@ -9,10 +9,13 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
+import falcon.asgi
+import falcon.testing
 import httpx
 import pytest
 import yaml
 
+from llmux.http.cors import VaryOrigin
 from llmux.http.origin_form import origin_form
 from tests.conftest import Server, fake_config, fake_model
 
@@ -112,6 +115,29 @@ def test_another_page_gets_no_cors_headers(server: Server, client: httpx.Client)
     assert "access-control-allow-origin" not in reply.headers
 
 
+def test_every_reply_varies_by_origin_when_pages_are_named(server: Server,
+                                                           client: httpx.Client) -> None:
+    # A shared cache must not give one page's answer (with or without the allowing
+    # header) to another page: every reply says it depends on Origin.
+    replies = [client.post("/v1/chat/completions", json=CHAT, headers={"Origin": origin})
+               for origin in (PAGE, "https://evil.example")]
+    replies += [client.get("/v1/models"), preflight(server.url, PAGE),
+                httpx.get(f"{server.url}/v1/models", headers={"Origin": PAGE}, timeout=10)]
+    assert [r.headers.get("vary") for r in replies] == ["Origin"] * len(replies)
+
+
+@pytest.mark.anyio
+async def test_vary_origin_keeps_the_vary_values_already_set() -> None:
+    req = falcon.testing.create_asgi_req()
+    for before, after in ((None, "Origin"), ("Accept-Encoding", "Accept-Encoding, Origin"),
+                          ("accept, ORIGIN", "accept, ORIGIN"), ("*", "*")):
+        resp = falcon.asgi.Response()
+        if before is not None:
+            resp.set_header("Vary", before)
+        await VaryOrigin().process_response(req, resp, None, True)
+        assert resp.get_header("Vary") == after
+
+
 @pytest.fixture(scope="module")
 def open_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Server]]:
     """Keyless servers without ``cors_origins`` and with ``["*"]``."""
@@ -132,6 +158,7 @@ def test_without_origins_no_page_may_read_and_a_star_lets_every_page(
     assert reply.headers.get("access-control-allow-origin") == allowed
     assert preflight(server.url, "https://any.example").headers.get(
         "access-control-allow-origin") == allowed
+    assert "vary" not in reply.headers  # the same answer for every page
 
 
 # -- compressed bodies ----------------------------------------------------------------

@@ -327,6 +327,18 @@ def test_a_json_body_is_an_unsupported_media_type(live: Server) -> None:
     assert reply.status_code == 415
 
 
+def test_the_form_s_media_type_is_read_in_any_case(live: Server) -> None:
+    request = httpx.Request("POST", f"{live.url}/v1/transcribe", data={"model": "reader"},
+                            files={"file": ("a.png", encoded(text_image(), "PNG"))},
+                            headers={"Authorization": f"Bearer {KEYS['all']}"})
+    kind = request.headers["Content-Type"]
+    request.headers["Content-Type"] = kind.replace("multipart/form-data", "MULTIPART/Form-Data")
+    with httpx.Client(timeout=60) as client:
+        reply = client.send(request)
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["text"] == f"echo: {DEFAULT_PROMPT}"
+
+
 def test_a_key_needs_to_be_sent_and_to_allow_the_model(live: Server) -> None:
     image = encoded(text_image(), "PNG")
     anonymous = httpx.post(f"{live.url}/v1/transcribe", data={"model": "reader"},

@@ -189,6 +189,15 @@ def test_other_schemes_are_refused(url: str) -> None:
         image_bytes(url, "p", allow_remote=True, limit=10**6)
 
 
+@pytest.mark.parametrize("allow_remote", [False, True], ids=["local", "remote"])
+def test_a_malformed_url_is_a_bad_request(allow_remote: bool) -> None:
+    with raises_bad_request(r"'p' is not a valid URL: Invalid IPv6 URL\.", param="p"):
+        image_bytes("http://[example.com/cat.png", "p", allow_remote=allow_remote,
+                    limit=10**6)
+    with raises_bad_request("'p' is not a valid URL", param="p"):
+        fetch_image("http://[example.com/cat.png", "p", limit=10**6)
+
+
 class _Images(http.server.BaseHTTPRequestHandler):
     routes: dict[str, tuple[int, dict[str, str], bytes]] = {
         "/red.png": (200, {}, png(40, 30)),
@@ -196,6 +205,7 @@ class _Images(http.server.BaseHTTPRequestHandler):
         "/missing.png": (404, {}, b"no"),
         "/to-ftp": (302, {"Location": "ftp://127.0.0.1/red.png"}, b""),
         "/to-red": (302, {"Location": "/red.png"}, b""),
+        "/to-malformed": (302, {"Location": "http://[example.com/red.png"}, b""),
     }
 
     def do_GET(self) -> None:
@@ -239,6 +249,11 @@ def test_a_remote_http_error_is_a_bad_request(image_site: str) -> None:
 def test_a_redirect_away_from_http_is_refused(image_site: str) -> None:
     with raises_bad_request("redirect to a URL that is not http"):
         fetch_image(f"{image_site}/to-ftp", "p", limit=10**6)
+
+
+def test_a_redirect_to_a_malformed_url_is_a_bad_request(image_site: str) -> None:
+    with raises_bad_request("Fetching the image at 'p' failed: Invalid IPv6 URL", param="p"):
+        fetch_image(f"{image_site}/to-malformed", "p", limit=10**6)
 
 
 def test_messages_get_image_parts_with_the_checked_bytes() -> None:

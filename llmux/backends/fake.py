@@ -8,10 +8,11 @@ SIGTERM, noise on stdout) against a real worker process:
     fail_on_load, crash_after_tokens, hang_after_tokens, hang_on_load, embedding_dim,
     sample_rate, print_noise, ignore_sigterm, spawn_child, unload_time_s (how long an
     unload takes, as a runtime tearing down CUDA does), context_length (a longer
-    prompt, in words, is refused as invalid input), tool_calls (true: when tools are
-    offered, call the first with ``{"text": <last user message>}``), fail_on_warmup
-    (the warm-up inference fails: the model never becomes ready), grow_per_request (a
-    size: each request adds that much held memory, as a leaking runtime does)
+    prompt, or text to speak, in words, is refused as invalid input), tool_calls
+    (true: when tools are offered, call the first with ``{"text": <last user
+    message>}``), fail_on_warmup (the warm-up inference fails: the model never becomes
+    ready), grow_per_request (a size: each request adds that much held memory, as a
+    leaking runtime does)
 """
 
 from __future__ import annotations
@@ -259,6 +260,9 @@ class FakeBackend(Backend):
         speed = float(payload.get("speed") or 1.0)
         per_word = max(1, round(self.sample_rate * _WORD_S / speed))
         words = _words(str(payload.get("text", "")))
+        if len(words) > self.context_length:
+            raise InvalidInput(f"The text has {len(words)} words; this model speaks at most "
+                               f"{self.context_length} at once. Split the text.")
         items = [("pcm", self._tone(i * per_word, per_word)) for i in range(len(words))]
         finish, _ = yield from self._tokens(items, None, cancelled,
                                             extra={"sample_rate": self.sample_rate})

@@ -6,6 +6,10 @@ gpt-oss takes its reasoning effort from a ``Reasoning: low|medium|high`` line of
 system prompt, which its template writes from the ``reasoning_effort`` variable: a
 prefix holding that line sets the request's effort, and a request's own
 ``reasoning_effort`` replaces the line, so the prefix and the template always agree.
+
+Clients send OpenAI's efforts (``none`` to ``xhigh``, and the SDK's ``max``); templates
+know ``low``, ``medium`` and ``high`` (some ``minimal``): :func:`template_effort`
+translates, before the prefix is rewritten, so no template sees a level it lacks.
 """
 
 from __future__ import annotations
@@ -18,6 +22,19 @@ import attrs
 from llmux.config import VirtualModel
 
 _EFFORT_LINE: Final = re.compile(r"^Reasoning:[ \t]*(\w+)[ \t]*$", re.IGNORECASE | re.MULTILINE)
+_TEMPLATE_EFFORTS: Final = {"xhigh": "high", "max": "high", "none": "low"}
+
+
+def template_effort(requested: str | None) -> tuple[str | None, bool | None]:
+    """(effort, enable_thinking) for the chat template from a request's
+    ``reasoning_effort``: ``xhigh`` and ``max`` become ``high``, the highest templates
+    know; ``none`` turns thinking off, with ``low`` for templates that cannot turn
+    reasoning off (gpt-oss: low is its least). ``enable_thinking`` None: the request
+    leaves it to the virtual model."""
+    if requested is None:
+        return None, None
+    return _TEMPLATE_EFFORTS.get(requested, requested), (False if requested == "none"
+                                                         else None)
 
 
 def reasoning_effort(prefix: str | None, requested: str | None) -> tuple[str | None, str | None]:
@@ -53,17 +70,19 @@ def apply_virtual(
     """The worker payload for a chat request through ``virtual``.
 
     ``params`` holds the sampling parameters the client set (None = unset); the
-    virtual model's defaults fill the gaps. The client's own ``chat_template_kwargs``
-    win over the virtual model's.
+    virtual model's defaults fill the gaps. ``reasoning_effort`` ``none`` turns thinking
+    off over the virtual model's ``enable_thinking``; the client's own
+    ``chat_template_kwargs`` win over both.
     """
     sampling = {k: v for k, v in attrs.asdict(virtual.sampling).items() if v is not None}
     sampling.update({k: v for k, v in params.items() if v is not None})
+    requested, thinking = template_effort(sampling.pop("reasoning_effort", None))
     kwargs = dict(virtual.chat_template_kwargs)
-    if virtual.enable_thinking is not None:
-        kwargs["enable_thinking"] = virtual.enable_thinking
+    for value in (virtual.enable_thinking, thinking):
+        if value is not None:
+            kwargs["enable_thinking"] = value
     kwargs.update(template_kwargs or {})
-    prefix, effort = reasoning_effort(virtual.system_prompt_prefix,
-                                      sampling.get("reasoning_effort"))
+    prefix, effort = reasoning_effort(virtual.system_prompt_prefix, requested)
     if effort is not None:
         sampling["reasoning_effort"] = effort
     if prefix:

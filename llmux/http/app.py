@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any
 
 import falcon.asgi
 
@@ -16,6 +15,7 @@ from llmux.http.auth import Access, AuthMiddleware
 from llmux.http.chat import ChatCompletions
 from llmux.http.complete_body import CompleteBodies
 from llmux.http.completions import Completions
+from llmux.http.cors import cors_middleware
 from llmux.http.disconnect import ASGIApp, DisconnectWatcher, Watchers
 from llmux.http.embeddings import Embeddings
 from llmux.http.events import AdminEvents
@@ -48,10 +48,7 @@ def llmux_version() -> str:
 def create_falcon_app(runtime: Runtime, keys: KeyStore) -> FalconApp:
     """Every route. Each GET that ends (all but ``/admin/events``) answers HEAD too: its
     resource's ``on_head`` is its ``on_get``, and Falcon sends the headers alone."""
-    origins = runtime.config.server.cors_origins
-    cors: list[falcon.CORSMiddleware[Any, Any]] = [] if not origins else [
-        falcon.CORSMiddleware(allow_origins="*" if origins == ["*"] else origins,
-                              expose_headers=["Retry-After"])]
+    cors = cors_middleware(runtime.config.server.cors_origins)
     app = FalconApp(middleware=[AuthMiddleware(keys), RequestLabels(), *cors])
     app.req_options.strip_url_path_trailing_slash = True
     errors.install(app)

@@ -5,11 +5,13 @@ health probes, the OpenAPI document, Open WebUI's voice lists), ``"key"`` (any v
 key; the model allowlist is checked where the model is named, by ``check_model``) or
 ``"admin"``. The key's *name* goes into ``req.context.key_name`` for the request log
 and metrics (``llmux.http.request_log``, written once the response has ended); the key
-itself is never kept or logged.
+itself is never kept or logged. ``req.context.keys_enabled`` records whether the server
+has keys at all, for :func:`visible_models`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal
 
 import falcon.asgi
@@ -24,6 +26,26 @@ def access_of(resource: object) -> Access:
     """What a resource needs; anything that does not say needs a key."""
     access: Access = getattr(resource, "access", "key")
     return access
+
+
+def visible_models(req: falcon.asgi.Request) -> Callable[[str], bool]:
+    """Which model names a request may be told of (a 404 lists them): its key's models;
+    every model on a server without keys; none to a caller without a key (an open
+    route) on a server with keys, who may not even see ``/v1/models``."""
+    key: ApiKey | None = req.context.get("key")
+    if key is not None:
+        return key.allows
+    if req.context.get("keys_enabled", True):
+        return _no_model
+    return _any_model
+
+
+def _no_model(name: str) -> bool:
+    return False
+
+
+def _any_model(name: str) -> bool:
+    return True
 
 
 def check_model(req: falcon.asgi.Request, model: str) -> None:
@@ -48,6 +70,7 @@ class AuthMiddleware:
                               resp: falcon.asgi.Response) -> None:
         req.context.key = None
         req.context.key_name = "-"
+        req.context.keys_enabled = self.keys.enabled
 
     async def process_resource(self, req: falcon.asgi.Request, resp: falcon.asgi.Response,
                                resource: object, params: dict[str, Any]) -> None:

@@ -22,6 +22,12 @@ _TYPE_NAMES = {str: "a string", bool: "a boolean", int: "an integer", float: "a 
                list: "an array", dict: "an object"}
 
 
+def media_type(req: falcon.asgi.Request) -> str:
+    """The body's media type without parameters, in lower case: media types are
+    case-insensitive (RFC 9110 8.3.1), so ``Multipart/Form-Data`` is a form too."""
+    return (req.content_type or "").partition(";")[0].strip().lower()
+
+
 def refuse_encoded(req: falcon.asgi.Request) -> None:
     """Refuse a compressed body: llmux reads bodies as sent, and a gzipped one would be
     reported as invalid JSON or a broken form.

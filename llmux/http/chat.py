@@ -223,8 +223,10 @@ class Completion:
                      include_usage: bool) -> AsyncIterator[SSEvent]:
         """SSE events until ``[DONE]``; an error after the start is one error event.
 
-        ``usage`` rides on the final chunk whether or not it was asked for (Open WebUI
-        reads it there); ``include_usage`` adds OpenAI's separate usage-only chunk.
+        ``usage`` is sent once: with ``include_usage``, on OpenAI's separate usage-only
+        chunk after the finish chunk (a client that adds up every chunk's usage counts
+        it once); without it, on the finish chunk (Open WebUI reads it there and does
+        not always ask for it).
         """
         yield self.chunk({"role": "assistant", "content": ""})
         async for reply in replies(ticket, first):
@@ -237,7 +239,8 @@ class Completion:
                         yield self.chunk(delta)
                 case Finished(data=data):
                     usage = usage_of(data)
-                    yield self.chunk({}, data.get("finish_reason", "stop"), usage)
+                    yield self.chunk({}, data.get("finish_reason", "stop"),
+                                     None if include_usage else usage)
                     if include_usage:
                         yield SSEvent(json={**self._base("chat.completion.chunk"),
                                             "choices": [], "usage": usage})

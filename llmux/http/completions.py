@@ -98,8 +98,9 @@ class TextCompletion:
                 case Piece(data=data) if "text" in data:
                     yield self.chunk(data["text"])
                 case Finished(data=data):
-                    usage = usage_of(data)
-                    yield self.chunk("", data.get("finish_reason", "stop"), usage)
+                    usage = usage_of(data)  # once: see chat.Completion.events
+                    yield self.chunk("", data.get("finish_reason", "stop"),
+                                     None if include_usage else usage)
                     if include_usage:
                         yield SSEvent(json={**self.base(), "choices": [], "usage": usage})
                     yield SSEvent(data=b"[DONE]")

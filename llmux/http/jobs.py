@@ -10,15 +10,16 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
+import anyio
 import falcon.asgi
 
-from llmux.actors.messages import Failure, Finished, Reply, Status
+from llmux.actors.messages import Failure, Finished, Reply, Started, Status
 from llmux.errors import ShuttingDown
 from llmux.http.disconnect import on_disconnect
 from llmux.http.metrics_route import watch_job
 from llmux.runtime import Ticket
 
-PREFLIGHT_S = 0.5  # wait this long for a fast refusal before committing to a 200 stream
+PREFLIGHT_S = 0.5  # wait this long in all for a fast refusal before a 200 stream
 KEEPALIVE_S = 1.0  # a Status reply at least this often while nothing else comes
 
 
@@ -45,8 +46,9 @@ async def run_whole(req: falcon.asgi.Request, ticket: Ticket
 
 
 async def start_stream(req: falcon.asgi.Request, ticket: Ticket) -> Reply:
-    """The first reply if it comes quickly, so a refusal (queue full, load refused,
-    bad input) is a proper HTTP error instead of an error inside a 200 stream.
+    """The first reply if it comes within ``PREFLIGHT_S``, so a refusal (queue full, load
+    refused, bad input) is a proper HTTP error instead of an error inside a 200 stream;
+    ``Status("waiting")`` when none came in time (the 200 stream then begins).
 
     Raises:
         LlmuxError: the job failed at once.
@@ -54,7 +56,8 @@ async def start_stream(req: falcon.asgi.Request, ticket: Ticket) -> Reply:
     on_disconnect(req.scope, ticket.cancel)
     watch_job(req, ticket)
     try:
-        reply = await ticket.next(PREFLIGHT_S)
+        with anyio.fail_after(PREFLIGHT_S):
+            reply = await first_answer(ticket)
     except TimeoutError:
         return Status("waiting")
     except BaseException:
@@ -64,6 +67,18 @@ async def start_stream(req: falcon.asgi.Request, ticket: Ticket) -> Reply:
         ticket.cancel()
         raise reply.error
     return reply or Status("ended")
+
+
+async def first_answer(ticket: Ticket) -> Reply | None:
+    """The first reply that is not ``Started``: the actor sends ``Started`` as it hands
+    the job to the worker, before the worker has looked at the input, so only the reply
+    after it tells whether the worker refused the input. None: the stream has ended.
+
+    Cancelling it loses no reply (the ticket keeps what it has not handed out).
+    """
+    while isinstance(reply := await ticket.next(), Started):
+        pass
+    return reply
 
 
 async def replies(ticket: Ticket, first: Reply) -> AsyncIterator[Reply]:

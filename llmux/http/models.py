@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import falcon.asgi
 
 from llmux.auth import ApiKey
-from llmux.http.auth import check_model
+from llmux.http.auth import check_model, visible_models
 from llmux.runtime import Runtime
 
 
@@ -32,8 +33,10 @@ class Models:
         self.runtime = runtime
         self.created = created
 
-    def describe(self, name: str) -> dict[str, Any]:
-        _, physical = self.runtime.resolve(name)
+    def describe(self, name: str, visible: Callable[[str], bool] | None = None
+                 ) -> dict[str, Any]:
+        """Raises ModelNotFound, listing the ``visible`` names (see Runtime.resolve)."""
+        _, physical = self.runtime.resolve(name, visible)
         return {
             "id": name,
             "object": "model",
@@ -58,7 +61,7 @@ class Models:
 
     async def on_get_one(self, req: falcon.asgi.Request, resp: falcon.asgi.Response,
                          model_id: str) -> None:
-        description = self.describe(model_id)
+        description = self.describe(model_id, visible_models(req))
         check_model(req, model_id)
         resp.media = description
 

@@ -14,6 +14,8 @@ from typing import Any, Final
 
 import falcon.asgi
 
+from llmux.http.params import REASONING_EFFORTS
+
 Schema = dict[str, Any]
 
 # NOTE: integers travel to workers as msgpack, which holds at most 64 bits; a bigger
@@ -269,7 +271,9 @@ def chat_schemas() -> dict[str, Schema]:
                 "parallel_tool_calls": boolean(),
                 "response_format": obj({"type": enum("text", "json_object", "json_schema")},
                                        {"json_schema": obj({})}),
-                "reasoning_effort": enum("minimal", "low", "medium", "high"),
+                "reasoning_effort": enum(*REASONING_EFFORTS, description=(
+                    "xhigh and max mean high for the chat template; none turns thinking "
+                    "off (enable_thinking false; low for gpt-oss).")),
                 "chat_template_kwargs": obj({}, description="Passed to the chat template."),
             }),
         "ChatCompletion": record(**head, object=const("chat.completion"), choices=array(record(

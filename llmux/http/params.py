@@ -12,7 +12,9 @@ from llmux.errors import BadRequest
 from llmux.http.body import field, integer_in, number_in
 
 MAX_STOP = 16
-REASONING_EFFORTS = ("minimal", "low", "medium", "high")
+# The openai SDK's set (OpenAI's, and its ``max``); llmux.chat.virtual.template_effort
+# says what each becomes for a chat template.
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh", "max")
 
 
 def max_tokens(body: dict[str, Any]) -> int | None:

@@ -8,7 +8,7 @@ import falcon.asgi
 
 from llmux.config import PhysicalModel, VirtualModel, a_model_of_type
 from llmux.errors import BadRequest
-from llmux.http.auth import check_model
+from llmux.http.auth import check_model, visible_models
 from llmux.http.body import field, read_json
 from llmux.http.metrics_route import note_model
 from llmux.runtime import Runtime
@@ -22,7 +22,7 @@ def resolve_for(req: falcon.asgi.Request, runtime: Runtime, name: str,
     Raises:
         ModelNotFound, Forbidden, BadRequest.
     """
-    virtual, physical = runtime.resolve(name)
+    virtual, physical = runtime.resolve(name, visible_models(req))
     note_model(req, name)  # a configured name: the metrics' model label
     check_model(req, name)
     if physical.type not in types:

@@ -20,6 +20,7 @@ from llmux.chat.virtual import apply_virtual
 from llmux.config import PhysicalModel, VirtualModel
 from llmux.documents import document_pages
 from llmux.errors import BadRequest, LlmuxError, PayloadTooLarge, UnsupportedMediaType
+from llmux.http.body import media_type
 from llmux.http.chat import usage_of
 from llmux.http.disconnect import on_disconnect
 from llmux.http.jobs import run_whole
@@ -76,7 +77,7 @@ class Transcribe:
         self.runtime = runtime
 
     async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
-        if not (req.content_type or "").startswith("multipart/form-data"):
+        if media_type(req) != "multipart/form-data":
             raise UnsupportedMediaType("Send the document as multipart/form-data with a "
                                        "'file' part (an image or a PDF) and 'model'.")
         limit = self.runtime.config.server.max_upload_bytes

@@ -11,16 +11,17 @@ from __future__ import annotations
 import base64
 import binascii
 import functools
-from typing import Any
+from typing import Any, cast
 
 import anyio.to_thread
 import falcon.asgi
+from falcon.asgi.multipart import MultipartForm
 
 from llmux.audio.decode import decode_to_pcm, duration_s
 from llmux.audio.transcript import CONTENT_TYPES, RESPONSE_FORMATS, render
 from llmux.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 from llmux.http import json_shape
-from llmux.http.body import read_json, refuse_encoded
+from llmux.http.body import media_type, read_json, refuse_encoded
 from llmux.http.jobs import run_whole
 from llmux.http.target import resolve_for
 from llmux.runtime import Runtime
@@ -30,6 +31,18 @@ FORM_SLACK = 64 * 1024  # the form's other fields, on top of the upload limit
 READ_CHUNK = 256 * 1024
 GRANULARITIES = ("word", "segment")
 RECOGNITION = frozenset({"asr"})
+
+
+async def multipart_form(req: falcon.asgi.Request) -> MultipartForm:
+    """The body as a multipart form, whatever the case of its media type.
+
+    NOTE: ``req.get_media()`` picks the handler by the media type as sent, case by case,
+    and answers ``Multipart/Form-Data`` with a 415; media types are case-insensitive
+    (RFC 9110 8.3.1) and the caller has checked this one, so the form handler is named.
+    """
+    handler = req.options.media_handlers[falcon.MEDIA_MULTIPART]
+    form = await handler.deserialize_async(req.stream, req.content_type, req.content_length)
+    return cast(MultipartForm, form)
 
 
 async def read_multipart(req: falcon.asgi.Request, limit: int,
@@ -47,7 +60,7 @@ async def read_multipart(req: falcon.asgi.Request, limit: int,
     if req.content_length is not None and req.content_length > limit + FORM_SLACK:
         raise PayloadTooLarge(f"The upload has {req.content_length} bytes; the limit is "
                               f"{limit} bytes. {advice}")
-    form = await req.get_media()
+    form = await multipart_form(req)
     audio: bytes | None = None
     fields: dict[str, Any] = {}
     async for part in form:
@@ -66,7 +79,7 @@ async def read_multipart(req: falcon.asgi.Request, limit: int,
             audio = bytes(data)
         elif name in ("timestamp_granularities[]", "timestamp_granularities"):
             fields.setdefault("timestamp_granularities", []).append(await part.get_text())
-        else:
+        elif name is not None:  # a part without a name is no field
             fields[name] = await part.get_text()
     try:
         # NOTE: a part's charset may be any Python codec; utf-7 and unicode_escape
@@ -137,9 +150,10 @@ class Transcriptions:
 
     async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         limit = self.runtime.config.server.max_upload_bytes
-        if req.content_type and req.content_type.startswith("multipart/form-data"):
+        kind = media_type(req)
+        if kind == "multipart/form-data":
             audio, fields = await read_multipart(req, limit)
-        elif req.content_type and req.content_type.startswith("application/json"):
+        elif kind == "application/json":
             fields = await read_json(req, limit * 4 // 3 + FORM_SLACK)
             audio = audio_from_json(fields)
         else:
