@@ -19,7 +19,7 @@ them; nothing else decides a status code.
      │    ├── DeadlineExceeded     503 waited past the request deadline
      │    ├── ModelFailed          503 the model failed to load or its worker died
      │    └── ShuttingDown         503
-     ├── LoadRefused               507 the model can never fit as configured
+     ├── LoadRefused               507 the model can never fit as configured (no retry)
      └── InternalError             500 a bug in llmux, never a client's mistake
 """
 
@@ -54,6 +54,9 @@ class LlmuxError(Exception):
     status: ClassVar[int] = 500
     type: ClassVar[str] = "server_error"
     code: ClassVar[str | None] = None
+    # False: the ``x-should-retry: false`` header, which the openai SDK obeys (it retries
+    # any 5xx otherwise): for errors that no retry can change.
+    should_retry: ClassVar[bool | None] = None
 
     def __init__(
         self, message: str, *, param: str | None = None, retry_after_s: float | None = None
@@ -182,6 +185,7 @@ class LoadRefused(LlmuxError):
     status = 507
     type = "server_error"
     code = "insufficient_memory"
+    should_retry = False
 
 
 class InternalError(LlmuxError):

@@ -25,6 +25,8 @@ def render(resp: falcon.asgi.Response, error: LlmuxError) -> None:
     resp.media = error.to_dict()
     if error.retry_after_s is not None:
         resp.set_header("Retry-After", str(max(1, round(error.retry_after_s))))
+    if error.should_retry is not None:
+        resp.set_header("x-should-retry", "true" if error.should_retry else "false")
     if error.status == 401:
         resp.set_header("WWW-Authenticate", "Bearer")
 

@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
+import pytest
 
 from tests.conftest import fake_model, wait_until
 from tests.guarantees.common import chat
@@ -37,6 +39,7 @@ def refused_at_once(server: Any, model: str) -> str:
     assert time.monotonic() - started < 3, "refused only after waiting"
     assert reply.status_code == 507, reply.text
     assert reply.json()["error"]["code"] == "insufficient_memory"
+    assert reply.headers["x-should-retry"] == "false"  # the openai SDK would retry a 5xx
     message: str = reply.json()["error"]["message"]
     return message
 
@@ -52,6 +55,12 @@ def test_loads_that_can_never_fit_are_refused_at_once_with_the_reason(
                30, "the pinned and preloaded models to load")
     assert refused_at_once(server, "huge") == (
         "huge (llm) needs 2.0 GB but cpu offers at most 500.0 MB")
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="-", max_retries=2)
+    with client, pytest.raises(openai.APIStatusError) as refused:
+        client.chat.completions.create(model="huge", messages=[{"role": "user", "content": "hi"}])
+    assert refused.value.status_code == 507
+    assert len([e for e in server.state()["events"]
+                if e["kind"] == "refuse" and e["model"] == "huge"]) == 2  # no SDK retry
     # room only by evicting the pinned keeper or the higher-class ears (strict priority)
     message = refused_at_once(server, "big")
     assert message.startswith("big (llm) needs 250.0 MB but cpu can only ever offer ")
