@@ -119,7 +119,8 @@ async def collect(handle: WorkerHandle, request_id: int) -> list[Frame]:
 async def test_spawned_worker_says_hello_and_stops_cleanly() -> None:
     async with running_worker() as handle:
         *command, log_fd = psutil.Process(handle.pid).cmdline()[1:]
-        assert command == ["-m", "llmux.worker", "--model-id", "fake-1", "--log-fd"]
+        assert command == ["-m", "llmux.worker", "--model-id", "fake-1",
+                           "--parent-pid", str(os.getpid()), "--log-fd"]
         # Its log records go to our stderr; its stdout and stderr to the relay's pipe.
         fds = f"/proc/{handle.pid}/fd"
         assert os.readlink(f"{fds}/{log_fd}") == os.readlink("/proc/self/fd/2")
@@ -364,6 +365,20 @@ def test_worker_exits_when_its_stdin_closes() -> None:
     assert isinstance(frames[0], Hello) and frames[0].pid == worker.pid
     worker.stdin.close()
     assert worker.wait(timeout=5) == 0
+    worker.stdout.close()
+
+
+def test_a_worker_whose_server_died_while_it_started_exits_at_once() -> None:
+    """Its parent is then init or a reaper, not the server it names: asking to die
+    with that parent would leave it an orphan."""
+    not_our_parent = os.getpid() + 1_000_000  # no such process: a server that is gone
+    worker = subprocess.Popen([sys.executable, "-m", "llmux.worker", "--model-id", "late",
+                               "--parent-pid", str(not_our_parent)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert worker.stdin is not None and worker.stdout is not None
+    assert worker.wait(timeout=10) == 0
+    assert worker.stdout.read() == b""  # not even a Hello
+    worker.stdin.close()
     worker.stdout.close()
 
 

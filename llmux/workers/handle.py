@@ -135,7 +135,7 @@ class WorkerHandle:
         output_read, output_write = os.pipe()
         log_fd = os.dup(2)
         command = [python, "-m", "llmux.worker", "--model-id", model_id,
-                   "--log-fd", str(log_fd), *args]
+                   "--parent-pid", str(os.getpid()), "--log-fd", str(log_fd), *args]
         try:
             process = await anyio.open_process(
                 command,

@@ -277,15 +277,18 @@ def _preload(modules: Sequence[str]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of ``python -m llmux.worker``; never returns."""
-    parent_pid = os.getppid()
     parser = argparse.ArgumentParser(prog="llmux.worker")
     parser.add_argument("--model-id", required=True)
+    parser.add_argument("--parent-pid", type=int,
+                        help="the server's pid: a worker whose server died before it "
+                             "could ask to die with it exits at once; default: its parent")
     parser.add_argument("--preload", action="append", default=[],
                         help="a module to import before the Hello (warm spares)")
     parser.add_argument("--log-fd", type=int,
                         help="where log records go (the server's stderr); default 2")
+    parent_pid = os.getppid()  # NOTE: read first: the server may die while we start
     args = parser.parse_args(argv)
-    _die_with_parent(parent_pid)
+    _die_with_parent(args.parent_pid or parent_pid)
     # NOTE: a SIGTERM handler installed by Python code would wait for the main
     # thread to reach bytecode; the default action ends us even inside C.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
