@@ -7,6 +7,7 @@ section with strict scalar hooks (plain cattrs would call ``int("9")`` and
 Config says ``"9GB"``; code says int bytes.
 """
 
+import ipaddress
 import math
 import os
 import re
@@ -177,7 +178,7 @@ class Server:
         """"open" or "admin", as configured or by the bind address."""
         if self.metrics is not None:
             return self.metrics
-        return "open" if self.host in ("127.0.0.1", "::1", "localhost") else "admin"
+        return "open" if is_loopback(self.host) else "admin"
 
     def resolved_state_dir(self, environ: Mapping[str, str] | None = None) -> Path:
         """``state_dir``, else ``$XDG_STATE_HOME/llmux``, else ``~/.local/state/llmux``."""
@@ -681,6 +682,16 @@ def _device_id(config: Config, model: PhysicalModel) -> str | None:
     return model.device if model.device is not None else next(iter(config.devices), None)
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is only reachable from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 # --- loading -----------------------------------------------------------------------------
 
 
@@ -702,6 +713,19 @@ class _Loader(yaml.SafeLoader):
                 seen.add((key_node.tag, key_node.value))
         return super().construct_mapping(node, deep)
 
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        """A value whose explicit tag it does not fit (``!!int sk-...``) is a YAML error
+        at its line, not the constructor's ValueError, whose message quotes the value
+        (in a keys file, a secret)."""
+        try:
+            return super().construct_object(node, deep)
+        except yaml.YAMLError:
+            raise
+        except Exception:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"the value is not a valid {node.tag.rsplit(':', 1)[-1]}",
+                node.start_mark) from None
+
 
 _BOOL = "tag:yaml.org,2002:bool"
 _Loader.yaml_implicit_resolvers = {
@@ -722,6 +746,9 @@ def yaml_problem(source: str, exc: yaml.YAMLError) -> ConfigError:
     NOTE: never ``str(exc)``: it quotes the offending line, which in a keys file may
     hold a secret.
     """
+    if isinstance(exc, yaml.reader.ReaderError):  # bytes that are not UTF-8 (or UTF-16)
+        return ConfigError([f"{source}: not UTF-8 text ({exc.reason} at byte "
+                            f"{exc.position})"], source=source)
     mark = getattr(exc, "problem_mark", None)
     where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
     what = getattr(exc, "problem", None) or getattr(exc, "reason", None) or "not valid YAML"
@@ -736,7 +763,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     """
     source = os.fspath(path)
     try:
-        with open(source, encoding="utf-8") as stream:
+        with open(source, "rb") as stream:  # PyYAML reads the encoding, and refuses bad bytes
             data = load_yaml(stream)
     except OSError as exc:
         raise ConfigError([f"{source}: {exc.strerror or exc}"], source=source) from exc

@@ -52,7 +52,8 @@ def missing_files(config: Config) -> list[ModelFile]:
 
 
 def missing_files_of(model: PhysicalModel) -> list[ModelFile]:
-    """The paths of ``model`` that do not exist here (a few ``stat`` calls)."""
+    """The paths of ``model`` that do not exist here, or cannot be looked at (a few
+    ``stat`` calls)."""
     missing: list[ModelFile] = []
     for role, value in [("model_path", model.model_path), *model.files.items()]:
         if not value:
@@ -61,10 +62,13 @@ def missing_files_of(model: PhysicalModel) -> list[ModelFile]:
             continue  # NOTE: the package lives in another interpreter's environment
         try:
             resolve_model_path(value)
+            continue
         except FileNotFoundError as exc:
             why = str(exc).removeprefix(f"{value}: ").removesuffix(f" ({value})")
-            missing.append(ModelFile(model=model.id, role=role, value=value,
-                                     problem=why, pullable=model.source is not None))
+        except OSError as exc:  # too long a name, no permission, a stale network mount
+            why = f"cannot be looked at: {exc.strerror or exc}"
+        missing.append(ModelFile(model=model.id, role=role, value=value,
+                                 problem=why, pullable=model.source is not None))
     return missing
 
 

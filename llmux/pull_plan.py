@@ -31,8 +31,6 @@ __all__ = [
     "select_files",
 ]
 
-_WILDCARDS = frozenset("*?[")
-
 
 class Status(enum.Enum):
     """A file's fate; only PRESENT and DOWNLOADED count as success."""
@@ -93,15 +91,18 @@ class Row:
 
 def download_dir(model: PhysicalModel, source: Source) -> str:
     """Where a model's files land: ``source.local_dir``, else ``model_path`` itself (a
-    directory), or the folder holding it when ``model_path`` ends with one of the files."""
+    directory), or the folder holding it when ``model_path`` ends with one of the files
+    (a name or a pattern: ``*Q4_K_M.gguf``)."""
     if source.local_dir is not None:
         return source.local_dir
     if model.model_path is None:
         raise ValueError(f"{model.id}: a source needs model_path or source.local_dir")
     path = model.model_path.rstrip("/")
-    for name in source.files:
-        if not _WILDCARDS & set(name) and path.endswith("/" + name.strip("/")):
-            return path[: -len(name.strip("/")) - 1] or "/"
+    parts = path.split("/")
+    for pattern in (name.strip("/") for name in source.files):
+        depth = pattern.count("/") + 1  # "sub/Q.gguf": the file is two levels down
+        if len(parts) > depth and fnmatch.fnmatchcase("/".join(parts[-depth:]), pattern):
+            return "/".join(parts[:-depth]) or "/"
     return path
 
 

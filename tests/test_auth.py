@@ -467,6 +467,28 @@ def test_bad_yaml_is_named_with_its_position_but_not_its_text(tmp_path: Path) ->
     assert "sk-unterminated" not in str(caught.value)
 
 
+@pytest.mark.parametrize("tag", ["!!int", "!!float", "!!timestamp", "!!bool"])
+def test_a_key_under_a_tag_it_does_not_fit_is_named_but_not_quoted(
+        tmp_path: Path, tag: str) -> None:
+    path = tmp_path / "keys.yaml"
+    path.write_text(f"keys:\n  - name: a\n    key: {tag} sk-secret-789\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as caught:
+        load_keys(path)
+    [problem] = caught.value.problems
+    assert problem.startswith(f"{path}:3:10: the value is not a valid ")
+    assert "sk-secret" not in str(caught.value) and caught.value.__cause__ is None
+
+
+def test_an_edit_with_a_bad_tag_keeps_the_old_keys(keys_file: Path,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    keys = store(keys_file, {"name": "a", "key": "a-key"})
+    keys_file.write_text("keys:\n  - name: a\n    key: !!int sk-new-789\n", encoding="utf-8")
+    os.utime(keys_file, ns=(1, 1))
+    assert keys.reload_if_changed() is False
+    assert keys.authenticate("Bearer a-key") is not None
+    assert "sk-new" not in caplog.text
+
+
 def test_invalid_file_problems_carry_the_file_name(tmp_path: Path) -> None:
     path = write(tmp_path / "keys.yaml", {"name": "a"})
     with pytest.raises(ConfigError) as caught:

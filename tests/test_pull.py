@@ -412,6 +412,31 @@ def test_a_model_with_missing_files_says_which_and_how_to_pull_them(tmp_path: Pa
     }
 
 
+def test_a_path_that_cannot_be_looked_at_is_named_not_raised(tmp_path: Path) -> None:
+    """A name too long, no permission, a stale mount: the model cannot load, and says
+    why (the exception once ended the look, and a request's look the whole server); a
+    package path may name a subpackage, found without importing anything."""
+    from llmux.config import load_config
+    from llmux.model_files import cannot_load
+
+    long_name = f"{tmp_path}/{'x' * 300}.gguf"
+    models = {
+        "long": fake_model() | {"model_path": long_name},
+        "dotted": fake_model() | {"model_path": "pkg:nosuchpkg.sub/model.gguf"},
+        "sub": fake_model() | {"model_path": "pkg:llmux.backends/fake.py"},
+    }
+    config = load_config(_config(tmp_path, models))
+    why = {name: cannot_load(model, config) for name, model in config.physical_models.items()}
+    assert why == {
+        "long": f"long cannot load: its model_path {long_name} is missing (cannot be looked "
+                "at: File name too long)",
+        "dotted": "dotted cannot load: its model_path pkg:nosuchpkg.sub/model.gguf is missing "
+                  "(the Python package 'nosuchpkg.sub' is not installed in the worker's "
+                  "interpreter)",
+        "sub": None,
+    }
+
+
 def test_serve_starts_though_the_look_for_model_files_hangs(
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """A network filesystem that does not answer delays the start by the bound only."""
@@ -449,6 +474,8 @@ def _physical(model_path: str | None, **source: Any) -> tuple[PhysicalModel, Sou
 @pytest.mark.parametrize(("model_path", "source", "expected"), [
     ("/models/q/Q-Q8_0.gguf", {"files": ["Q-Q8_0.gguf", "mmproj.gguf"]}, "/models/q"),
     ("/models/q/sub/Q.gguf", {"files": ["sub/Q.gguf"]}, "/models/q"),
+    ("/models/q/Q-Q4_K_M.gguf", {"files": ["*Q4_K_M.gguf"]}, "/models/q"),  # not q/Q-...gguf/
+    ("/models/q/sub/Q-Q4_K_M.gguf", {"files": ["sub/*.gguf"]}, "/models/q"),
     ("/models/whisper", {}, "/models/whisper"),
     ("/models/whisper/", {"files": ["*.json"]}, "/models/whisper"),
     ("/models/q/Q.gguf", {"files": ["Q.gguf"], "local_dir": "/elsewhere"}, "/elsewhere"),
