@@ -9,7 +9,7 @@ progress for up to ``server.shutdown_grace_s`` (``llmux/shutdown.py``).
 from __future__ import annotations
 
 import argparse
-import ipaddress
+import errno
 import json
 import logging
 import os
@@ -17,14 +17,17 @@ import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
 
 import anyio
+import attrs
 
-from llmux.auth import KeyStore
-from llmux.config import Config, ConfigError, load_config, parse_size
+from llmux.actors.devices import DeviceUnavailable
+from llmux.auth import KeyStore, load_keys
+from llmux.config import Config, ConfigError, is_loopback, load_config, parse_size
 from llmux.config_report import format_bytes, render_summary
 from llmux.logging_setup import ENV as LOG_FORMAT_ENV
 from llmux.logging_setup import FORMATS, setup_logging
@@ -35,16 +38,6 @@ log = logging.getLogger("llmux")
 DEFAULT_CONFIG = "config/llmux.yaml"
 FILES_CHECK_S = 5.0  # how long serve waits for its look for missing model files
 MAX_HEADER_BYTES = 16 * 1024  # request line + headers; Hypercorn's default, made explicit
-
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` is only reachable from this machine."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def open_server_problem(keys: KeyStore, host: str) -> str | None:
@@ -129,6 +122,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     os.environ[LOG_FORMAT_ENV] = log_format  # the workers log the same way
     host = args.host or config.server.host
     port = args.port if args.port is not None else config.server.port
+    # NOTE: the address it listens on decides who may read /metrics without a key
+    config = attrs.evolve(config, server=attrs.evolve(config.server, host=host, port=port))
     keys_file = args.api_keys or config.server.api_keys_file
     try:
         keys = KeyStore(Path(keys_file) if keys_file else None)
@@ -146,8 +141,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
     else:
         log.warning("no API keys configured: serving without authentication, on the "
                     "loopback address %s only", host)
-    anyio.run(serve, config, host, port, keys, backend="asyncio")
+    try:
+        anyio.run(serve, config, host, port, keys, backend="asyncio")
+    except DeviceUnavailable as exc:
+        print(f"llmux: {exc}", file=sys.stderr)
+        return 1
+    except BaseExceptionGroup as group:
+        error = bind_error(group)
+        if error is None:
+            raise
+        print(f"llmux: cannot listen on {host} port {port}: {error.strerror}", file=sys.stderr)
+        return 1
     return 0
+
+
+def bind_error(group: BaseExceptionGroup) -> OSError | None:
+    """The error of listening (the port in use, an address not ours) in ``group``."""
+    bound: BaseException | None = group.subgroup(
+        lambda exc: isinstance(exc, OSError) and exc.errno in (
+            errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES))
+    while isinstance(bound, BaseExceptionGroup):
+        bound = bound.exceptions[0]
+    return bound if isinstance(bound, OSError) else None
 
 
 def print_problems(path: str, exc: ConfigError) -> None:
@@ -170,8 +185,18 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     config = load_or_report(args.file)
     if config is None:
         return 1
+    keys_file = config.server.api_keys_file
+    if keys_file is not None and Path(keys_file).exists():  # serve refuses bad keys
+        try:
+            load_keys(Path(keys_file))
+        except ConfigError as exc:
+            print_problems(keys_file, exc)
+            return 1
     print(render_summary(config))
     print(render_missing(config))  # a missing file is news, not an invalid config
+    if keys_file is not None and not Path(keys_file).exists():
+        print(f"API keys file {keys_file} is not here: `llmux serve` refuses to start "
+              "without it")
     return 0
 
 
@@ -248,7 +273,7 @@ def cmd_state(args: argparse.Namespace) -> int:
 
 def cmd_move(args: argparse.Namespace) -> int:
     """Reload a model on another device through the admin API."""
-    url = f"{args.url.rstrip('/')}/admin/models/{args.model}/device"
+    url = f"{args.url.rstrip('/')}/admin/models/{urllib.parse.quote(args.model, safe='')}/device"
     request = urllib.request.Request(url, method="POST",
                                      data=json.dumps({"device": args.device}).encode(),
                                      headers={"Content-Type": "application/json"})
@@ -258,14 +283,34 @@ def cmd_move(args: argparse.Namespace) -> int:
         with urllib.request.urlopen(request, timeout=10) as response:
             json.load(response)
     except urllib.error.HTTPError as exc:
-        message = json.loads(exc.read() or b"{}").get("error", {}).get("message", exc.reason)
-        print(f"llmux: {message}", file=sys.stderr)
+        print(f"llmux: {error_message(exc)}", file=sys.stderr)
         return 1
     except (urllib.error.URLError, OSError, ValueError) as exc:
         print(f"cannot reach {args.url}: {exc}", file=sys.stderr)
         return 1
     print(f"{args.model}: moving to {args.device}; `llmux state` shows when it is ready")
     return 0
+
+
+def error_message(exc: urllib.error.HTTPError) -> str:
+    """The message of llmux's OpenAI-shaped error body; the status's reason for any other
+    body (a proxy's HTML page)."""
+    try:
+        message = json.loads(exc.read())["error"]["message"]
+    except (ValueError, KeyError, TypeError, OSError):
+        return f"{exc.code} {exc.reason}"
+    return str(message)
+
+
+def port_number(text: str) -> int:
+    """A TCP port, for argparse (which names the option in its error)."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = 0
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port (1 to 65535)")
+    return port
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -278,7 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", dest="config_option", metavar="CONFIG",
                    help="the config file, named this way instead")
     p.add_argument("--host", help="address to listen on (overrides server.host)")
-    p.add_argument("--port", type=int, help="port to listen on (overrides server.port)")
+    p.add_argument("--port", type=port_number,
+                   help="port to listen on (overrides server.port)")
     p.add_argument("--api-keys", metavar="FILE",
                    help="API keys file (overrides server.api_keys_file)")
     p.add_argument("--log-format", choices=FORMATS,

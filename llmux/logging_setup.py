@@ -99,4 +99,9 @@ def setup_logging(log_format: str = "text", level: str | None = None, *,
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
-    root.setLevel((level or os.environ.get("LLMUX_LOG_LEVEL") or "INFO").upper())
+    name = (level or os.environ.get("LLMUX_LOG_LEVEL") or "INFO").upper()
+    known = logging.getLevelNamesMapping()
+    root.setLevel(known.get(name, logging.INFO))
+    if name not in known:
+        logging.getLogger("llmux").warning(
+            "log level %r is not one of DEBUG, INFO, WARNING, ERROR: logging at INFO", name)

@@ -7,9 +7,11 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -162,6 +164,89 @@ def test_an_open_server_refuses_to_bind_a_public_address(tmp_path: Any) -> None:
     assert "refusing to serve 0.0.0.0 without API keys" in out.stderr
 
 
+def test_host_given_on_the_command_line_decides_who_reads_metrics(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The deploy files say --host 0.0.0.0 to a config whose host is 127.0.0.1: the
+    metrics (key names, models, usage) then need an admin key, as on any address
+    others can reach (they were open)."""
+    from llmux import cli
+
+    keys = tmp_path / "keys.yaml"
+    keys.write_text(yaml.safe_dump({"keys": [{"name": "a", "key": "sk-a", "admin": True}]}))
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(fake_config(a=fake_model())))
+    served: list[Any] = []
+    monkeypatch.setattr(cli.anyio, "run", lambda *args, **kwargs: served.append(args))
+    monkeypatch.setattr(cli, "setup_logging", lambda *args, **kwargs: None)  # pytest's
+    assert cli.main(["serve", str(config), "--host", "0.0.0.0", "--port", "9999",
+                     "--api-keys", str(keys)]) == 0
+    [(_, served_config, host, port, _)] = served
+    assert (host, port) == ("0.0.0.0", 9999)
+    assert (served_config.server.host, served_config.server.port) == ("0.0.0.0", 9999)
+    assert served_config.server.metrics_access() == "admin"
+
+
+def test_a_cuda_device_nvml_cannot_read_is_an_error_not_a_traceback(tmp_path: Path) -> None:
+    """No GPU and no pynvml here: the config is valid, the machine cannot serve it."""
+    config = tmp_path / "cuda.yaml"
+    config.write_text(yaml.safe_dump({"devices": {"cuda:0": {"capacity": "8GB"}},
+                                      **fake_config(a=fake_model())}))
+    out = subprocess.run([sys.executable, "-m", "llmux.cli", "serve", str(config)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1
+    assert "llmux: device cuda:0: NVML cannot read its memory (" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_check_config_checks_the_keys_file_serve_would_need(tmp_path: Path) -> None:
+    """A keys file that is not here yet is news (as a model file is); one that is
+    here but broken is an error."""
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"server": {"api_keys_file": "keys.yaml"},
+                                      **fake_config(a=fake_model())}))
+    check = [sys.executable, "-m", "llmux.cli", "check-config", str(config)]
+    out = subprocess.run(check, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0
+    assert out.stdout.rstrip().endswith(f"API keys file {tmp_path}/keys.yaml is not here: "
+                                        "`llmux serve` refuses to start without it")
+    (tmp_path / "keys.yaml").write_text("keys:\n  - name: a\n")
+    out = subprocess.run(check, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1
+    assert out.stderr == f"{tmp_path}/keys.yaml: 1 problem(s)\n  keys[0].key: required\n"
+
+
+def test_a_port_in_use_is_an_error_not_a_traceback(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(fake_config(a=fake_model())))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = subprocess.run([sys.executable, "-m", "llmux.cli", "serve", str(config),
+                              "--port", str(port)],
+                             cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1
+    assert f"llmux: cannot listen on 127.0.0.1 port {port}: Address already in use" \
+        in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_an_unknown_log_level_is_named_and_info_used() -> None:
+    out = subprocess.run([sys.executable, "-m", "llmux.cli", "check-config",
+                          str(ROOT / "config" / "fake.yaml")], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60, env={**os.environ, "LLMUX_LOG_LEVEL": "verbose"})
+    assert out.returncode == 0, out.stderr
+    assert "log level 'VERBOSE' is not one of DEBUG, INFO, WARNING, ERROR: logging at INFO" \
+        in out.stderr
+
+
+def test_a_port_out_of_range_is_refused_by_name() -> None:
+    out = subprocess.run([sys.executable, "-m", "llmux.cli", "serve", "--port", "99999"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2
+    assert "argument --port: '99999' is not a port (1 to 65535)" in out.stderr
+
+
 def test_an_open_loopback_server_says_it_is_open(start_server: Any) -> None:
     server = start_server(fake_config(a=fake_model()))
     assert "serving without authentication, on the loopback address 127.0.0.1 only" in \
@@ -245,6 +330,32 @@ def test_llmux_move_asks_the_server_and_explains_a_refusal(start_server: Any) ->
     out = subprocess.run([*move, "cuda:3"], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 1 and "No device 'cuda:3'. Devices: cpu" in out.stderr
     wait_until(lambda: server.model("a")["state"] == "ready", 10, "a to load on cpu")
+    out = subprocess.run([*move[:-1], "no such model", "cpu"], cwd=ROOT, capture_output=True,
+                         text=True)
+    assert out.returncode == 1 and "No physical model 'no such model'" in out.stderr
+
+
+def test_llmux_move_names_a_status_whose_body_is_not_llmux_s(tmp_path: Path) -> None:
+    """A proxy in front of llmux answers with its own page."""
+    import http.server
+    import threading
+
+    class Proxy(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.send_response(502, "Bad Gateway")
+            self.end_headers()
+            self.wfile.write(b"<html>502 Bad Gateway</html>")
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    with http.server.HTTPServer(("127.0.0.1", 0), Proxy) as proxy:
+        threading.Thread(target=proxy.handle_request, daemon=True).start()
+        out = subprocess.run([sys.executable, "-m", "llmux.cli", "move", "--url",
+                              f"http://127.0.0.1:{proxy.server_port}", "a", "cpu"],
+                             cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 1
+    assert out.stderr.strip() == "llmux: 502 Bad Gateway"
 
 
 def test_llmux_state_says_what_an_operator_looks_for() -> None:

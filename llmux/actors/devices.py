@@ -142,8 +142,22 @@ class NvmlProbe:
         self._failing = True
 
 
+class DeviceUnavailable(RuntimeError):
+    """A configured CUDA device whose memory NVML cannot read here."""
+
+
 def probe_for(device_id: str) -> DeviceProbe:
-    """The real probe for a configured device id (``cpu`` or ``cuda:N``)."""
+    """The real probe for a configured device id (``cpu`` or ``cuda:N``).
+
+    Raises:
+        DeviceUnavailable: no NVML (the ``cuda`` extra), no driver, or no such GPU.
+    """
     if device_id == "cpu":
         return CpuProbe()
-    return NvmlProbe(int(device_id.split(":", 1)[1]))
+    try:
+        return NvmlProbe(int(device_id.split(":", 1)[1]))
+    except Exception as exc:  # ImportError, NVMLError (no driver, no such index), ...
+        raise DeviceUnavailable(
+            f"device {device_id}: NVML cannot read its memory ({type(exc).__name__}: "
+            f"{exc}); install llmux[cuda] on a machine with that NVIDIA GPU and its "
+            "driver, or leave the device out of the config") from None
