@@ -608,6 +608,9 @@ def _check(config: Config, broken: _Broken) -> _Found:
     pinned_in: dict[str, str] = {}
     for model in config.physical_models.values():
         path = ("physical_models", model.id)
+        need("/" not in model.id, path, "a physical model's name may not hold '/': the admin "
+             "routes (/admin/models/NAME/load) take it as one path segment (a virtual "
+             "model's name may hold one)")
         one_of((*path, "type"), "type", model.type, MODEL_TYPES)
         one_of((*path, "backend"), "backend", model.backend, BACKENDS)
         for i, capability in enumerate(model.capabilities):

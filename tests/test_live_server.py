@@ -247,6 +247,33 @@ def test_a_port_out_of_range_is_refused_by_name() -> None:
     assert "argument --port: '99999' is not a port (1 to 65535)" in out.stderr
 
 
+def test_a_virtual_model_named_with_a_slash_is_retrieved_and_served(
+        start_server: Any) -> None:
+    """Hub-style names ("org/model") are common; only physical names, which the admin
+    routes take as one path segment, may not hold a slash."""
+    config = fake_config(chat=fake_model())
+    config["virtual_models"] = {"acme/chat": {"physical": "chat"}}
+    server = start_server(config)
+    with openai.OpenAI(base_url=f"{server.url}/v1", api_key="-", max_retries=0) as client:
+        assert client.models.retrieve("acme/chat").id == "acme/chat"
+        reply = client.chat.completions.create(
+            model="acme/chat", messages=[{"role": "user", "content": "hi"}])
+        assert reply.model == "acme/chat" and reply.choices[0].message.content
+        with pytest.raises(openai.NotFoundError, match="Available models: acme/chat"):
+            client.models.retrieve("acme/other")
+
+
+def test_a_physical_model_named_with_a_slash_is_a_config_problem() -> None:
+    from llmux.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError) as caught:
+        parse_config(fake_config(**{"acme/chat": fake_model()}))
+    assert caught.value.problems == [
+        "physical_models.acme/chat: a physical model's name may not hold '/': the admin "
+        "routes (/admin/models/NAME/load) take it as one path segment (a virtual model's "
+        "name may hold one)"]
+
+
 def test_an_open_loopback_server_says_it_is_open(start_server: Any) -> None:
     server = start_server(fake_config(a=fake_model()))
     assert "serving without authentication, on the loopback address 127.0.0.1 only" in \

@@ -61,7 +61,7 @@ def create_falcon_app(runtime: Runtime, keys: KeyStore) -> FalconApp:
     app.add_route("/health", Health(runtime))
     app.add_route("/openapi.json", OpenAPI(openapi_document(llmux_version())))
     app.add_route("/v1/models", models)
-    app.add_route("/v1/models/{model_id}", models, suffix="one")
+    app.add_route("/v1/models/{model_id:path}", models, suffix="one")  # "org/name" too
     app.add_route("/v1/chat/completions", ChatCompletions(runtime))
     app.add_route("/apply-template", ApplyTemplate(runtime))
     app.add_route("/v1/completions", Completions(runtime))
