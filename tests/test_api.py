@@ -563,6 +563,14 @@ def test_translation_where_the_model_can_translate(client: openai.OpenAI,
                       data={"model": "whisper-en"}), 400, contains="cannot translate")
 
 
+@pytest.mark.parametrize(("sent", "code"), [("en", "en"), ("EN", "en"), ("en-US", "en"),
+                                            ("pt_BR", "pt"), (" de ", "de")])
+def test_a_language_as_clients_send_it_is_its_code(sent: str, code: str) -> None:
+    from llmux.http.transcriptions import language_code
+
+    assert language_code(sent) == code
+
+
 def test_bad_uploads_get_clear_errors(server: Server) -> None:
     def transcribe(data: bytes, **fields: str) -> httpx.Response:
         return post(server, "/v1/audio/transcriptions", files={"file": ("x.wav", data)},

@@ -274,9 +274,37 @@ def test_an_unknown_speech_format_is_a_value_error() -> None:
         SpeechEncoder("ogg", SPEECH_RATE)
 
 
+@pytest.mark.parametrize("fmt", sorted(SPEECH_FORMATS))
+def test_speech_of_no_samples_is_a_tenth_of_a_second_of_silence(fmt: str) -> None:
+    """Text with nothing to pronounce ("...") gives no samples; a file of no frames
+    (a bare ID3 tag for mp3, nothing for aac) is no file a player takes."""
+    out = SpeechEncoder(fmt, SPEECH_RATE).finish()
+    if fmt == "pcm":
+        assert out == bytes(2 * PCM_RATE // 10)
+        return
+    pcm = decode_to_pcm(out)
+    assert 0.05 <= duration_s(pcm) <= 0.25  # aac adds its priming and last frame
+    assert not any(pcm[::97])
+
+
 def test_a_finished_encoder_refuses_more_audio() -> None:
     encoder = SpeechEncoder("mp3", SPEECH_RATE)
     encoder.finish()
 
     with pytest.raises(ValueError, match="finished"):
         encoder.feed(tone(0.1, SPEECH_RATE, 1))
+
+
+def test_times_past_the_end_of_the_clip_are_cut_to_it() -> None:
+    """Whisper ends a last segment on its window's grid (7.0 s for 6.4 s of audio)."""
+    from llmux.audio.transcript import render
+
+    result = {"text": "a b", "segments": [{"start": 0.0, "end": 3.0, "text": "a"},
+                                          {"start": 6.0, "end": 7.0, "text": " b"}],
+              "words": [{"word": "b", "start": 6.2, "end": 7.0}]}
+    verbose = render(result, "verbose_json", task="transcribe", duration=6.409, words=True)
+    assert isinstance(verbose, dict)
+    assert [(s["start"], s["end"]) for s in verbose["segments"]] == [(0.0, 3.0), (6.0, 6.409)]
+    assert verbose["words"] == [{"word": "b", "start": 6.2, "end": 6.409}]
+    srt = render(result, "srt", task="transcribe", duration=6.409)
+    assert isinstance(srt, str) and srt.endswith("00:00:06,000 --> 00:00:06,409\nb\n")

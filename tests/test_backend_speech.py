@@ -254,6 +254,19 @@ def test_whisper_refuses_what_it_cannot_serve(whisper: FasterWhisperBackend,
         transcribe(whisper, **{"samples": bytes(16000 * 4), **payload})
 
 
+def test_silence_is_no_words() -> None:
+    """Without the VAD (the default), tiny.en with the embedded default's beam of 5
+    hears "You" in 3 s of silence: a voice chat (Open WebUI's call mode) would send that
+    as the user's turn."""
+    backend = FasterWhisperBackend(spec("faster_whisper", WHISPER, beam_size=5))
+    backend.load(ignore_progress)
+    try:
+        result = transcribe(backend, bytes(3 * 16000 * 4))
+    finally:
+        backend.unload()
+    assert (result["text"], result["segments"]) == ("", [])
+
+
 def test_whisper_refuses_other_ops(whisper: FasterWhisperBackend) -> None:
     with pytest.raises(InvalidInput, match="it only transcribes audio"):
         whisper.infer("speech", {"text": "hi"}, threading.Event())

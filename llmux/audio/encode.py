@@ -145,17 +145,20 @@ class SpeechEncoder:
     def finish(self) -> bytes:
         """Flush the codec and muxer; returns the rest of the file.
 
-        A half sample left over from ``feed()`` is dropped.
+        A half sample left over from ``feed()`` is dropped. Speech of no samples (text
+        with nothing to pronounce: "...") becomes a tenth of a second of silence: an
+        mp3 or aac of no frames is no file a player takes, and Open WebUI caches it.
 
         Raises:
             ValueError: the encoder is already finished.
         """
         self._check_open()
+        head = self.feed(bytes(2 * (self._in_rate // 10))) if self._pts == 0 else b""
         self._finished = True
         self._encode(self._to_codec.resample(None))
         self._container.mux(self._stream.encode(None))
         self._container.close()
-        return self._sink.drain()
+        return head + self._sink.drain()
 
     def _frame(self, pcm: bytes) -> AudioFrame:
         from av.audio.frame import AudioFrame

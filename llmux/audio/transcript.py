@@ -13,8 +13,16 @@ CONTENT_TYPES = {"json": "application/json", "verbose_json": "application/json",
 def segments_of(result: dict[str, Any], duration: float) -> list[dict[str, Any]]:
     """The backend's segments, or the whole text as one segment over the whole clip."""
     raw = result.get("segments") or [{"start": 0.0, "end": duration, "text": result["text"]}]
-    return [{"id": i, "start": round(float(s["start"]), 3), "end": round(float(s["end"]), 3),
-             "text": str(s["text"])} for i, s in enumerate(raw)]
+    return [{"id": i, **within(s, duration), "text": str(s["text"])}
+            for i, s in enumerate(raw)]
+
+
+def within(timed: dict[str, Any], duration: float) -> dict[str, float]:
+    """``start`` and ``end`` inside the clip: Whisper ends a last segment on its 30 s
+    window's grid (7.0 s for 6.4 s of audio), times a subtitle player cannot seek to."""
+    start = min(max(0.0, float(timed["start"])), duration)
+    return {"start": round(start, 3),
+            "end": round(min(max(start, float(timed["end"])), duration), 3)}
 
 
 def timestamp(seconds: float, decimal: str) -> str:
@@ -52,5 +60,6 @@ def render(result: dict[str, Any], fmt: str, *, task: str, duration: float,
                                "duration": round(duration, 3), "text": text,
                                "segments": segments}
     if words:
-        verbose["words"] = result.get("words", [])
+        verbose["words"] = [{**word, **within(word, duration)}
+                            for word in result.get("words", [])]
     return verbose

@@ -8,7 +8,9 @@ tiny.en). Options, all optional:
                   on cuda), "int8_float16", "float32", ...
     cpu_threads   threads on cpu (0, the default: CTranslate2's choice, 4 or OMP_NUM_THREADS)
     beam_size     1 (default on cpu: greedy, fastest) or more (default 5 on cuda)
-    vad_filter    true: skip silence with Silero VAD before decoding (default false)
+    vad_filter    skip silence with Silero VAD (bundled with faster-whisper) before
+                  decoding (default true: Whisper hears "You" in silence, and a voice
+                  chat would send that as the user's turn); false decodes everything
 
 An English-only model (``*.en``) refuses translation and any language but English
 as invalid input, instead of silently transcribing English as faster-whisper would.
@@ -55,7 +57,7 @@ class FasterWhisperBackend(Backend):
         self.compute_type = str(opts.get("compute_type", "int8" if on_cpu else "float16"))
         self.cpu_threads = int(opts.get("cpu_threads", 0))
         self.beam_size = int(opts.get("beam_size", 1 if on_cpu else 5))
-        self.vad_filter = bool(opts.get("vad_filter", False))
+        self.vad_filter = bool(opts.get("vad_filter", True))
         if self.beam_size < 1:
             raise ValueError(f"option beam_size must be at least 1, got {self.beam_size}")
         if self.cpu_threads < 0:

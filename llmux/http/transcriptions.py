@@ -33,6 +33,12 @@ GRANULARITIES = ("word", "segment")
 RECOGNITION = frozenset({"asr"})
 
 
+def language_code(language: str) -> str:
+    """The ISO-639-1 code of a language as clients send it: ``EN``, ``en-US`` and
+    ``en_GB`` are ``en`` (Open WebUI passes on its user's setting as typed)."""
+    return language.strip().lower().replace("_", "-").partition("-")[0]
+
+
 async def multipart_form(req: falcon.asgi.Request) -> MultipartForm:
     """The body as a multipart form, whatever the case of its media type.
 
@@ -133,6 +139,8 @@ def options(fields: dict[str, Any], task: str) -> dict[str, Any]:
         raise BadRequest("'timestamp_granularities[]' takes word and segment.",
                          param="timestamp_granularities[]")
     language = text_field(fields, "language") if task == "transcribe" else None
+    if language is not None:
+        language = language_code(language)
     if language is not None and not (2 <= len(language) <= 8 and language.isascii()):
         raise BadRequest("'language' must be an ISO-639-1 code such as 'en'.",
                          param="language")
