@@ -227,6 +227,10 @@ def test_a_chat_stream_sends_usage_once(client: openai.OpenAI, include_usage: bo
     options: Any = {"include_usage": True} if include_usage else openai.NOT_GIVEN
     chunks = list(client.chat.completions.create(model="plain", messages=USER, stream=True,
                                                  stream_options=options))
+    assert_usage_once(chunks, include_usage)
+
+
+def assert_usage_once(chunks: list[Any], include_usage: bool) -> None:
     (carrier,) = [c for c in chunks if c.usage is not None]
     if include_usage:
         assert carrier is chunks[-1] and carrier.choices == []
@@ -261,13 +265,7 @@ def test_a_completion_stream_sends_usage_once(client: openai.OpenAI,
     options: Any = {"include_usage": True} if include_usage else openai.NOT_GIVEN
     chunks = list(client.completions.create(model="plain", prompt="x y", stream=True,
                                             stream_options=options))
-    (carrier,) = [c for c in chunks if c.usage is not None]
-    if include_usage:
-        assert carrier is chunks[-1] and carrier.choices == []
-        assert chunks[-2].choices[0].finish_reason == "stop"
-    else:
-        assert carrier.choices[0].finish_reason == "stop"
-    assert carrier.usage is not None and carrier.usage.completion_tokens == 2
+    assert_usage_once(chunks, include_usage)
 
 
 def test_embeddings_in_input_order_as_floats_and_base64(client: openai.OpenAI,

@@ -549,29 +549,19 @@ def test_a_yaml_syntax_error_names_line_and_column(tmp_path: Path) -> None:
     assert message.startswith(f"{path}:3:1: ")
 
 
-def test_a_value_that_does_not_fit_its_tag_is_a_listed_problem(tmp_path: Path) -> None:
-    path = tmp_path / "tag.yaml"
-    path.write_text("server:\n  port: !!int 80a81\n")
+@pytest.mark.parametrize(("content", "problem"), [
+    (b"server:\n  port: 1\n  port: 2\n", ":3:3: duplicate key 'port'"),
+    (b"server:\n  port: !!int 80a81\n", ":2:9: the value is not a valid int"),
+    ("server:\n  host: café\n".encode("latin-1"),
+     ": not UTF-8 text (invalid continuation byte at byte 19)"),
+], ids=["duplicate-key", "tag-misfit", "latin-1"])
+def test_a_file_s_yaml_problem_is_listed_where_it_is(tmp_path: Path, content: bytes,
+                                                     problem: str) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_bytes(content)
     with pytest.raises(ConfigError) as caught:
         load_config(path)
-    assert caught.value.problems == [f"{path}:2:9: the value is not a valid int"]
-
-
-def test_a_file_that_is_not_utf8_is_a_listed_problem(tmp_path: Path) -> None:
-    path = tmp_path / "latin1.yaml"
-    path.write_bytes("server:\n  host: café\n".encode("latin-1"))
-    with pytest.raises(ConfigError) as caught:
-        load_config(path)
-    assert caught.value.problems == [
-        f"{path}: not UTF-8 text (invalid continuation byte at byte 19)"]
-
-
-def test_a_duplicate_key_is_refused(tmp_path: Path) -> None:
-    path = tmp_path / "dup.yaml"
-    path.write_text("server:\n  port: 1\n  port: 2\n")
-    with pytest.raises(ConfigError) as caught:
-        load_config(path)
-    assert caught.value.problems == [f"{path}:3:3: duplicate key 'port'"]
+    assert caught.value.problems == [f"{path}{problem}"]
 
 
 def test_an_empty_file_is_refused(tmp_path: Path) -> None:
