@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import re
 import struct
 import typing
 from collections.abc import Iterator
@@ -486,8 +487,10 @@ def test_openapi_describes_exactly_the_served_routes(server: Server) -> None:
     async def served_routes() -> set[tuple[str, str]]:
         app = create_falcon_app(Runtime(parse_config(json.loads(json.dumps(CONFIG)))),
                                 KeyStore(None))
-        # NOTE: HEAD goes unlisted, as GET implies it (RFC 9110).
-        return {(method.method, route.path) for route in inspect.inspect_routes(app)
+        # NOTE: HEAD goes unlisted, as GET implies it (RFC 9110); OpenAPI writes
+        # {model_id:path} (a name may hold a slash) as {model_id}.
+        return {(method.method, re.sub(r":\w+}", "}", route.path))
+                for route in inspect.inspect_routes(app)
                 for method in route.methods
                 if not method.internal and method.method != "HEAD"}
 

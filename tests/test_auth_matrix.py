@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import struct
 import time
 import wave
@@ -198,12 +199,13 @@ def app_routes() -> list[Route]:
     app = create_falcon_app(runtime, KeyStore(None))
     routes = []
     for info in falcon.inspect.inspect_routes(app):
+        template = re.sub(r":\w+}", "}", info.path)  # {model_id:path} as OpenAPI writes it
         for method in (m.method for m in info.methods if not m.internal):
-            recipe = recipe_of(method, info.path)
-            path = recipe.path.split("?")[0] if recipe else info.path
+            recipe = recipe_of(method, template)
+            path = recipe.path.split("?")[0] if recipe else template
             found = app._router.find(path)
             assert found is not None and found[3] == info.path, (method, info.path)
-            routes.append(Route(method, info.path, access_of(found[0])))
+            routes.append(Route(method, template, access_of(found[0])))
     return routes
 
 

@@ -121,6 +121,7 @@ class SpeechEncoder:
         self._time_base = Fraction(1, rate)
         self._pts = 0
         self._carry = b""  # an odd byte: half a sample, completed by the next chunk
+        self._samples = 0  # fed so far (the codec may hold them back: flac's frames)
         self._finished = False
 
     @property
@@ -139,6 +140,7 @@ class SpeechEncoder:
         whole = len(data) - len(data) % 2
         self._carry = data[whole:]
         if whole:
+            self._samples += whole // 2
             self._encode(self._to_codec.resample(self._frame(data[:whole])))
         return self._sink.drain()
 
@@ -153,7 +155,7 @@ class SpeechEncoder:
             ValueError: the encoder is already finished.
         """
         self._check_open()
-        head = self.feed(bytes(2 * (self._in_rate // 10))) if self._pts == 0 else b""
+        head = b"" if self._samples else self.feed(bytes(2 * (self._in_rate // 10)))
         self._finished = True
         self._encode(self._to_codec.resample(None))
         self._container.mux(self._stream.encode(None))
