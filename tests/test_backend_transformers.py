@@ -3,6 +3,7 @@ Whisper models built here from configs (nothing is downloaded), and the SmolLM2 
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import threading
@@ -14,10 +15,16 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from transformers import (
+    AutoModel,
     AutoTokenizer,
+    LlamaTokenizer,
     Qwen3Config,
     Qwen3ForCausalLM,
+    RobertaConfig,
+    RobertaModel,
     WhisperConfig,
     WhisperFeatureExtractor,
     WhisperForConditionalGeneration,
@@ -29,7 +36,7 @@ from llmux.backends import BACKEND_MODULES, load_backend_class
 from llmux.backends.base import InvalidInput
 from llmux.backends.hf_asr import windows
 from llmux.backends.hf_causal import StopText, render_prompt
-from llmux.backends.hf_common import Checkpoint
+from llmux.backends.hf_common import Checkpoint, TokenStreamer
 from llmux.backends.paths import resolve_model_path
 from llmux.backends.transformers_backend import TransformersBackend
 from llmux.chat.templates import template_messages
@@ -234,6 +241,108 @@ def test_embeddings_keep_the_input_order(embedder: TransformersBackend) -> None:
     _, together = drain(embedder.infer("embed", {"input": texts}, threading.Event()))
     _, reversed_ = drain(embedder.infer("embed", {"input": texts[::-1]}, threading.Event()))
     assert np.allclose(together["embeddings"], reversed_["embeddings"][::-1], atol=1e-5)
+
+
+LONG_TEXT = " ".join(f"Sentence number {i} talks about a different topic, like weather or "
+                    "trains." for i in range(40))
+
+
+def minilm_reference(texts: list[str], pooling: str) -> np.ndarray:
+    """What sentence-transformers makes of MiniLM (not installed: its recipe here):
+    truncate at 256 tokens, pool (mean over the mask, or the CLS token), normalise."""
+    path = resolve_model_path(MINILM)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = AutoModel.from_pretrained(path, local_files_only=True).eval()
+    encoded = tokenizer(texts, padding=True, truncation=True, max_length=256,
+                        return_tensors="pt")
+    with torch.inference_mode():
+        hidden = model(**encoded).last_hidden_state
+    mask = encoded["attention_mask"].unsqueeze(-1).float()
+    vectors = hidden[:, 0] if pooling == "cls" else (hidden * mask).sum(1) / mask.sum(1)
+    return torch.nn.functional.normalize(vectors, dim=-1).numpy()
+
+
+def minilm_copy(path: Path, pooling: dict[str, bool] | None = None,
+                modules: list[dict[str, Any]] | None = None,
+                without: tuple[str, ...] = ()) -> Path:
+    """MiniLM's checkpoint (its files linked) with another pooling config or
+    modules.json, or without some files."""
+    source = resolve_model_path(MINILM)
+    for item in source.iterdir():
+        if item.name not in without and item.name != "1_Pooling":
+            (path / item.name).symlink_to(item)
+    (path / "1_Pooling").mkdir()
+    config = json.loads((source / "1_Pooling" / "config.json").read_text())
+    (path / "1_Pooling" / "config.json").write_text(json.dumps(config | (pooling or {})))
+    if modules is not None:
+        (path / "modules.json").unlink()
+        (path / "modules.json").write_text(json.dumps(modules))
+    return path
+
+
+def test_minilm_embeds_as_sentence_transformers_does(embedder: TransformersBackend) -> None:
+    texts = ["The cat sat on the mat.", LONG_TEXT]
+    assert len(AutoTokenizer.from_pretrained(resolve_model_path(MINILM))(LONG_TEXT)
+               ["input_ids"]) == 562
+    _, done = drain(embedder.infer("embed", {"input": texts}, threading.Event()))
+    np.testing.assert_allclose(done["embeddings"], minilm_reference(texts, "mean"), atol=1e-4)
+    assert done["usage"]["prompt_tokens"] == 256 + 9
+
+
+def test_minilm_reports_its_max_seq_length_as_the_context() -> None:
+    info = backend("embedding", MINILM).load(lambda fraction, message: None)
+    assert info == {"embedding_dim": 384, "context_length": 256}
+
+
+def test_a_cls_pooling_config_pools_the_cls_token(tmp_path: Path) -> None:
+    path = minilm_copy(tmp_path, {"pooling_mode_mean_tokens": False,
+                                  "pooling_mode_cls_token": True})
+    texts = ["The cat sat on the mat.", "Quarterly revenue grew by ten percent."]
+    _, done = drain(loaded("embedding", str(path)).infer("embed", {"input": texts},
+                                                         threading.Event()))
+    np.testing.assert_allclose(done["embeddings"], minilm_reference(texts, "cls"), atol=1e-4)
+
+
+def test_without_a_normalize_module_vectors_keep_their_length(tmp_path: Path) -> None:
+    modules = json.loads((resolve_model_path(MINILM) / "modules.json").read_text())[:2]
+    path = minilm_copy(tmp_path, modules=modules)
+    _, done = drain(loaded("embedding", str(path)).infer("embed", {"input": ["a cat"]},
+                                                         threading.Event()))
+    assert not math.isclose(float(np.linalg.norm(done["embeddings"][0])), 1.0, abs_tol=1e-3)
+
+
+def test_without_sentence_transformers_files_vectors_are_mean_pooled(tmp_path: Path) -> None:
+    path = minilm_copy(tmp_path, without=("modules.json", "sentence_bert_config.json"))
+    model = backend("embedding", str(path))
+    assert model.load(lambda fraction, message: None)["context_length"] == 512
+    texts = ["The cat sat on the mat."]
+    _, done = drain(model.infer("embed", {"input": texts}, threading.Event()))
+    np.testing.assert_allclose(done["embeddings"], minilm_reference(texts, "mean"), atol=1e-4)
+
+
+def test_a_module_llmux_cannot_apply_is_refused_at_load(tmp_path: Path) -> None:
+    modules = json.loads((resolve_model_path(MINILM) / "modules.json").read_text())
+    modules.insert(2, {"idx": 2, "name": "2", "path": "2_Dense",
+                       "type": "sentence_transformers.models.Dense"})
+    path = minilm_copy(tmp_path, modules=modules)
+    with pytest.raises(ValueError, match=re.escape(
+            "module 'sentence_transformers.models.Dense' is not supported")):
+        backend("embedding", str(path)).load(lambda fraction, message: None)
+
+
+def test_a_roberta_encoder_takes_two_tokens_fewer_than_its_positions(tmp_path: Path) -> None:
+    """RoBERTa numbers positions from padding_idx + 1: 20 embeddings hold 18 tokens."""
+    config = RobertaConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1,
+                           num_attention_heads=2, intermediate_size=64,
+                           max_position_embeddings=20, pad_token_id=1)
+    RobertaModel(config).save_pretrained(tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(MINILM))
+    tokenizer.model_max_length = 10**30  # the tokenizer sets no limit
+    tokenizer.save_pretrained(tmp_path)
+    model = backend("embedding", str(tmp_path))
+    assert model.load(lambda fraction, message: None)["context_length"] == 18
+    _, done = drain(model.infer("embed", {"input": [LONG_TEXT]}, threading.Event()))
+    assert done["usage"]["prompt_tokens"] == 18
 
 
 def test_an_embedding_model_refuses_chat(embedder: TransformersBackend) -> None:
@@ -549,3 +658,126 @@ def test_special_tokens_reach_a_harmony_parser_but_end_of_text_does_not(
                                       threading.Event()))
         model.unload()
         assert ("[MASK]" in _joined(chunks, "text")) is shown, chunks
+
+
+# -- streamed text: incremental detokenisation ----------------------------------------
+
+
+def sentencepiece_tokenizer() -> Any:
+    """A Llama-style tokenizer (Metaspace, byte fallback) over single characters: its
+    decoder drops the space of a sequence's first piece."""
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    vocab |= {f"<0x{b:02X}>": 3 + b for b in range(256)}
+    for char in "▁abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ:()=.,'\"":
+        vocab.setdefault(char, len(vocab))
+    return LlamaTokenizer(vocab=vocab, merges=[], bos_token="<s>", eos_token="</s>",
+                          unk_token="<unk>")
+
+
+SENTENCEPIECE = sentencepiece_tokenizer()
+BYTE_LEVEL = WhisperTokenizerFast(tokenizer_file=str(resolve_model_path(WHISPER_TOKENIZER)))
+
+
+def streamed(tokenizer: Any, prompt: list[int], answer: list[int]) -> list[str]:
+    """The pieces a TokenStreamer hands out when generate() puts ``prompt`` and then
+    ``answer`` a token at a time."""
+    streamer = TokenStreamer(tokenizer, None)
+    streamer.put(torch.tensor([prompt]))
+    for token in answer:
+        streamer.put(torch.tensor([token]))
+    streamer.end()
+    return list(streamer)
+
+
+def answer_of(tokenizer: Any, prompt: list[int], answer: list[int]) -> str:
+    """What decoding prompt and answer together adds to the prompt's text."""
+    return str(tokenizer.decode(prompt + answer))[len(tokenizer.decode(prompt)):]
+
+
+def test_sentencepiece_answers_keep_their_leading_spaces() -> None:
+    prompt = "The capital of France is"
+    ids = SENTENCEPIECE(prompt + " Paris.\ndef f(x):\n    return x\n",
+                        add_special_tokens=False)["input_ids"]
+    cut = len(SENTENCEPIECE(prompt, add_special_tokens=False)["input_ids"])
+    pieces = streamed(SENTENCEPIECE, ids[:cut], ids[cut:])
+    assert "".join(pieces) == " Paris.\ndef f(x):\n    return x\n"
+    assert pieces[:2] == [" ", "P"]
+
+
+def test_a_character_is_streamed_once_all_its_bytes_came() -> None:
+    prompt = BYTE_LEVEL("Prompt:", add_special_tokens=False)["input_ids"]
+    emoji = BYTE_LEVEL("👍🏽", add_special_tokens=False)["input_ids"]
+    assert len(emoji) > 2
+    assert streamed(BYTE_LEVEL, prompt, emoji) == ["👍", "🏽"]
+    assert streamed(BYTE_LEVEL, prompt, emoji[:1]) == []  # max_tokens cut it short
+
+
+ALPHABET = [*"ab ,.\n\t", "  ", "é", "你好", "😀", "👍🏽", "\u200b", "한국어"]
+
+
+@pytest.mark.parametrize("tokenizer", [SENTENCEPIECE, BYTE_LEVEL],
+                         ids=["sentencepiece", "byte-level"])
+@settings(max_examples=150, deadline=None)
+@given(text=st.lists(st.sampled_from(ALPHABET), max_size=12).map("".join))
+def test_the_streamed_text_is_the_decoded_answer(tokenizer: Any, text: str) -> None:
+    prompt = tokenizer("Prompt: say", add_special_tokens=False)["input_ids"]
+    answer = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert "".join(streamed(tokenizer, prompt, answer)) == answer_of(tokenizer, prompt, answer)
+
+
+# -- cancelling the prefill; stop strings and the prompt ---------------------------------
+
+
+def test_a_cancel_during_the_prefill_ends_it_at_the_next_layer(
+        llm: TransformersBackend) -> None:
+    """The cancel comes while the prompt's forward pass is in its first layer: the
+    second never runs, no token is generated, and the model serves the next request."""
+    layers = llm._loaded().model.model.layers  # type: ignore[attr-defined]
+    cancelled = threading.Event()
+    last_ran: list[int] = []
+    hooks = [layers[0].register_forward_hook(lambda *_: cancelled.set()),
+             layers[-1].register_forward_hook(lambda *_: last_ran.append(1))]
+    try:
+        chunks, done = drain(llm.infer("chat", {"messages": HELLO, "max_tokens": 5},
+                                       cancelled))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert (last_ran, chunks, done["finish_reason"]) == ([], [], "cancelled")
+    assert done["usage"]["completion_tokens"] == 0
+    chunks, done = drain(llm.infer("chat", {"messages": HELLO, "max_tokens": 3},
+                                   threading.Event()))
+    assert done["finish_reason"] == "length" and done["usage"]["completion_tokens"] == 3
+    assert generating_threads() == []
+
+
+@pytest.fixture(scope="module")
+def byte_level_llm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TransformersBackend]:
+    """A randomly initialised two-layer Qwen3 with a byte-level BPE tokenizer
+    (Whisper's, as Qwen's own is) and TEMPLATE."""
+    path = tmp_path_factory.mktemp("tiny-qwen3-bytes")
+    eot = BYTE_LEVEL.convert_tokens_to_ids("<|endoftext|>")
+    config = Qwen3Config(
+        vocab_size=len(BYTE_LEVEL), hidden_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, intermediate_size=128, head_dim=16,
+        max_position_embeddings=4096, eos_token_id=eot, pad_token_id=eot, bos_token_id=eot)
+    torch.manual_seed(0)
+    Qwen3ForCausalLM(config).save_pretrained(path)
+    BYTE_LEVEL.save_pretrained(path)
+    model = loaded("llm", str(path), chat_template=TEMPLATE)
+    yield model
+    model.unload()
+
+
+def test_a_stop_string_across_the_end_of_the_prompt_does_not_stop_the_answer(
+        byte_level_llm: TransformersBackend) -> None:
+    """The prompt ends with "<assistant>" and logit_bias makes every token " world":
+    "assistant> world" spans prompt and answer, and is not in the answer."""
+    world = BYTE_LEVEL(" world", add_special_tokens=False)["input_ids"]
+    payload = {"messages": HELLO, "max_tokens": 3, "logit_bias": {str(world[0]): 100}}
+    chunks, done = drain(byte_level_llm.infer(
+        "chat", payload | {"stop": ["assistant> world"]}, threading.Event()))
+    assert (_joined(chunks, "text"), done["finish_reason"]) == (" world world world", "length")
+    chunks, done = drain(byte_level_llm.infer(
+        "chat", payload | {"stop": ["world world"]}, threading.Event()))
+    assert (_joined(chunks, "text"), done["finish_reason"]) == (" ", "stop")

@@ -1,9 +1,9 @@
 """Causal language models through transformers: the ``chat`` and ``complete`` ops.
 
-``generate()`` runs in a thread and hands text to this one through a
-``TextIteratorStreamer`` (which releases text at word boundaries, so a chunk is a word
-or a few tokens). A stopping criterion ends the generation within one token once the
-request is cancelled, a stop string is seen, or the consumer of the stream goes away;
+``generate()`` runs in a thread and hands text to this one through a streamer that
+detokenises incrementally (a chunk is what one token adds to the text). Once the request
+is cancelled, a stop string is seen in the answer, or the consumer of the stream goes
+away, the generation ends at the model's next layer, even within the prompt's prefill;
 the thread is always joined before the stream returns.
 
 Sampling: no ``temperature`` (or 0) decodes greedily; otherwise ``temperature``,
@@ -16,9 +16,10 @@ go to the chat template, and the model's tool calls come back as it writes them,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -27,11 +28,10 @@ from transformers import (
     AutoTokenizer,
     StoppingCriteria,
     StoppingCriteriaList,
-    TextIteratorStreamer,
 )
 
 from llmux.backends.base import InvalidInput, ProgressFn, answer
-from llmux.backends.hf_common import Checkpoint, LoadSettings, Stream, release
+from llmux.backends.hf_common import Checkpoint, LoadSettings, Stream, TokenStreamer, release
 from llmux.chat.output import output_formats, output_parser, parsed
 from llmux.chat.render import template_kwargs
 from llmux.chat.stops import StopText
@@ -104,8 +104,44 @@ def sampling_kwargs(payload: Mapping[str, Any]) -> dict[str, Any]:
     return kwargs
 
 
+class _Cancelled(Exception):
+    """Raised inside the model's forward pass to abandon a generation; never leaves
+    this module."""
+
+
+@contextlib.contextmanager
+def _abort_when_set(model: Any, *events: threading.Event) -> Iterator[None]:
+    """Within it, each layer of ``model`` raises ``_Cancelled`` before it runs once
+    one of ``events`` is set.
+
+    NOTE: ``generate()`` asks its stopping criteria only between tokens, and the
+    prompt's prefill is one forward pass: seconds for a long prompt, and a cancelled
+    request would hold the model that long. A forward pre-hook on every member of
+    each outermost ``ModuleList`` (the decoder's layers, a vision tower's blocks) runs many
+    times within a pass on any device, and ``is_set()`` reads host memory only, so no
+    CUDA sync is added. The hooks live for one generation (one request at a time).
+    """
+    def check(module: Any, args: Any) -> None:
+        if any(event.is_set() for event in events):
+            raise _Cancelled
+
+    handles: list[Any] = []
+    hooked: tuple[str, ...] = ()
+    for name, stack in model.named_modules():  # parents before their children
+        if isinstance(stack, torch.nn.ModuleList) and not name.startswith(hooked):
+            # the outermost lists only: not a MoE layer's hundred experts
+            handles += [layer.register_forward_pre_hook(check) for layer in stack]
+            hooked += (f"{name}.",)
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 class _WhenSet(StoppingCriteria):  # type: ignore[misc]
-    """Stops the generation (every sequence) at the next token once an event is set."""
+    """Stops the generation (every sequence) at the next token once an event is set:
+    the fallback for a model whose layers are in no ``ModuleList``."""
 
     def __init__(self, *events: threading.Event) -> None:
         self.events = events
@@ -113,26 +149,6 @@ class _WhenSet(StoppingCriteria):  # type: ignore[misc]
     def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
         stop = any(event.is_set() for event in self.events)
         return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
-
-
-class _Streamer(TextIteratorStreamer):  # type: ignore[misc]
-    """Text of the generated tokens; with ``hidden`` (the end-of-generation ids),
-    special tokens are text too, except those."""
-
-    def __init__(self, tokenizer: Any, hidden: set[int] | None) -> None:
-        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=hidden is None)
-        self.hidden = torch.tensor(sorted(hidden or ()), dtype=torch.long)
-
-    def put(self, value: Any) -> None:
-        if not self.next_tokens_are_prompt and self.hidden.numel():
-            value = value[~torch.isin(value, self.hidden.to(value.device))]
-        super().put(value)
-
-    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
-        # NOTE: the streamer holds text back to the last space, so only its last piece
-        # can end in a character cut short (an emoji at max_tokens), which the tokenizer
-        # decodes as U+FFFD: that is no text.
-        super().on_finalized_text(text.rstrip("\ufffd") if stream_end else text, stream_end)
 
 
 def tool_prefill(payload: Mapping[str, Any]) -> str:
@@ -282,9 +298,9 @@ class CausalLM:
         kwargs = sampling_kwargs(payload)
         self._check_bias(kwargs.get("sequence_bias") or {})
         stop = payload.get("stop") or []
+        # NOTE: not generate()'s stop_strings, which also match across the prompt's end;
+        # StopText sees the answer only, and ``leave`` then ends the generation.
         stops = [s for s in ([stop] if isinstance(stop, str) else map(str, stop)) if s]
-        if stops:
-            kwargs.update(stop_strings=stops, tokenizer=self.tokenizer)
         if self.model.generation_config.pad_token_id is None:
             pad = self.tokenizer.pad_token_id
             kwargs["pad_token_id"] = pad if pad is not None else next(iter(self._eos_ids()), 0)
@@ -292,7 +308,7 @@ class CausalLM:
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise InvalidInput(f"seed must be an integer, got {seed!r}")
         model_inputs = self._model_inputs(inputs)
-        streamer = _Streamer(self.tokenizer, self._eos_ids() if special else None)
+        streamer = TokenStreamer(self.tokenizer, self._eos_ids() if special else None)
         leave = threading.Event()  # a stop string was seen, or the consumer went away
         outcome: dict[str, Any] = {}
 
@@ -300,12 +316,13 @@ class CausalLM:
             try:
                 if seed is not None:
                     torch.manual_seed(int(seed))
-                with torch.inference_mode():
-                    outcome["sequences"] = self.model.generate(
-                        **model_inputs, max_new_tokens=budget,
-                        streamer=streamer,
+                with torch.inference_mode(), _abort_when_set(self.model, cancelled, leave):
+                    self.model.generate(
+                        **model_inputs, max_new_tokens=budget, streamer=streamer,
                         stopping_criteria=StoppingCriteriaList([_WhenSet(cancelled, leave)]),
                         **kwargs)
+            except _Cancelled:
+                streamer.end()
             except BaseException as exc:
                 outcome["error"] = exc
                 streamer.end()  # generate() did not: unblock the reading side
@@ -331,7 +348,7 @@ class CausalLM:
             tail = stop_text.flush()
             if tail:
                 yield {"text": tail}
-        generated = outcome["sequences"][0, prompt_tokens:].tolist()
+        generated = streamer.generated
         if cancelled.is_set():
             finish = "cancelled"
         elif (len(generated) >= budget and not stop_text.hit

@@ -1,5 +1,6 @@
-"""What the transformers backend's three model kinds share: where the checkpoint is,
-how ``from_pretrained`` is called, and how memory is given back.
+"""What the transformers backend's model kinds share: where the checkpoint is, how
+``from_pretrained`` is called, how generated tokens become streamed text, and how memory
+is given back.
 
 Every load is ``local_files_only``: a checkpoint that lacks a file fails to load with
 that file's name instead of reaching for the Hub.
@@ -12,17 +13,20 @@ import functools
 import gc
 import importlib
 import os
+import queue
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final, Protocol
 
 import torch
+from transformers.generation.streamers import BaseStreamer
 
 from llmux.backends.base import ProgressFn, Stream, parse_device
 from llmux.backends.paths import resolve_model_path
 
-__all__ = ["DTYPES", "Checkpoint", "HfModel", "LoadSettings", "Stream", "release"]
+__all__ = ["DTYPES", "Checkpoint", "HfModel", "IncrementalText", "LoadSettings", "Stream",
+           "TokenStreamer", "release"]
 
 """What ``infer`` returns: chunks yielded, the done data returned."""
 
@@ -170,6 +174,95 @@ class LoadSettings:
         if not self.on_cuda or not torch.cuda.is_available():
             return None
         return int(torch.cuda.memory_reserved(torch.device(self.device)))
+
+
+PROMPT_CONTEXT: Final = 5
+"""How many of the prompt's last tokens are decoded before the answer's first."""
+
+
+class IncrementalText:
+    """The text each new token adds to an answer, decoded with its context.
+
+    NOTE: a token's text depends on its neighbours: a SentencePiece tokenizer drops
+    the space of a sequence's first piece ("▁Paris" alone is "Paris"), byte-level BPE
+    splits a character across tokens. So each step decodes a window from ``prefix``
+    to the end and hands out what it adds to the window's text before the new tokens
+    (as vLLM and TGI do); the first window holds the prompt's last tokens, so the
+    answer's first token is not a sequence start. Text ending in U+FFFD (a character
+    whose bytes have not all come) waits for the next token. Decoding never cleans up
+    spaces (" ." to "."): that would rewrite text already handed out.
+    """
+
+    def __init__(self, tokenizer: Any, context: Sequence[int], *, skip_special: bool) -> None:
+        self.tokenizer = tokenizer
+        self.skip_special = skip_special
+        self.ids = list(context)
+        self.prefix = 0  # where the decoded window starts
+        self.read = len(self.ids)  # where the tokens not yet handed out start
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        return str(self.tokenizer.decode(ids, skip_special_tokens=self.skip_special,
+                                         clean_up_tokenization_spaces=False))
+
+    def _grown(self) -> tuple[str, str]:
+        """The window's text without the new tokens, and with them."""
+        return (self._decode(self.ids[self.prefix:self.read]),
+                self._decode(self.ids[self.prefix:]))
+
+    def add(self, ids: Sequence[int]) -> str:
+        """The text ``ids`` complete (maybe none yet)."""
+        self.ids.extend(ids)
+        before, after = self._grown()
+        if len(after) <= len(before) or after.endswith("\ufffd"):
+            return ""
+        self.prefix, self.read = self.read, len(self.ids)
+        return after[len(before):]
+
+    def finish(self) -> str:
+        """What is held back; a character cut short (max_tokens hit mid-emoji) is no
+        text."""
+        before, after = self._grown()
+        self.prefix = self.read = len(self.ids)
+        return after[len(before):].rstrip("\ufffd")
+
+
+class TokenStreamer(BaseStreamer):  # type: ignore[misc]
+    """``generate()``'s streamer: the first ``put`` is the prompt, each later one the
+    new tokens; the reading thread iterates over the text they add. With ``hidden``
+    (the end-of-generation ids), special tokens are text too, except those."""
+
+    def __init__(self, tokenizer: Any, hidden: set[int] | None) -> None:
+        self.tokenizer = tokenizer
+        self.hidden = hidden or set()
+        self.skip_special = hidden is None
+        self.text: IncrementalText | None = None
+        self.generated: list[int] = []
+        self.pieces: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+
+    def _shown(self, ids: list[int]) -> list[int]:
+        return [i for i in ids if i not in self.hidden]
+
+    def put(self, value: Any) -> None:
+        ids = [int(i) for i in value.reshape(-1).tolist()]
+        if self.text is None:
+            context = self._shown(ids)[-PROMPT_CONTEXT:]
+            self.text = IncrementalText(self.tokenizer, context, skip_special=self.skip_special)
+            return
+        self.generated.extend(ids)
+        piece = self.text.add(self._shown(ids))
+        if piece:
+            self.pieces.put(piece)
+
+    def end(self) -> None:
+        """Hand out what is held back and end the iteration; safe to call again."""
+        tail = self.text.finish() if self.text is not None else ""
+        if tail:
+            self.pieces.put(tail)
+        self.pieces.put(None)
+
+    def __iter__(self) -> Iterator[str]:
+        while (piece := self.pieces.get()) is not None:
+            yield piece
 
 
 def release(on_cuda: bool) -> None:

@@ -2,9 +2,10 @@
 
 The spec's ``type`` picks the model kind: ``llm`` (a causal LM: ``chat``, ``complete``;
 see hf_causal), ``asr`` (speech seq2seq such as Whisper: ``transcribe``; see hf_asr),
-``embedding`` (a mean-pooled encoder: ``embed``; see hf_embed), ``forecast`` (TimesFM
-2.5: ``forecast``; see hf_forecast), ``vlm`` (an image-text-to-text model of the
-Qwen-VL family: ``chat`` with image parts, ``complete``; see hf_vision).
+``embedding`` (an encoder pooled as its sentence-transformers config says, else
+mean-pooled: ``embed``; see hf_embed), ``forecast`` (TimesFM 2.5: ``forecast``; see
+hf_forecast), ``vlm`` (an image-text-to-text model of the Qwen-VL family: ``chat``
+with image parts, ``complete``; see hf_vision).
 
 ``model_path`` is a transformers checkpoint directory (``config.json`` and weights, the
 tokenizer or processor beside them) or, for an ``llm``, a single ``.gguf`` file, which
@@ -35,7 +36,8 @@ Options, all optional:
                        processor takes a language (Cohere ASR)
     max_new_tokens     tokens per 30 s window (default: half max_target_positions)
   embedding:
-    max_length         truncate inputs to this many tokens (default: the model's limit)
+    max_length         truncate inputs to this many tokens (default: the checkpoint's
+                       max_seq_length, else the tokenizer's; never beyond the model's)
     batch_size         inputs per forward pass (default 32)
   forecast:
     batch_size         series per forward pass (default 32)
