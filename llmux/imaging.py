@@ -13,6 +13,9 @@ The checks decode with Pillow, in a worker thread: the image must be of an allow
 format, at most ``MAX_IMAGE_PIXELS`` (a decompression bomb stops at its header), and
 ``verify()`` must pass. The server never decodes pixels beyond that. Pillow is imported
 on the first check (PERF: its ~65 ms would otherwise delay the server's start).
+
+The backends that do decode pixels turn them into what a viewer shows with
+:func:`displayed_rgb`.
 """
 
 from __future__ import annotations
@@ -27,15 +30,18 @@ import urllib.parse
 import urllib.request
 import warnings
 from collections.abc import Sequence
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import anyio.to_thread
 
 from llmux.config import Server
 from llmux.errors import BadRequest
 
+if TYPE_CHECKING:
+    import PIL.Image
+
 __all__ = ["FORMATS", "MAX_IMAGE_PIXELS", "REMOTE_DISABLED", "check_image",
-           "decode_data_url", "fetch_image", "image_bytes", "image_url_of",
+           "decode_data_url", "displayed_rgb", "fetch_image", "image_bytes", "image_url_of",
            "with_image_bytes"]
 
 MAX_IMAGE_PIXELS: Final = 8192 * 8192
@@ -113,6 +119,29 @@ def check_image(data: bytes, where: str, max_pixels: int = MAX_IMAGE_PIXELS) -> 
         raise BadRequest(f"'{where}' is a damaged image: {exc}", param=where) from exc
 
 
+def displayed_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
+    """A decoded Pillow ``image`` as the RGB picture a viewer shows: turned upright by
+    its EXIF orientation, transparency over white, 16-bit grey scaled to 8 bits.
+
+    NOTE: ``convert("RGB")`` alone drops the alpha channel, and transparent pixels
+    are mostly stored black: black text on a transparent PNG became black on black.
+    It also clips 16-bit grey at 255 (a scan turned white) and ignores the EXIF
+    orientation a phone photo relies on.
+
+    Raises:
+        OSError, ValueError: the image's data or EXIF is damaged (from Pillow).
+    """
+    from PIL import Image, ImageOps
+
+    upright = ImageOps.exif_transpose(image)
+    if upright.mode.startswith("I;16"):
+        upright = upright.convert("I").point(lambda v: v * (1 / 257)).convert("L")
+    if upright.mode in ("RGBA", "LA", "PA") or "transparency" in upright.info:
+        rgba = upright.convert("RGBA")
+        upright = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
+    return upright.convert("RGB")
+
+
 @functools.cache
 def _openable() -> list[str]:
     """The allowed formats this Pillow build can open (AVIF needs a recent one)."""
@@ -150,6 +179,30 @@ class _HttpRedirectsOnly(urllib.request.HTTPRedirectHandler):
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
+def _read_by(response: Any, deadline: float, timeout_s: float) -> bytes:
+    """The next bytes of ``response`` that arrive before ``deadline`` (b"" at its end).
+
+    NOTE: ``read(n)`` waits until n bytes came, and urllib's timeout bounds each socket
+    read, not the body: a server trickling a byte a second held the thread for as long
+    as it liked. ``read1`` returns what has arrived, and the socket (http.client keeps
+    it private) waits no longer than the time left.
+
+    Raises:
+        TimeoutError: the deadline passed.
+    """
+    late = f"not read within {timeout_s:g} s"
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError(late)
+    sock = getattr(getattr(getattr(response, "fp", None), "raw", None), "_sock", None)
+    if sock is not None:
+        sock.settimeout(left)
+    try:
+        return bytes(response.read1(READ_CHUNK))
+    except TimeoutError as exc:
+        raise TimeoutError(late) from exc
+
+
 def fetch_image(url: str, where: str, limit: int, timeout_s: float = FETCH_TIMEOUT_S) -> bytes:
     """The body at an http(s) URL: at most ``limit`` bytes, within ``timeout_s`` in all.
     Blocking: run it in a thread.
@@ -170,13 +223,11 @@ def fetch_image(url: str, where: str, limit: int, timeout_s: float = FETCH_TIMEO
             if length and length.isdigit() and int(length) > limit:
                 raise BadRequest(f"The image at '{where}' has {length} bytes; the limit is "
                                  f"{limit}.", param=where)
-            while chunk := response.read(READ_CHUNK):
+            while chunk := _read_by(response, deadline, timeout_s):
                 data += chunk
                 if len(data) > limit:
                     raise BadRequest(f"The image at '{where}' is over the limit of {limit} "
                                      "bytes.", param=where)
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"not read within {timeout_s:g} s")
     except urllib.error.HTTPError as exc:
         raise BadRequest(f"Fetching the image at '{where}' failed: HTTP {exc.code} "
                          f"{exc.reason}.", param=where) from exc

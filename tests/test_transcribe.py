@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import math
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,14 +14,14 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from PIL import Image
+from PIL import Image, ImageOps
 
-from llmux.backends.rapidocr import RapidOcrBackend, reading_order, rows_text
+from llmux.backends.rapidocr import RapidOcrBackend, _decode, reading_order, rows_text
 from llmux.documents import MAX_PAGES, document_pages, image_page, kind_of, pdf_pages
 from llmux.errors import BadRequest
 from llmux.http.transcribe import DEFAULT_PROMPT
 from tests.conftest import Server, live_workers, wait_until
-from tests.helpers import WORDS, encoded, pdf_of, text_image
+from tests.helpers import WORDS, drain, encoded, pdf_of, text_image
 
 KEYS = {"all": "key-for-everything", "ocr-only": "key-for-ocr", "admin": "key-for-admin"}
 
@@ -124,6 +125,34 @@ def test_a_model_directory_must_hold_each_model_file_once(tmp_path: Path) -> Non
     with pytest.raises(ValueError, match=r"expected one \.onnx file with 'det' in its name, "
                                          r"found 2; name it with option det_model_path"):
         backend.load(lambda fraction, message: None)
+
+
+def test_rapidocr_sees_transparency_as_white() -> None:
+    """Black text on a transparent PNG is black on white, not black on black."""
+    image = Image.new("RGBA", (4, 2), (0, 0, 0, 0))
+    image.paste((0, 0, 0, 255), (0, 0, 2, 2))
+    shown = _decode(encoded(image, "PNG"))
+    assert (shown.mode, shown.getpixel((0, 0)), shown.getpixel((3, 1))) == (
+        "RGB", (0, 0, 0), (255, 255, 255))
+
+
+def test_rapidocr_turns_a_photo_upright_by_its_exif_orientation() -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    assert _decode(encoded(text_image(), "JPEG", exif=exif)).size == (180, 560)
+
+
+def test_rapidocr_reads_black_text_on_a_transparent_png() -> None:
+    image = Image.new("RGBA", (560, 180), (0, 0, 0, 0))
+    image.putalpha(ImageOps.invert(text_image().convert("L")))  # black where the text is
+    backend = RapidOcrBackend({"options": {}, "device": "cpu"})
+    backend.load(lambda fraction, message: None)
+    try:
+        stream = backend.infer("ocr", {"image": encoded(image, "PNG")}, threading.Event())
+        text = drain(stream)[1]["text"]
+    finally:
+        backend.unload()
+    assert_reads_the_words(text)
 
 
 def test_rapidocr_refuses_a_gpu_device() -> None:

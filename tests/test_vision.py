@@ -13,6 +13,7 @@ import contextlib
 import http.server
 import io
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ from transformers import (
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from llmux.backends.base import InvalidInput
-from llmux.backends.hf_vision import processor_class
+from llmux.backends.hf_vision import open_image, processor_class
 from llmux.backends.paths import resolve_model_path
 from llmux.backends.transformers_backend import TransformersBackend
 from llmux.chat.templates import MEDIA_MARKER, marked_messages, template_messages, vision_messages
@@ -45,6 +46,7 @@ from llmux.imaging import (
     REMOTE_DISABLED,
     check_image,
     decode_data_url,
+    displayed_rgb,
     fetch_image,
     image_bytes,
     with_image_bytes,
@@ -177,6 +179,52 @@ def test_the_pixel_limit_is_a_parameter() -> None:
 # -- imaging: URLs ------------------------------------------------------------------------
 
 
+def saved(image: Image.Image, fmt: str, **params: Any) -> bytes:
+    out = io.BytesIO()
+    image.save(out, fmt, **params)
+    return out.getvalue()
+
+
+def phone_photo() -> bytes:
+    """A 40x30 JPEG whose EXIF says: turn 90 degrees clockwise to view (30x40)."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return saved(Image.new("RGB", (40, 30), "white"), "JPEG", exif=exif.tobytes())
+
+
+def black_on_transparent() -> bytes:
+    """A PNG whose left half is opaque black, its right half transparent black."""
+    image = Image.new("RGBA", (4, 2), (0, 0, 0, 0))
+    image.paste((0, 0, 0, 255), (0, 0, 2, 2))
+    return saved(image, "PNG")
+
+
+def test_an_image_part_is_shown_upright_by_its_exif_orientation() -> None:
+    assert open_image(phone_photo()).size == (30, 40)
+
+
+def test_transparency_in_an_image_part_is_white() -> None:
+    image = open_image(black_on_transparent())
+    assert (image.mode, image.getpixel((0, 0)), image.getpixel((3, 1))) == (
+        "RGB", (0, 0, 0), (255, 255, 255))
+
+
+def test_a_paletted_gif_with_a_transparent_colour_is_white_there() -> None:
+    image = Image.new("P", (2, 1), 0)
+    image.putpalette([0, 0, 0, 10, 10, 10])
+    image.putpixel((1, 0), 1)
+    shown = open_image(saved(image, "GIF", transparency=0))
+    assert (shown.getpixel((0, 0)), shown.getpixel((1, 0))) == ((255, 255, 255), (10, 10, 10))
+
+
+def test_a_16_bit_grey_scan_keeps_its_shades() -> None:
+    image = Image.new("I;16", (2, 1), 65535)
+    image.putpixel((1, 0), 0x8000)
+    shown = displayed_rgb(image)
+    assert (shown.getpixel((0, 0)), shown.getpixel((1, 0))) == ((255, 255, 255),
+                                                                (127, 127, 127))
+
+
 def test_a_remote_url_is_refused_unless_allowed() -> None:
     with raises_bad_request(f"'p': {REMOTE_DISABLED}", param="p"):
         image_bytes("https://example.com/cat.png", "p", allow_remote=False, limit=10**6)
@@ -209,12 +257,26 @@ class _Images(http.server.BaseHTTPRequestHandler):
     }
 
     def do_GET(self) -> None:
+        if self.path == "/trickle.png":
+            self.trickle()
+            return
         status, headers, body = self.routes[self.path]
         self.send_response(status)
         for key, value in {**headers, "Content-Length": str(len(body))}.items():
             self.send_header(key, value)
         self.end_headers()
         self.wfile.write(body)
+
+    def trickle(self) -> None:
+        """Promises 100000 bytes, then sends one every 0.2 s for 3 s."""
+        self.send_response(200)
+        self.send_header("Content-Length", "100000")
+        self.end_headers()
+        with contextlib.suppress(OSError):
+            for _ in range(15):
+                self.wfile.write(b"x")
+                self.wfile.flush()
+                time.sleep(0.2)
 
     def log_message(self, *args: Any) -> None:
         pass
@@ -234,6 +296,13 @@ def test_an_allowed_remote_image_is_fetched_and_checked(image_site: str) -> None
     assert image_bytes(f"{image_site}/red.png", "p", allow_remote=True,
                        limit=10**6) == png(40, 30)
     assert fetch_image(f"{image_site}/to-red", "p", limit=10**6) == png(40, 30)
+
+
+def test_a_server_trickling_bytes_is_left_at_the_timeout(image_site: str) -> None:
+    started = time.monotonic()
+    with raises_bad_request("Fetching the image at 'p' failed: not read within 1 s"):
+        fetch_image(f"{image_site}/trickle.png", "p", limit=10**6, timeout_s=1.0)
+    assert time.monotonic() - started < 1.5
 
 
 def test_a_remote_image_over_the_limit_is_refused(image_site: str) -> None:

@@ -41,6 +41,7 @@ from llmux.backends.hf_causal import CausalLM
 from llmux.backends.hf_common import Checkpoint, LoadSettings
 from llmux.chat.render import template_kwargs
 from llmux.chat.templates import vision_messages
+from llmux.imaging import displayed_rgb
 
 __all__ = ["PIXEL_OPTIONS", "VisionLM", "image_only", "open_image", "processor_class"]
 
@@ -48,7 +49,7 @@ PIXEL_OPTIONS: Final = ("min_pixels", "max_pixels")
 
 
 def open_image(data: bytes) -> Image.Image:
-    """An image part's file as an RGB picture.
+    """An image part's file as the RGB picture a viewer shows (``displayed_rgb``).
 
     Raises:
         InvalidInput: Pillow cannot decode it.
@@ -56,7 +57,7 @@ def open_image(data: bytes) -> Image.Image:
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.load()
-            return image.convert("RGB")
+            return displayed_rgb(image)
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise InvalidInput(f"An image could not be decoded: {exc}") from exc
 

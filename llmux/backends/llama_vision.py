@@ -49,9 +49,10 @@ from typing import Any, Final
 
 import llama_cpp  # type: ignore[import-untyped,unused-ignore]
 from llama_cpp import mtmd_cpp  # type: ignore[import-untyped,unused-ignore]
-from PIL import Image, ImageOps
+from PIL import Image
 
 from llmux.backends.base import InvalidInput
+from llmux.imaging import displayed_rgb
 
 __all__ = ["IMAGE_TOKEN", "MARKER", "Projector", "decode_image"]
 
@@ -109,17 +110,13 @@ def decode_image(data: bytes, index: int = 0) -> tuple[int, int, bytes]:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as opened:
-                image = ImageOps.exif_transpose(opened)
-                image.load()
+                opened.load()
+                rgb = displayed_rgb(opened)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise InvalidInput(f"Image {index + 1} is too large to decode: {exc}") from exc
     except Exception as exc:  # Pillow raises many types for broken files
         raise InvalidInput(f"Image {index + 1} cannot be decoded ({len(data)} bytes): "
                            f"{exc}. Send a PNG, JPEG, WebP or GIF file.") from exc
-    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        image = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
-    rgb = image.convert("RGB")
     return rgb.width, rgb.height, rgb.tobytes()
 
 

@@ -33,10 +33,11 @@ from pathlib import Path
 from typing import Any, Final
 
 import numpy
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from llmux.backends.base import Backend, InvalidInput, ProgressFn, Stream, parse_device
 from llmux.backends.paths import PREFIX, resolve_model_path
+from llmux.imaging import displayed_rgb
 
 __all__ = ["RapidOcrBackend", "reading_order", "rows_text"]
 
@@ -226,7 +227,8 @@ class RapidOcrBackend(Backend):
 
 
 def _decode(data: Any) -> Image.Image:
-    """The image of ``data``, upright by its EXIF orientation.
+    """The image of ``data`` as a viewer shows it (``displayed_rgb``): upright,
+    transparency over white.
 
     Raises:
         InvalidInput: no bytes, or bytes Pillow cannot decode.
@@ -234,9 +236,9 @@ def _decode(data: Any) -> Image.Image:
     if not isinstance(data, bytes | bytearray) or not data:
         raise InvalidInput("The request has no image: send the image file's bytes.")
     try:
-        image = Image.open(io.BytesIO(data))
-        image.load()
-        return ImageOps.exif_transpose(image)
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            return displayed_rgb(image)
     except UnidentifiedImageError as exc:
         raise InvalidInput("The image cannot be read: its bytes are not an image format "
                            "Pillow knows (PNG, JPEG, WebP, TIFF, ...).") from exc
