@@ -118,3 +118,20 @@ def test_cancel_stops_between_sentences(stand_in: type[StandIn], tmp_path: Path)
     rest, done = drain(stream)
     assert rest == [] and done["finish_reason"] == "cancelled"
     assert len(stand_in.calls) == 1
+
+
+@pytest.mark.parametrize("language", [None, "", "en", "EN", "en-US", "En-gb"])
+def test_the_english_chatterbox_takes_no_language_or_english(
+        stand_in: type[StandIn], tmp_path: Path, language: str | None) -> None:
+    chunks, done = drain(backend(tmp_path).infer(
+        "speech", {"text": "Hello.", "language": language}, threading.Event()))
+    assert len(chunks) == 1 and done["finish_reason"] == "stop"
+    assert "language_id" not in stand_in.calls[-1][1]
+
+
+@pytest.mark.parametrize("language", ["de", "english", "eng", "fr-CA"])
+def test_the_english_chatterbox_refuses_other_languages(
+        stand_in: type[StandIn], tmp_path: Path, language: str) -> None:
+    with pytest.raises(InvalidInput, match="speaks English only"):
+        backend(tmp_path).infer("speech", {"text": "Hallo.", "language": language},
+                                threading.Event())

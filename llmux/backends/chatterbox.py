@@ -70,6 +70,13 @@ def model_class(variant: str) -> Any:
     return getattr(module, class_name)
 
 
+def is_english(language: Any) -> bool:
+    """Whether a request's ``language`` is one the English-only variants speak: none,
+    ``en`` or a regional ``en-*`` tag, in any case."""
+    tag = str(language or "en").lower()
+    return tag == "en" or tag.startswith("en-")
+
+
 class ChatterboxBackend(Backend):
     def __init__(self, spec: Mapping[str, Any]) -> None:
         super().__init__(spec)
@@ -105,7 +112,7 @@ class ChatterboxBackend(Backend):
         if not text.strip():
             raise InvalidInput("There is no text to speak.")
         language = payload.get("language") or self.language
-        if language and self.variant != "multilingual":
+        if not is_english(language) and self.variant != "multilingual":
             raise InvalidInput(f"The {self.variant} Chatterbox speaks English only; use the "
                                "multilingual model for other languages.")
         return self._speak(text, str(payload.get("voice") or ""), language, cancelled)
