@@ -169,7 +169,7 @@ async def test_a_pinned_model_that_no_longer_fits_backs_off() -> None:
                     if e.model == "kept" and e.kind == "refuse"]
         assert 1 <= len(refusals) <= 3  # at once, then after 1 s (then 2 s)
         assert actor.state is State.FAILED
-        assert "refused" in actor.snapshot()["last_error"] or refusals
+        assert actor.snapshot()["last_error"].startswith("refused: kept (llm) needs ")
 
 
 async def test_an_unload_asked_during_the_load_is_done_once_loaded() -> None:

@@ -290,9 +290,9 @@ class ModelActor(Actor[Message]):
             self._reply_error(job, LoadRefused(reason))
         if self._wanted and self._state is State.FAILED:
             # pinned or asked for, and it does not fit now (foreign use may shrink):
-            # try again after a backoff, not at once and for ever
-            wait = self._backoff.load_failed(reason, self.clock())
-            self._transition(State.FAILED, f"refused: {reason}; retry in {wait:.0f} s")
+            # try again after a backoff, not at once and for ever. No transition: no
+            # load began (the arbiter's "refuse" event says why).
+            self._backoff.load_failed(f"refused: {reason}", self.clock())
         else:
             self._wanted = False
 
