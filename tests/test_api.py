@@ -510,6 +510,20 @@ def test_transcription_of_each_accepted_format_with_the_sdk(client: openai.OpenA
     assert reply.duration == pytest.approx(1.5, abs=0.1)
 
 
+def test_a_streamed_transcription_comes_as_openai_s_events(client: openai.OpenAI,
+                                                          server: Server) -> None:
+    """The SDK's stream=True reads SSE events; a JSON body gave it none, silently."""
+    events = list(client.audio.transcriptions.create(
+        model="whisper", file=("a.wav", upload("wav")), stream=True))
+    assert [(e.type, getattr(e, "delta", None) or getattr(e, "text", None))
+            for e in events] == [("transcript.text.delta", "hello from the fake recogniser"),
+                                 ("transcript.text.done", "hello from the fake recogniser")]
+    assert_error(post(server, "/v1/audio/transcriptions", files={"file": ("a.wav",
+                                                                         upload("wav"))},
+                      data={"model": "whisper", "stream": "true", "response_format": "srt"}),
+                 400, param="response_format")
+
+
 def test_open_webui_style_upload_is_detected_from_the_bytes(server: Server) -> None:
     files = {"file": ("8a4f2c1e-uuid.bin", upload("webm", 1.0), "application/octet-stream")}
     response = post(server, "/v1/audio/transcriptions", data={"model": "whisper",

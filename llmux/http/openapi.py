@@ -363,6 +363,9 @@ def audio_fields(translate: bool) -> dict[str, Schema]:
         "prompt": string(description="Text that guides style and spelling."),
         "response_format": enum("json", "text", "srt", "vtt", "verbose_json", default="json"),
         "temperature": between(0, 1, "Decoding temperature."),
+        "stream": boolean(default=False, description=(
+            "true: the text as server-sent events (`transcript.text.delta`, then "
+            "`transcript.text.done`); `response_format` json or text.")),
     }
 
 
@@ -414,7 +417,7 @@ def transcribed(verbose_schema: str) -> Schema:
                            "text/plain for text and srt, text/vtt for vtt.",
             "content": {"application/json": {"schema": {"anyOf": [
                 ref("Transcription"), ref(verbose_schema)]}},
-                        "text/plain": text, "text/vtt": text}}
+                        "text/plain": text, "text/vtt": text, "text/event-stream": text}}
 
 
 def upload_body(name: str) -> Schema:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import functools
+import json
 from typing import Any, cast
 
 import anyio.to_thread
@@ -144,9 +145,24 @@ def options(fields: dict[str, Any], task: str) -> dict[str, Any]:
     if language is not None and not (2 <= len(language) <= 8 and language.isascii()):
         raise BadRequest("'language' must be an ISO-639-1 code such as 'en'.",
                          param="language")
+    stream = fields.get("stream", False)
+    if stream not in (True, False, "true", "false"):
+        raise BadRequest("'stream' must be true or false.", param="stream")
+    if stream in (True, "true") and fmt not in ("json", "text"):
+        raise BadRequest("A streamed transcription is text: 'response_format' json or text.",
+                         param="response_format")
     return {"response_format": fmt, "language": language,
             "prompt": text_field(fields, "prompt"), "temperature": temperature,
-            "words": "word" in granularities}
+            "words": "word" in granularities, "stream": stream in (True, "true")}
+
+
+def transcript_events(text: str) -> bytes:
+    """A streamed transcription as OpenAI's SSE events: the text as one delta, then
+    done (the recogniser answers whole, so there is nothing sooner to send). The openai
+    SDK's ``stream=True`` reads these; a JSON body would give it no event at all."""
+    events = [{"type": "transcript.text.delta", "delta": text},
+              {"type": "transcript.text.done", "text": text}]
+    return b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events)
 
 
 class Transcriptions:
@@ -187,6 +203,10 @@ class Transcriptions:
                       if opts[k] is not None}}
         _, result = await run_whole(req, self.runtime.submit(physical.id, "transcribe", payload))
         fmt = opts["response_format"]
+        if opts["stream"]:
+            resp.content_type = "text/event-stream"
+            resp.data = transcript_events(str(result.get("text", "")).strip())
+            return
         reply = render(result, fmt, task=self.task, duration=duration_s(samples),
                        words=opts["words"])
         if isinstance(reply, dict):
