@@ -48,7 +48,7 @@ def open_server_problem(keys: KeyStore, host: str) -> str | None:
             "every model. Set server.api_keys_file (or --api-keys FILE), or bind 127.0.0.1.")
 
 
-async def serve(config: Config, host: str, port: int, keys: KeyStore) -> None:
+async def serve(config: Config, keys: KeyStore) -> None:
     from hypercorn.asyncio import serve as hypercorn_serve
     from hypercorn.config import Config as HypercornConfig
 
@@ -59,6 +59,7 @@ async def serve(config: Config, host: str, port: int, keys: KeyStore) -> None:
 
     runtime = Runtime(config, state_dir=config.server.resolved_state_dir())
     hconfig = HypercornConfig()
+    host, port = config.server.host, config.server.port
     hconfig.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     # NOTE: on its shutdown trigger Hypercorn closes the listeners (new connections are
     # refused) and waits for the requests in progress, which watch_signals cuts when
@@ -142,7 +143,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log.warning("no API keys configured: serving without authentication, on the "
                     "loopback address %s only", host)
     try:
-        anyio.run(serve, config, host, port, keys, backend="asyncio")
+        anyio.run(serve, config, keys, backend="asyncio")
     except DeviceUnavailable as exc:
         print(f"llmux: {exc}", file=sys.stderr)
         return 1
@@ -186,7 +187,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     if config is None:
         return 1
     keys_file = config.server.api_keys_file
-    if keys_file is not None and Path(keys_file).exists():  # serve refuses bad keys
+    keys_here = keys_file is not None and Path(keys_file).exists()
+    if keys_file is not None and keys_here:  # serve refuses bad keys
         try:
             load_keys(Path(keys_file))
         except ConfigError as exc:
@@ -194,7 +196,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
             return 1
     print(render_summary(config))
     print(render_missing(config))  # a missing file is news, not an invalid config
-    if keys_file is not None and not Path(keys_file).exists():
+    if keys_file is not None and not keys_here:
         print(f"API keys file {keys_file} is not here: `llmux serve` refuses to start "
               "without it")
     return 0

@@ -151,14 +151,23 @@ def _openable() -> list[str]:
     return [f for f in FORMATS if f in Image.OPEN]
 
 
-def _scheme_of(url: str, where: str) -> str:
-    """The URL's scheme in lower case; "" when it has none. Pure.
+def _scheme(url: str) -> str:
+    """The URL's scheme (urlsplit gives it in lower case); "" when it has none. Pure.
 
     Raises:
-        BadRequest: the URL is malformed (``http://[example.com``: urlsplit refuses it).
+        ValueError: the URL is malformed (``http://[example.com``: urlsplit refuses it).
+    """
+    return urllib.parse.urlsplit(url).scheme if ":" in url else ""
+
+
+def _scheme_of(url: str, where: str) -> str:
+    """:func:`_scheme` of a client's URL.
+
+    Raises:
+        BadRequest: the URL is malformed.
     """
     try:
-        return urllib.parse.urlsplit(url).scheme.lower() if ":" in url else ""
+        return _scheme(url)
     except ValueError as exc:
         raise BadRequest(f"'{where}' is not a valid URL: {exc}.", param=where) from exc
 
@@ -170,7 +179,7 @@ class _HttpRedirectsOnly(urllib.request.HTTPRedirectHandler):
     def redirect_request(self, req: urllib.request.Request, fp: Any, code: int, msg: str,
                          headers: Any, newurl: str) -> urllib.request.Request | None:
         try:
-            scheme = urllib.parse.urlsplit(newurl).scheme
+            scheme = _scheme(newurl)
         except ValueError:
             scheme = ""
         if scheme not in ("http", "https"):

@@ -148,12 +148,13 @@ def options(fields: dict[str, Any], task: str) -> dict[str, Any]:
     stream = fields.get("stream", False)
     if stream not in (True, False, "true", "false"):
         raise BadRequest("'stream' must be true or false.", param="stream")
-    if stream in (True, "true") and fmt not in ("json", "text"):
+    stream = stream in (True, "true")  # a form's field is text
+    if stream and fmt not in ("json", "text"):
         raise BadRequest("A streamed transcription is text: 'response_format' json or text.",
                          param="response_format")
     return {"response_format": fmt, "language": language,
             "prompt": text_field(fields, "prompt"), "temperature": temperature,
-            "words": "word" in granularities, "stream": stream in (True, "true")}
+            "words": "word" in granularities, "stream": stream}
 
 
 def transcript_events(text: str) -> bytes:
