@@ -27,7 +27,7 @@ from cattrs.errors import (
 )
 from cattrs.gen import make_dict_structure_fn, make_mapping_structure_fn
 
-from llmux.backends.faster_whisper_options import option_problems as faster_whisper_problems
+from llmux.backends.options import option_problems
 from llmux.config_report import format_bytes
 
 # The model types, each with its words for messages.
@@ -629,9 +629,9 @@ def _check(config: Config, broken: _Broken) -> _Found:
              f"only speech (tts) models have voices, this is {a_model_of_type(model.type)}")
         if model.source is not None:
             found += _check_source(model, model.source, path)
-        if model.backend == "faster_whisper":
-            found += [((*path, "options", *where), message)
-                      for where, message in faster_whisper_problems(model.options)]
+        device_id = _device_id(config, model)
+        found += [((*path, "options", *where), message) for where, message in
+                  option_problems(model.backend, model.type, model.options, device_id or "cpu")]
         klass = model.priority_class or model.type
         need(
             broken.policy
@@ -644,7 +644,6 @@ def _check(config: Config, broken: _Broken) -> _Found:
             first = pinned_in.setdefault(model.exclusive_group, model.id)
             message = f"{_show(first)} of the same exclusive group is pinned already"
             need(first == model.id, (*path, "pinned"), message)
-        device_id = _device_id(config, model)
         placed = devices.get(device_id) if device_id is not None else None
         if placed is None and model.device is not None and broken.devices is not None:
             known = model.device in broken.devices

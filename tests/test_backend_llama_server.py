@@ -79,19 +79,6 @@ def test_a_parallel_below_one_is_refused() -> None:
         server_argv("llama-server", "m.gguf", {}, "cpu", "a.sock", parallel=0)
 
 
-@pytest.mark.parametrize(("options", "message"), [
-    ({"n_threds": 2}, r"^unknown llama_server option\(s\) n_threds \(known: binary, "),
-    ({"n_gpu_layers": 10}, r"^option n_gpu_layers 10 needs a cuda device"),
-    ({"type_v": "q4_0"}, r"^option type_v 'q4_0' \(a quantised V cache\) needs flash_attn"),
-    ({"type_k": "q3"}, r"^option type_k must be a KV cache type"),
-    ({"flash_attn": "yes"}, r'^option flash_attn must be true, false or "auto", got \'yes\'$'),
-    ({"extra_args": "--foo"}, r"^option extra_args must be a list of strings"),
-])
-def test_bad_options_are_named(options: dict[str, Any], message: str) -> None:
-    with pytest.raises(ValueError, match=message):
-        server_argv("llama-server", "m.gguf", options, "cpu", "a.sock")
-
-
 def test_a_prompt_over_llama_servers_context_is_refused_as_openai_words_it() -> None:
     body = json.dumps({"error": {
         "code": 400, "type": "exceed_context_size_error", "n_prompt_tokens": 3031,

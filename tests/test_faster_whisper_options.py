@@ -105,7 +105,9 @@ def test_a_bad_value_is_a_config_problem(options: dict[str, Any], problem: str) 
 def test_other_backends_options_are_not_checked_as_faster_whisper_s() -> None:
     data = config(temperature=-1)
     data["physical_models"]["whisper"]["backend"] = "transformers"
-    assert parse_config(data).physical_models["whisper"].options == {"temperature": -1}
+    problem, = problems_of(data)
+    assert problem.startswith("physical_models.whisper.options.temperature: unknown option "
+                              "(transformers takes ")
 
 
 # -- handed to transcribe() ----------------------------------------------------------------

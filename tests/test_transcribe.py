@@ -102,22 +102,6 @@ def test_no_lines_make_no_rows_and_no_text() -> None:
 # --- the rapidocr backend's settings ----------------------------------------------------
 
 
-def test_an_unknown_rapidocr_option_is_refused_by_name() -> None:
-    with pytest.raises(ValueError, match="unknown option 'lang' for the rapidocr backend"):
-        RapidOcrBackend({"options": {"lang": "en"}})
-
-
-@pytest.mark.parametrize(("options", "message"), [
-    ({"text_score": 1.5}, "option text_score must be a number from 0 to 1, got 1.5"),
-    ({"use_cls": "yes"}, "option use_cls must be true or false, got 'yes'"),
-    ({"intra_op_num_threads": -2}, "option intra_op_num_threads must be 0 or more, got -2"),
-])
-def test_a_bad_rapidocr_option_value_is_refused_by_name(options: dict[str, Any],
-                                                        message: str) -> None:
-    with pytest.raises(ValueError, match=message):
-        RapidOcrBackend({"options": options})
-
-
 def test_a_model_directory_must_hold_each_model_file_once(tmp_path: Path) -> None:
     (tmp_path / "my_det_a.onnx").write_bytes(b"")
     (tmp_path / "my_det_b.onnx").write_bytes(b"")

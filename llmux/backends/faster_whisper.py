@@ -35,7 +35,7 @@ at the next temperature, and if every temperature fails, the likeliest try is ke
                   so faster-whisper then times the words of every request
 
 Every option's value is checked with the rest of the config
-(``faster_whisper_options.py``): a bad one is listed by path and stops start-up.
+(``options.py``): a bad one is listed by path and stops start-up.
 
 An English-only model (``*.en``) refuses translation and any language but English
 as invalid input, instead of silently transcribing English as faster-whisper would.
@@ -53,7 +53,7 @@ import numpy as np
 from faster_whisper import WhisperModel
 
 from llmux.backends.base import Backend, InvalidInput, ProgressFn, Stream, parse_device
-from llmux.backends.faster_whisper_options import PASSED_THROUGH
+from llmux.backends.options import PASSED_THROUGH
 from llmux.backends.paths import resolve_model_path
 
 __all__ = ["FasterWhisperBackend"]

@@ -113,19 +113,6 @@ def checkpoint_template(directory: Path) -> str | None:
     return None
 
 
-def _pixel_options(options: Mapping[str, Any]) -> dict[str, int]:
-    """Raises ValueError for a value that is not a positive integer."""
-    limits = {}
-    for key in PIXEL_OPTIONS:
-        value = options.get(key)
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"option {key} must be a positive integer, got {value!r}")
-        limits[key] = value
-    return limits
-
-
 class VisionLM(CausalLM):
     """A processor and an ``AutoModelForImageTextToText``; serves ``chat`` (text and
     image parts) and ``complete``."""
@@ -136,7 +123,8 @@ class VisionLM(CausalLM):
                  options: Mapping[str, Any]) -> None:
         """Raises ValueError for a bad ``min_pixels`` / ``max_pixels``."""
         super().__init__(checkpoint, settings, options)
-        self.pixel_limits = _pixel_options(options)
+        self.pixel_limits = {key: options[key] for key in PIXEL_OPTIONS  # checked with
+                             if options.get(key) is not None}  # the config (options.py)
         self.processor: Any = None
         self.template: str | None = None
 

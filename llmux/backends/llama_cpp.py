@@ -88,13 +88,7 @@ KV_CACHE_TYPES: Final[Mapping[str, int]] = {
 }
 """KV cache type names to GGML type numbers (``enum ggml_type``)."""
 
-_UNQUANTISED: Final = frozenset({KV_CACHE_TYPES[name] for name in ("f32", "f16", "bf16")})
 _POOLING: Final[Mapping[str, int]] = {"none": 0, "mean": 1, "cls": 2, "last": 3}
-_OPTIONS: Final = frozenset({
-    "n_ctx", "n_gpu_layers", "n_batch", "n_threads", "flash_attn", "type_k", "type_v",
-    "chat_template", "embedding", "pooling", "verbose", "mmproj", "reasoning_format",
-    "tool_format",
-})
 # (payload key, Llama.generate argument, GGUF metadata key, llama.cpp's default)
 _SAMPLING: Final = (
     ("temperature", "temp", "general.sampling.temp", 0.8),
@@ -118,12 +112,7 @@ def _gpu_index(device: str) -> int | None:
 
 def _kv_type(options: Mapping[str, Any], key: str) -> int | None:
     name = options.get(key)
-    if name is None:
-        return None
-    if not isinstance(name, str) or name.lower() not in KV_CACHE_TYPES:
-        known = ", ".join(KV_CACHE_TYPES)
-        raise ValueError(f"option {key} must be a KV cache type ({known}), got {name!r}")
-    return KV_CACHE_TYPES[name.lower()]
+    return None if name is None else KV_CACHE_TYPES[str(name).lower()]
 
 
 def llama_arguments(options: Mapping[str, Any], device: str) -> dict[str, Any]:
@@ -132,29 +121,15 @@ def llama_arguments(options: Mapping[str, Any], device: str) -> dict[str, Any]:
     On "cuda:N" the whole model goes to GPU N (no split across GPUs); on "cpu" nothing
     is offloaded, not even prompt processing, so a CUDA build leaves the GPU alone.
 
-    Raises:
-        ValueError: an unknown option or a bad value, naming the option.
+    The options were checked with the config (options.py); the device is "cpu" or
+    "cuda:N".
     """
-    unknown = sorted(set(options) - _OPTIONS)
-    if unknown:
-        raise ValueError(f"unknown llama_cpp option(s) {', '.join(unknown)} "
-                         f"(known: {', '.join(sorted(_OPTIONS))})")
     gpu = _gpu_index(device)
     layers = int_option(options, "n_gpu_layers", -1 if gpu is not None else 0, -1)
-    if gpu is None and layers != 0:
-        raise ValueError(f"option n_gpu_layers {layers} needs a cuda device; this model "
-                         "is placed on cpu")
     flash_attn = auto_bool_option(options, "flash_attn")
     if flash_attn is None:
-        flash_attn = gpu is None
-    type_v = _kv_type(options, "type_v")
-    if type_v is not None and type_v not in _UNQUANTISED and not flash_attn:
-        raise ValueError(f"option type_v {options['type_v']!r} (a quantised V cache) "
-                         "needs flash_attn: true")
+        flash_attn = gpu is None  # on for the CPU: options.py's rule for type_v knows it
     pooling = options.get("pooling")
-    if pooling is not None and pooling not in _POOLING:
-        raise ValueError(f"option pooling must be one of {', '.join(_POOLING)}, "
-                         f"got {pooling!r}")
     arguments: dict[str, Any] = {
         "n_ctx": int_option(options, "n_ctx", 4096, 16),
         "n_batch": int_option(options, "n_batch", 512, 1),
@@ -162,7 +137,7 @@ def llama_arguments(options: Mapping[str, Any], device: str) -> dict[str, Any]:
         "n_gpu_layers": layers,
         "flash_attn": flash_attn,
         "type_k": _kv_type(options, "type_k"),
-        "type_v": type_v,
+        "type_v": _kv_type(options, "type_v"),
         "embedding": bool_option(options, "embedding"),
         "verbose": bool_option(options, "verbose"),
     }

@@ -42,15 +42,6 @@ _CUDA: Final = "CUDAExecutionProvider"
 
 
 
-def _optional_float(options: Mapping[str, Any], key: str) -> float | None:
-    value = options.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-        raise ValueError(f"option {key} must be a positive number, got {value!r}")
-    return float(value)
-
-
 class PiperBackend(Backend):
     """One Piper voice, streaming speech sentence by sentence."""
 
@@ -58,12 +49,10 @@ class PiperBackend(Backend):
         super().__init__(spec)
         self.device, self.device_index = parse_device(str(spec.get("device") or "cpu"))
         opts = self.options
-        self.cpu_threads = int(opts.get("cpu_threads", 0))
-        if self.cpu_threads < 0:
-            raise ValueError(f"option cpu_threads must be 0 or more, got {self.cpu_threads}")
-        self.length_scale = _optional_float(opts, "length_scale")
-        self.noise_scale = _optional_float(opts, "noise_scale")
-        self.noise_w_scale = _optional_float(opts, "noise_w_scale")
+        self.cpu_threads: int = opts.get("cpu_threads", 0)  # checked with the config
+        self.length_scale: float | None = opts.get("length_scale")
+        self.noise_scale: float | None = opts.get("noise_scale")
+        self.noise_w_scale: float | None = opts.get("noise_w_scale")
         self._voice: PiperVoice | None = None
         self._language: str | None = None
 

@@ -206,7 +206,9 @@ class Worker:
         log.info("loading with backend %r", spec.get("backend"))
         try:
             from llmux.backends import load_backend_class
+            from llmux.backends.options import check_options
 
+            check_options(spec)  # the config's check, again: a backend trusts its options
             backend = load_backend_class(str(spec.get("backend")))(spec)
             info = backend.load(self._progress)
             backend.warmup()
