@@ -176,8 +176,9 @@ def test_a_failed_start_names_the_exit_code_and_the_log(tmp_path: Path) -> None:
     # line, and its output is the error message's tail.
     model = tmp_path / "model.gguf"
     model.write_bytes(b"GGUF")
-    # NOTE: the pause lets the log reader take the line before the exit is seen.
-    binary = stand_in(tmp_path, f'echo "cannot load: $*"; {SLEEP} 0.3; exit 1')
+    # Its last words come after its exit is seen (here from a child holding its output):
+    # the load waits for the log reader to reach the log's end.
+    binary = stand_in(tmp_path, f'({SLEEP} 0.3; echo "cannot load: $*") & exit 1')
     backend = LlamaServerBackend({"model_id": "m", "model_path": str(model), "device": "cpu",
                                   "options": {"binary": binary, "n_threads": 1}})
     try:

@@ -70,7 +70,7 @@ from llmux.backends.gguf import (
     token_bias,
 )
 from llmux.backends.llama_log import install as install_llama_log
-from llmux.backends.llama_vision import MARKER, Projector
+from llmux.backends.llama_vision import MARKER, Projector, bos_prefix
 from llmux.chat.output import output_formats
 from llmux.chat.render import FALLBACK_TEMPLATE, model_template, render_chat
 from llmux.chat.stops import StopText
@@ -222,7 +222,7 @@ class LlamaCppBackend(GgufBackend):
 
     def _tokens(self, prompt: str) -> list[int]:
         tokens: list[int] = self._llm.tokenize(prompt.encode(), add_bos=False, special=True)
-        return self._with_bos(tokens)
+        return [*bos_prefix(self._llm, tokens[0] if tokens else None), *tokens]
 
     def _complete(self, prompt: str, images: Sequence[bytes], payload: Mapping[str, Any],
                   cancelled: threading.Event, *, tool_grammar: str | None = None,
@@ -238,15 +238,6 @@ class LlamaCppBackend(GgufBackend):
         else:
             tokens = self._tokens(prompt)
         return self._generate(tokens, payload, cancelled, grammar=grammar, special=harmony)
-
-    def _with_bos(self, tokens: list[int]) -> list[int]:
-        """``tokens`` after a BOS if the vocabulary wants one and it is not there yet
-        (templates often write ``bos_token`` themselves)."""
-        bos = self._llm.token_bos()
-        vocab = llama_cpp.llama_model_get_vocab(self._llm.model)
-        if bos >= 0 and llama_cpp.llama_vocab_get_add_bos(vocab) and tokens[:1] != [bos]:
-            return [bos, *tokens]
-        return tokens
 
     def _generate(self, tokens: list[int], payload: Mapping[str, Any],
                   cancelled: threading.Event, *, grammar: Any = None,

@@ -87,6 +87,7 @@ as in the llama_cpp backend)."""
 STARTUP_TIMEOUT_S: Final = 600.0  # the actor's load timeout usually ends it sooner
 STOP_GRACE_S: Final = 5.0
 LOG_LINES: Final = 40  # the tail of llama-server's log kept for error messages
+READER_DRAIN_S: Final = 2.0  # after an exit, for the log reader to take the last lines
 SOCKET_DIR_PREFIX: Final = "llmux-llama-server-"  # then the worker's pid
 
 
@@ -111,6 +112,7 @@ class LlamaServerBackend(GgufBackend):
         self._log: collections.deque[str] = collections.deque(maxlen=LOG_LINES)
         self._stopping = False
         self._serving = False
+        self._reader: threading.Thread | None = None
         self._add_bos = False
         self._vocabulary = 0
         self._token_vectors = False  # a model without pooling: its texts' tokens averaged
@@ -134,7 +136,9 @@ class LlamaServerBackend(GgufBackend):
         progress(0.0, f"starting llama-server on {path.name}")
         log.info("starting %s", " ".join(argv))
         self._process = spawn_tied(argv)
-        threading.Thread(target=self._watch, name="llama-server-log", daemon=True).start()
+        self._reader = threading.Thread(target=self._watch, name="llama-server-log",
+                                        daemon=True)
+        self._reader.start()
         self._wait_healthy(path)
         progress(0.9, "loaded; reading the chat template")
         props = self._get("/props")
@@ -168,6 +172,8 @@ class LlamaServerBackend(GgufBackend):
             process = self._process
             assert process is not None
             if process.poll() is not None:
+                assert self._reader is not None
+                self._reader.join(READER_DRAIN_S)  # its last words may still be in the pipe
                 raise ValueError(f"{path}: llama-server exited with code {process.returncode}"
                                  f" while loading it: {self._log_tail()}")
             try:

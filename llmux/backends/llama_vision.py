@@ -54,7 +54,7 @@ from PIL import Image
 from llmux.backends.base import InvalidInput
 from llmux.imaging import displayed_rgb
 
-__all__ = ["IMAGE_TOKEN", "MARKER", "Projector", "decode_image"]
+__all__ = ["IMAGE_TOKEN", "MARKER", "Projector", "bos_prefix", "decode_image"]
 
 MARKER: Final[str] = mtmd_cpp.mtmd_default_marker().decode()
 """Where an image goes in the prompt text: ``<__media__>``."""
@@ -121,6 +121,16 @@ def decode_image(data: bytes, index: int = 0) -> tuple[int, int, bytes]:
 
 
 # -- the projector -------------------------------------------------------------------------
+
+
+def bos_prefix(llm: Any, first: int | None) -> list[int]:
+    """``[BOS]`` if the vocabulary wants one and the prompt, whose first token is
+    ``first``, does not start with it already (templates often write ``bos_token``
+    themselves); else ``[]``."""
+    bos = int(llm.token_bos())
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    wanted = bos >= 0 and llama_cpp.llama_vocab_get_add_bos(vocab)
+    return [bos] if wanted and first != bos else []
 
 
 class Projector:
@@ -207,7 +217,7 @@ class Projector:
                 # could be sampled after them; chat templates always end with text.
                 raise InvalidInput("The prompt ends with an image; put some text after "
                                    "it (the model continues from text).")
-            bos = self._bos(chunks.first_token())
+            bos = bos_prefix(self._llm, chunks.first_token())
             total = chunks.n_tokens + len(bos)
             context = self.context_size
             if total == 0:
@@ -227,12 +237,6 @@ class Projector:
         if not self._ctx:
             raise RuntimeError(f"{self.path}: the projector is closed")
         return self._ctx
-
-    def _bos(self, first: int | None) -> list[int]:
-        bos = int(self._llm.token_bos())
-        vocab = llama_cpp.llama_model_get_vocab(self._llm.model)
-        wanted = bos >= 0 and llama_cpp.llama_vocab_get_add_bos(vocab)
-        return [bos] if wanted and first != bos else []
 
     def _fill(self, chunks: _Chunks, bos: list[int]) -> list[int]:
         llm = self._llm
