@@ -84,6 +84,17 @@ def test_a_worker_that_grew_is_re_measured_and_remembered() -> None:
     assert grew == "footprint on cpu: grew from 160.0 MB to 300.0 MB while loaded; re-measured"
 
 
+def test_a_later_load_does_not_put_off_the_next_measurement() -> None:
+    # Else a device where models keep loading would never re-measure the first.
+    world = World(capacity=1000 * MB)
+    world.load("a", 101, 160 * MB)
+    world.now += MEASURE_INTERVAL_S * 0.75
+    world.load("b", 102, 160 * MB)
+    world.probe.held[101] = 300 * MB
+    world.tick(MEASURE_INTERVAL_S * 0.25)
+    assert world.ledger()["a"] == 300 * MB
+
+
 def test_noise_below_the_tolerance_is_not_a_growth() -> None:
     world = World(capacity=1000 * MB)
     world.load("a", 101, 160 * MB)

@@ -25,6 +25,7 @@ def test_failed_loads_in_a_row_wait_doubling_up_to_the_cap() -> None:
     backoff = LoadBackoff()
     waits = [backoff.load_failed("no room", 0.0) for _ in range(9)]
     assert waits == [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, MAX_BACKOFF_S, MAX_BACKOFF_S, MAX_BACKOFF_S]
+    assert MAX_BACKOFF_S == 60.0  # README: "1 s, doubling up to 60 s" (not the next power of 2)
     assert backoff.in_a_row == 9
 
 

@@ -358,3 +358,124 @@ def test_relief_already_on_its_way_is_not_asked_again(seed: Config) -> None:
     v = view(seed, resident(seed, "qwen3.5-9b-fp8", bytes=12_500_000_000),
              resident(seed, "cohere-transcribe", residency=Residency.EVICTING))
     assert relieve(v, TURNS, NOW) is None
+
+
+# --- boundaries and rules the scenarios above leave open (found by mutation testing) ----
+
+
+def test_strict_priority_still_evicts_a_model_of_the_same_class(seed: Config) -> None:
+    # Only a *higher* class is spared under strict priority: an equal one is fair game.
+    v = view(seed, resident(seed, "qwen3.5-9b-fp8"))
+    decision = plan(v, want(seed, "qwen3.5-4b"), STRICT, NOW)
+    assert isinstance(decision, Evict) and decision.victims == ("qwen3.5-9b-fp8",)
+
+
+def test_a_model_exactly_as_big_as_the_device_is_granted(seed: Config) -> None:
+    assert plan(view(seed, capacity=9_000_000_000), want(seed, "qwen3.5-9b-fp8"), RULES,
+                NOW) == Grant("qwen3.5-9b-fp8")
+
+
+def test_what_may_not_be_evicted_plus_the_model_may_fill_the_device_exactly(
+    seed: Config,
+) -> None:
+    v = view(seed, resident(seed, "cohere-transcribe", pinned=True),
+             resident(seed, "chatterbox"), capacity=6_000_000_000)
+    decision = plan(v, want(seed, "chatterbox-turbo"), RULES, NOW)
+    assert isinstance(decision, Evict) and decision.victims == ("chatterbox",)
+
+
+def test_a_model_still_leaving_the_ledger_is_not_planned_again(seed: Config) -> None:
+    # Its old bytes are still counted: a second entry for it would count them twice.
+    v = view(seed, resident(seed, "chatterbox", residency=Residency.EVICTING))
+    assert plan(v, want(seed, "chatterbox"), RULES, NOW) == Wait(
+        "chatterbox is still in the ledger")
+
+
+def test_a_rival_still_leaving_the_exclusive_group_is_waited_for(seed: Config) -> None:
+    # There is room, but the group holds at most one model, also while one leaves.
+    v = view(seed, resident(seed, "qwen3.5-4b", residency=Residency.RELEASING))
+    assert plan(v, want(seed, "chatterbox"), RULES, NOW) == Grant("chatterbox")
+    assert plan(v, want(seed, "qwen3.5-9b-fp8"), RULES, NOW) == Wait(
+        "waiting for qwen3.5-4b to leave exclusive group 'llm'")
+
+
+def test_eviction_stops_once_the_shortfall_is_exactly_covered(seed: Config) -> None:
+    # 2 GB free of 17: gpt-oss needs 13 = 2 free + 9 (its group's llm) + 2, which the tts
+    # covers exactly, so the asr model stays.
+    v = view(seed, resident(seed, "qwen3.5-9b-fp8", last_used=1.0),
+             resident(seed, "cohere-transcribe", last_used=0.0),
+             resident(seed, "chatterbox", last_used=0.0), capacity=17_000_000_000)
+    decision = plan(v, want(seed, "gpt-oss-20b"), RULES, NOW)
+    assert isinstance(decision, Evict)
+    assert decision.victims == ("qwen3.5-9b-fp8", "chatterbox")
+
+
+def test_any_victim_that_may_not_go_now_makes_the_requester_wait(seed: Config) -> None:
+    # The llm (its group) may go, but the busy tts is needed too: nothing is evicted yet.
+    v = view(seed, resident(seed, "qwen3.5-4b"), resident(seed, "chatterbox", busy=True),
+             resident(seed, "cohere-transcribe"))
+    assert plan(v, want(seed, "gpt-oss-20b"), RULES, NOW) == Wait("chatterbox is busy")
+
+
+def test_a_model_with_queued_work_keeps_the_device_in_its_turn(seed: Config) -> None:
+    # Idle this instant, last used long ago, but its queue waits: the turn is not over.
+    v = view(seed, in_turn(seed, "qwen3.5-9b-fp8", turn_requests=3, queued=2,
+                           last_used=NOW - 5))
+    assert plan(v, want(seed, "qwen3.5-4b"), TURNS, NOW) == Wait(
+        "qwen3.5-9b-fp8 is serving its turn (3 of 8 requests, 25.0 s left)")
+
+
+def test_the_linger_is_over_exactly_turn_linger_s_after_the_last_request(seed: Config) -> None:
+    v = view(seed, in_turn(seed, "qwen3.5-9b-fp8", turn_requests=3, last_used=NOW - 0.5))
+    assert isinstance(plan(v, want(seed, "qwen3.5-4b"), TURNS, NOW), Evict)
+
+
+def test_the_minimum_residency_is_over_exactly_min_residency_s_after_the_load(
+    seed: Config,
+) -> None:
+    v = view(seed, resident(seed, "qwen3.5-9b-fp8", loaded_at=NOW - 10, queued=2))
+    assert isinstance(plan(v, want(seed, "gpt-oss-20b"), RULES, NOW), Evict)
+
+
+def test_a_victim_whose_turn_is_over_with_queued_work_is_told_why(seed: Config) -> None:
+    v = view(seed, in_turn(seed, "qwen3.5-9b-fp8", queued=3, turn_requests=8))
+    decision = plan(v, want(seed, "qwen3.5-4b"), TURNS, NOW)
+    assert isinstance(decision, Evict)
+    assert decision.reasons[0].endswith(
+        "(its turn is over after 8 requests in 5.0 s; its queued requests wait for its "
+        "next load)")
+
+
+def test_an_over_full_device_reports_no_negative_free_memory(seed: Config) -> None:
+    v = view(seed, resident(seed, "qwen3.5-9b-fp8", bytes=17_000_000_000))
+    decision = plan(v, want(seed, "cohere-transcribe"), RULES, NOW)
+    assert isinstance(decision, Evict)
+    assert decision.reasons[0].endswith("needed 4.0 GB, free 0 B")
+
+
+def test_relief_counts_what_is_already_leaving(seed: Config) -> None:
+    # 3 GB over, 2 GB of it already on its way out: one 2 GB tts covers the rest.
+    v = view(seed, resident(seed, "qwen3.5-9b-fp8", bytes=13_000_000_000, pinned=True),
+             resident(seed, "chatterbox", last_used=0.0),
+             resident(seed, "chatterbox-turbo", last_used=1.0),
+             resident(seed, "chatterbox-multilingual", residency=Residency.EVICTING))
+    decision = relieve(v, TURNS, NOW)
+    assert isinstance(decision, Evict) and decision.victims == ("chatterbox",)
+
+
+def test_relief_exactly_covered_by_what_is_leaving_needs_nothing(seed: Config) -> None:
+    # 2 GB over, and the 2 GB tts on its way out: nothing more to do, and nothing to wait for.
+    v = view(seed, resident(seed, "qwen3.5-9b-fp8", bytes=16_000_000_000),
+             resident(seed, "chatterbox", residency=Residency.RELEASING))
+    assert relieve(v, TURNS, NOW) is None
+
+
+def test_relief_sheds_the_least_recently_used_of_a_class_and_stops_when_covered(
+    seed: Config,
+) -> None:
+    # 2 GB over: the older tts covers it exactly; the newer one stays.
+    v = view(seed, resident(seed, "qwen3.5-9b-fp8", bytes=14_000_000_000, pinned=True),
+             resident(seed, "chatterbox", last_used=5.0),
+             resident(seed, "chatterbox-turbo", last_used=2.0))
+    decision = relieve(v, TURNS, NOW)
+    assert isinstance(decision, Evict) and decision.victims == ("chatterbox-turbo",)

@@ -275,8 +275,10 @@ def plan(view: DeviceView, want: Want, rules: Rules, now: float) -> Decision:
 def _turn_note(victim: Resident, rules: Rules, now: float) -> str:
     if not (turn_over(victim, rules, now) and (victim.busy or victim.queued)):
         return ""
+    after = ("it finishes its running request" if victim.busy
+             else "its queued requests wait for its next load")
     return (f" (its turn is over after {victim.turn_requests} requests in "
-            f"{now - (victim.turn_since or now):.1f} s; it finishes its running request)")
+            f"{now - (victim.turn_since or now):.1f} s; {after})")
 
 
 def relieve(view: DeviceView, rules: Rules, now: float) -> Evict | Wait | None:
