@@ -630,8 +630,9 @@ def _check(config: Config, broken: _Broken) -> _Found:
         if model.source is not None:
             found += _check_source(model, model.source, path)
         device_id = _device_id(config, model)
+        placed_on = device_id if device_id in devices else None  # else: one problem, its device
         found += [((*path, "options", *where), message) for where, message in
-                  option_problems(model.backend, model.type, model.options, device_id or "cpu")]
+                  option_problems(model.backend, model.type, model.options, placed_on)]
         klass = model.priority_class or model.type
         need(
             broken.policy

@@ -140,6 +140,12 @@ def test_key_with_spaces_is_refused(two_keys: KeyStore) -> None:
     assert refusal(two_keys, "Bearer plain secret") == SPACES
 
 
+def test_a_key_with_undecodable_bytes_is_refused_not_a_crash(two_keys: KeyStore) -> None:
+    """A header decoded with surrogateescape holds lone surrogates; they hash."""
+    header = b"Bearer plain-secret-\xff".decode("utf-8", "surrogateescape")
+    assert refusal(two_keys, header) == INVALID
+
+
 def test_refusal_is_a_401_authentication_error(two_keys: KeyStore) -> None:
     with pytest.raises(Unauthorized) as caught:
         two_keys.authenticate("Bearer nope")
@@ -190,8 +196,14 @@ def test_every_stored_digest_is_compared_even_after_a_match(
     assert calls == [k.digest for k in keys.keys]
 
 
-def test_empty_key_list_refuses_everyone(keys_file: Path) -> None:
-    keys = store(keys_file)
+def test_empty_key_list_refuses_everyone(keys_file: Path,
+                                         caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="llmux.auth"):
+        keys = store(keys_file)
+    [record] = caplog.records
+    assert record.levelno == logging.WARNING
+    assert record.getMessage() == (
+        f"API keys loaded from {keys_file}: none, every request will be refused")
     assert keys.enabled and keys.keys == ()
     assert refusal(keys, "Bearer anything") == INVALID
 
@@ -304,6 +316,7 @@ def test_empty_key_list_is_valid() -> None:
         ({"keys": [{"key": "k"}]}, "keys[0].name: required"),
         ({"keys": [{"name": 7, "key": "k"}]}, "keys[0].name: expected a string, got 7"),
         ({"keys": [{"name": " ", "key": "k"}]}, "keys[0].name: must not be empty"),
+        ({"keys": [{"name": True, "key": "k"}]}, "keys[0].name: expected a string, got true"),
         ({"keys": [{"name": "a"}]}, "keys[0].key: required"),
         ({"keys": [{"name": "a", "key": ""}]}, "keys[0].key: must not be empty"),
         (
@@ -313,6 +326,10 @@ def test_empty_key_list_is_valid() -> None:
         (
             {"keys": [{"name": "a", "key": None}]},
             "keys[0].key: expected a string, got null (quote the key)",
+        ),
+        (
+            {"keys": [{"name": "a", "key": True}]},
+            "keys[0].key: expected a string, got a boolean (quote the key)",
         ),
         (
             {"keys": [{"name": "a", "key": "sha256:abc"}]},
@@ -351,6 +368,10 @@ def test_empty_key_list_is_valid() -> None:
         (
             {"keys": [{"name": "a", "key": "k", "models": [""]}]},
             "keys[0].models[0]: must not be empty",
+        ),
+        (
+            {"keys": [{"name": "a", "key": "k", "models": ["Qwen", " "]}]},
+            "keys[0].models[1]: must not be empty",
         ),
         (
             {"keys": [{"name": "a", "key": "k", "admin": "yes"}]},
@@ -400,6 +421,15 @@ def test_every_problem_is_reported_at_once_in_document_order() -> None:
         'keys[4].name: duplicate name "c" (first used by keys[2])',
         "keys[4].key: the same key as keys[0]",
         "keys[4].models[0]: expected a model name, got null",
+        "extra: unknown field (expected keys)",
+    ]
+
+
+def test_an_unknown_field_before_the_keys_is_listed_before_their_problems() -> None:
+    data = {"version": 2, "keys": [{"name": "a"}], "extra": True}
+    assert problems_of(data) == [
+        "version: unknown field (expected keys)",
+        "keys[0].key: required",
         "extra: unknown field (expected keys)",
     ]
 

@@ -41,12 +41,19 @@ def problems_of(data: object) -> list[str]:
     ("llama_cpp", "llm", "cuda:0", {"n_gpu_layers": 20, "type_v": "q8_0",
                                     "flash_attn": True}),
     ("llama_cpp", "llm", "cpu", {"n_ctx": None, "n_threads": None}),
+    # null is "auto": on the cpu, flash attention, so a quantised V cache is fine
+    ("llama_cpp", "llm", "cpu", {"flash_attn": None, "type_v": "q8_0"}),
+    # an unquantised V cache needs no flash attention
+    ("llama_cpp", "llm", "cuda:0", {"type_v": "F16", "flash_attn": False}),
+    ("llama_server", "llm", "cuda:0", {"type_v": "bf16"}),
     ("llama_server", "llm", "cpu", {"binary": "/usr/bin/llama-server",
                                     "extra_args": ["--jinja"], "flash_attn": False}),
     ("llama_server", "embedding", "cuda:1", {"n_gpu_layers": -1, "embedding": True}),
     ("piper", "tts", "cpu", {"cpu_threads": 0, "length_scale": 1.2, "noise_scale": None}),
     ("chatterbox", "tts", "cpu", {"variant": "turbo", "exaggeration": 0.5,
                                   "cfg_weight": 0, "temperature": 0.8}),
+    ("chatterbox", "tts", "cpu", {"exaggeration": 0}),
+    ("rapidocr", "ocr", "cpu", {"text_score": 0, "box_thresh": 0.0}),
     ("rapidocr", "ocr", "cpu", {"text_score": 0.3, "box_thresh": 1, "unclip_ratio": 2,
                                 "use_angle_cls": False, "intra_op_num_threads": 0,
                                 "max_side_len": 1024, "rec_keys_path": "keys.txt"}),
@@ -127,6 +134,13 @@ def test_the_gguf_backends_rules_across_options_and_the_device(
      'variant: expected one of default, multilingual, turbo, got "fast"'),
     ("chatterbox", "tts", {"cfg_weight": "high"}, 'cfg_weight: expected a number, got '
                                                   '"high"'),
+    ("chatterbox", "tts", {"temperature": 0}, "temperature: must be positive"),
+    ("rapidocr", "ocr", {"box_thresh": -0.1}, "box_thresh: must be from 0 to 1"),
+    # only the KV cache types are taken in any case
+    ("transformers", "llm", {"dtype": "BFloat16"},
+     'dtype: expected one of auto, float32, bfloat16, float16, got "BFloat16"'),
+    ("llama_cpp", "llm", {"pooling": "MEAN"},
+     'pooling: expected one of none, mean, cls, last, got "MEAN"'),
     ("transformers", "llm", {"dtype": "fp16"},
      'dtype: expected one of auto, float32, bfloat16, float16, got "fp16"'),
     ("transformers", "vlm", {"max_pixels": "lots"}, 'max_pixels: expected an integer, got '
@@ -154,6 +168,15 @@ def test_a_worker_refuses_bad_options_before_it_builds_the_backend() -> None:
     check_options({**spec, "options": {"n_ctx": 16}})
 
 
+def test_a_worker_checks_the_options_against_its_model_s_device() -> None:
+    spec = {"backend": "llama_cpp", "type": "llm", "options": {"n_gpu_layers": 20}}
+    check_options({**spec, "device": "cuda:0"})
+    for device in ({"device": "cpu"}, {"device": None}, {}):
+        with pytest.raises(ValueError, match=r"^option n_gpu_layers: 20 layers on the GPU, "
+                                             r"but this model is placed on cpu: "):
+            check_options({**spec, **device})
+
+
 def test_the_formats_are_those_the_reply_parser_knows() -> None:
     for table in TABLES.values():
         if "reasoning_format" in table:
@@ -165,3 +188,11 @@ def test_the_formats_are_those_the_reply_parser_knows() -> None:
 
 def test_the_fake_backend_takes_any_option() -> None:
     assert option_problems("fake", "llm", {"whatever": object()}) == []
+
+
+def test_an_unknown_device_is_one_problem_not_also_the_gpu_layers() -> None:
+    data = config("llama_cpp", "llm", "cuda:0", n_gpu_layers=10, type_v="q8_0")
+    data["physical_models"]["m"]["device"] = "gpu0"
+    with pytest.raises(ConfigError) as caught:
+        parse_config(data)
+    assert caught.value.problems == ['physical_models.m.device: unknown device "gpu0"']

@@ -151,6 +151,9 @@ def test_p40_unloads_every_model_after_five_idle_minutes() -> None:
         ("1TiB", 2**40),
         ("100B", 100),
         ("100", 100),
+        ("1.5B", 2),  # fractions round half to even
+        ("2.5B", 2),
+        ("0.0015KB", 2),
         (1024, 1024),
         (0, 0),
         (2048.0, 2048),
@@ -205,6 +208,8 @@ def test_parse_size_round_trips_integers(n: int) -> None:
         (999_960_000, "1.0 GB"),
         (1500, "1.5 KB"),
         (999, "999 B"),
+        (1000, "1.0 KB"),
+        (-1500, "-1.5 KB"),
         (0, "0 B"),
         (13 * 10**12, "13.0 TB"),
     ],
@@ -264,6 +269,16 @@ def test_a_bad_size_names_the_path() -> None:
             {"devices": {"cpu": {"capacity": "lots"}}},
             None,
             'devices.cpu.capacity: "lots" is not a size or "auto"',
+        ),
+        (
+            {"policy": {"min_residency_s": float("nan")}},
+            None,
+            "policy.min_residency_s: expected a number, got nan",
+        ),
+        (  # a mapping key YAML read as a number is still named as a word, not an index
+            {"policy": {"priority_classes": {"llm": 10, 5: 1}}},
+            None,
+            "policy.priority_classes.5: expected a string, got 5",
         ),
     ],
 )
@@ -642,3 +657,208 @@ def test_every_model_type_has_words_for_messages() -> None:
         assert words.startswith(("a ", "an ")) and "model of type" not in words, words
     assert a_model_of_type("embedding") == "an embedding model"
     assert a_model_of_type("ocr") == "an OCR model"
+
+
+# --- bounds and one message per mistake -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value"),
+    [
+        ("server", "port", 1),
+        ("server", "port", 65535),
+        ("server", "max_body_bytes", 1),
+        ("server", "max_upload_bytes", 1),
+        ("server", "metrics", "open"),
+        ("server", "metrics", "admin"),
+        ("server", "log_format", "json"),
+        ("server", "shutdown_grace_s", 0),
+        ("server", "read_timeout_s", 0.5),
+        ("policy", "min_residency_s", 0),
+        ("policy", "max_queue_per_model", 1),
+        ("policy", "max_turn_requests", 1),
+        ("policy", "max_turn_wait_s", 0.5),
+        ("policy", "turn_load_multiple", 0),
+        ("policy", "request_deadline_s", 0.5),
+    ],
+)
+def test_values_at_their_bounds_are_accepted(section: str, key: str, value: object) -> None:
+    config = parse_config(doc(**{section: {key: value}}))
+    assert getattr(getattr(config, section), key) == value
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "message"),
+    [
+        ("server", "port", 65536, "must be between 1 and 65535"),
+        ("server", "max_body_bytes", 0, "must be positive"),
+        ("server", "max_upload_bytes", 0, "must be positive"),
+        ("server", "metrics", "public",
+         'unknown metrics access "public" (expected one of open, admin)'),
+        ("server", "log_format", "xml", 'unknown log format "xml" (expected one of text, json)'),
+        ("server", "shutdown_grace_s", -1, "must not be negative"),
+        ("server", "read_timeout_s", 0, "must be positive"),
+        ("policy", "min_residency_s", -1, "must not be negative"),
+        ("policy", "max_queue_per_model", 0, "must be at least 1"),
+        ("policy", "max_turn_requests", 0, "must be at least 1"),
+        ("policy", "max_turn_wait_s", 0, "must be positive"),
+        ("policy", "turn_load_multiple", -0.5, "must not be negative"),
+        ("policy", "request_deadline_s", 0, "must be positive"),
+    ],
+)
+def test_values_past_their_bounds_are_named(section: str, key: str, value: object,
+                                            message: str) -> None:
+    assert problems_of(doc(**{section: {key: value}})) == [f"{section}.{key}: {message}"]
+
+
+def test_a_safety_margin_as_big_as_the_capacity_is_one_problem() -> None:
+    data = doc(devices={"cuda:0": {"capacity": "8GB", "safety_margin": "8GB"}})
+    assert problems_of(data) == ["devices.cuda:0.safety_margin: leaves nothing of the capacity"]
+
+
+def test_models_that_exactly_fill_a_device_fit() -> None:
+    data = doc(
+        devices={"cuda:0": {"capacity": "12GB", "safety_margin": "2GB"}},
+        physical_models={
+            "a": model(estimated_vram="4GB", pinned=True),
+            "b": model(estimated_vram="6GB", pinned=True),
+            "c": model(estimated_vram="10GB"),
+        },
+        virtual_models={},
+    )
+    assert set(parse_config(data).physical_models) == {"a", "b", "c"}
+
+
+def test_pinned_models_on_another_device_do_not_count() -> None:
+    data = doc(
+        devices={"cuda:0": {"capacity": "10GB"}, "cuda:1": {"capacity": "10GB"}},
+        physical_models={
+            "a": model(estimated_vram="9GB", pinned=True, device="cuda:0"),
+            "b": model(estimated_vram="9GB", pinned=True, device="cuda:1"),
+        },
+        virtual_models={},
+    )
+    assert set(parse_config(data).physical_models) == {"a", "b"}
+
+
+def test_only_one_model_of_an_exclusive_group_may_be_pinned() -> None:
+    data = doc(
+        physical_models={
+            "a": model(exclusive_group="big", pinned=True),
+            "b": model(exclusive_group="big"),
+            "c": model(exclusive_group="big", pinned=True),
+        },
+        virtual_models={},
+    )
+    assert problems_of(data) == [
+        'physical_models.c.pinned: "a" of the same exclusive group is pinned already'
+    ]
+
+
+def test_a_physical_model_s_name_holds_no_slash_but_a_virtual_one_may() -> None:
+    data = doc(physical_models={"acme/chat": model()},
+               virtual_models={"acme/Chat": {"physical": "acme/chat"}})
+    assert problems_of(data) == [
+        "physical_models.acme/chat: a physical model's name may not hold '/': the admin "
+        "routes (/admin/models/NAME/load) take it as one path segment (a virtual model's "
+        "name may hold one)"
+    ]
+    data = doc(virtual_models={"acme/Chat": {"physical": "qwen3.5-4b"}})
+    assert list(parse_config(data).virtual_models) == ["acme/Chat"]
+
+
+def test_only_speech_models_have_voices() -> None:
+    data = doc(physical_models={
+        "speak": model(type="tts", backend="piper", voices={"alloy": "", "echo": "en-2"}),
+        "qwen3.5-4b": model(voices={"alloy": ""}),
+    })
+    assert problems_of(data) == [
+        "physical_models.qwen3.5-4b.voices: only speech (tts) models have voices, this is "
+        "a chat model (llm)"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("sections", "problem"),
+    [
+        (  # not also "max_concurrency: the vllm backend serves one request at a time"
+            {"physical_models": {"qwen3.5-4b": model(backend="vllm", max_concurrency=2)}},
+            'physical_models.qwen3.5-4b.backend: unknown backend "vllm" (expected one of '
+            "fake, llama_cpp, llama_server, transformers, faster_whisper, piper, chatterbox, "
+            "rapidocr)",
+        ),
+        (  # not also "priority_class: unknown priority class"
+            {"physical_models": {"qwen3.5-4b": model(type="chat")}},
+            'physical_models.qwen3.5-4b.type: unknown type "chat" '
+            "(expected one of llm, vlm, ocr, asr, tts, embedding, forecast)",
+        ),
+        (  # not also the model's priority class "urgent", which policy may well define
+            {"policy": {"priority_classes": [1]},
+             "physical_models": {"qwen3.5-4b": model(priority_class="urgent")}},
+            "policy.priority_classes: expected a mapping, got a list",
+        ),
+        (  # not also "at least one device is required" or the model's "unknown device"
+            {"devices": "cuda:0", "physical_models": {"qwen3.5-4b": model(device="cuda:0")}},
+            'devices: expected a mapping, got "cuda:0"',
+        ),
+        (  # not also the model's "unknown device"
+            {"devices": {"cuda:0": {"capacity": "lots"}},
+             "physical_models": {"qwen3.5-4b": model(device="cuda:0")}},
+            'devices.cuda:0.capacity: "lots" is not a size or "auto"',
+        ),
+        (  # not also "unknown physical model" for the virtual model naming it
+            {"physical_models": {5: model()}, "virtual_models": {"v": {"physical": "5"}}},
+            "physical_models.5: name must be a string, got 5",
+        ),
+    ],
+)
+def test_one_mistake_is_one_problem(sections: dict[str, Any], problem: str) -> None:
+    assert problems_of(doc(**sections)) == [problem]
+
+
+def test_a_problem_found_twice_is_listed_once() -> None:
+    data = doc(physical_models={5: model(pinned="yes"), "5": model(pinned="yes")},
+               virtual_models={})
+    assert problems_of(data) == [
+        "physical_models.5: name must be a string, got 5",
+        'physical_models.5.pinned: expected a boolean, got "yes"',
+    ]
+
+
+@pytest.mark.parametrize(
+    ("host", "metrics", "access"),
+    [
+        ("127.0.0.1", None, "open"),
+        ("localhost", None, "open"),
+        ("::1", None, "open"),
+        ("[::1]", None, "open"),
+        ("0.0.0.0", None, "admin"),
+        ("192.168.1.20", None, "admin"),
+        ("llmux.example.com", None, "admin"),
+        ("127.0.0.1", "admin", "admin"),
+        ("0.0.0.0", "open", "open"),
+    ],
+)
+def test_metrics_are_open_on_a_loopback_bind_unless_configured(
+    host: str, metrics: str | None, access: str
+) -> None:
+    server = parse_config(doc(server={"host": host, "metrics": metrics})).server
+    assert server.metrics_access() == access
+
+
+def test_summary_counts_models_per_device_and_shows_thinking_and_empty_tables() -> None:
+    data = doc(
+        devices={"cpu": {}, "cuda:0": {"capacity": "16GB"}},
+        physical_models={"m": model(device="cuda:0")},
+        virtual_models={"on": {"physical": "m", "enable_thinking": True},
+                        "off": {"physical": "m", "enable_thinking": False},
+                        "plain": {"physical": "m"}},
+    )
+    rows = [line.split() for line in render_summary(parse_config(data)).splitlines()]
+    assert ["cpu", "auto", "0", "B", "0"] in rows
+    assert ["cuda:0", "16.0", "GB", "0", "B", "1"] in rows
+    assert {row[0]: row[2] for row in rows if row and row[0] in ("on", "off", "plain")} == {
+        "on": "on", "off": "off", "plain": "-"}
+    text = render_summary(parse_config(doc(virtual_models={})))
+    assert text.endswith("Virtual models\n==============\n"
+                         "NAME  PHYSICAL MODEL  THINKING  SYSTEM PROMPT PREFIX\n(none)\n")

@@ -47,6 +47,7 @@ def problems_of(data: object) -> list[str]:
     {"log_prob_threshold": None, "no_speech_threshold": None,
      "hallucination_silence_threshold": None},
     {"log_prob_threshold": 0, "no_speech_threshold": 1, "compression_ratio_threshold": 3},
+    {"no_speech_threshold": 0},
 ])
 def test_good_options_pass(options: dict[str, Any]) -> None:
     model = parse_config(config(**options)).physical_models["whisper"]
@@ -92,6 +93,10 @@ def test_every_bad_option_is_named_by_path() -> None:
     ({"temperature": float("nan")}, "temperature: expected a number or a list of numbers, "
                                     "got nan"),
     ({"beam_size": 2.0}, "beam_size: expected an integer, got 2.0"),
+    ({"hallucination_silence_threshold": 0}, "hallucination_silence_threshold: must be "
+                                             "positive (seconds)"),
+    ({"no_speech_threshold": -0.1}, "no_speech_threshold: must be from 0 to 1: it bounds a "
+                                    "probability"),
     ({"cpu_threads": True}, "cpu_threads: expected an integer, got true"),
     ({"no_speech_threshold": "0.6"}, 'no_speech_threshold: expected a number or null, '
                                      'got "0.6"'),

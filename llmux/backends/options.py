@@ -262,27 +262,30 @@ def _table(backend: str, model_type: str) -> Checks | None:
     return TABLES.get((backend, None), TABLES.get((backend, model_type)))
 
 
-def _llama_rules(backend: str, options: Mapping[str, Any], device: str) -> Problems:
-    """What the GGUF backends' options say together and with the device (values of the
-    wrong kind are left to their own checks)."""
-    on_cpu = not device.startswith("cuda")
+def _llama_rules(backend: str, options: Mapping[str, Any], device: str | None) -> Problems:
+    """What the GGUF backends' options say together and with the device, if known
+    (values of the wrong kind are left to their own checks)."""
+    on_cpu = None if device is None else not device.startswith("cuda")
     layers = options.get("n_gpu_layers")
     if on_cpu and isinstance(layers, int) and not isinstance(layers, bool) and layers != 0:
         yield ("n_gpu_layers",), (f"{layers} layers on the GPU, but this model is placed "
                                   f"on {device}: only 0 is possible there")
     type_v = options.get("type_v")
     flash = options.get("flash_attn", "auto")
-    if backend == "llama_cpp" and flash in (None, "auto"):
-        flash = on_cpu  # the llama_cpp backend's own "auto" (llama_cpp.py)
+    if flash in (None, "auto"):
+        # llama_cpp's own "auto" is on for the CPU only (llama_cpp.py; None: the device is
+        # unknown); llama-server's may turn out off anywhere, and it then refuses
+        flash = on_cpu if backend == "llama_cpp" else False
     if (isinstance(type_v, str) and type_v.lower() in KV_CACHE_TYPES
-            and type_v.lower() not in _UNQUANTISED and flash is not True):
+            and type_v.lower() not in _UNQUANTISED and flash is False):
         yield ("type_v",), f"a quantised V cache ({type_v}) needs flash_attn: true"
 
 
 def option_problems(backend: str, model_type: str, options: Mapping[str, Any],
-                    device: str = "cpu") -> list[tuple[Where, str]]:
+                    device: str | None = "cpu") -> list[tuple[Where, str]]:
     """Every unknown or bad option of a ``backend`` model of ``model_type`` placed on
-    ``device``, as (where under ``options``, message)."""
+    ``device`` (None: an unknown device, whose rules are left out), as (where under
+    ``options``, message)."""
     table = _table(backend, model_type)
     if table is None:
         return []
