@@ -205,7 +205,6 @@ class CausalLM:
         self.context_override = options.get("context_length")
         self.default_max_tokens = options.get("max_new_tokens")
         self.options = options
-        output_formats("", options)  # a bad reasoning/tool format: ValueError now
         self.tokenizer: Any = None
         self.model: Any = None
         self.context_length = 0

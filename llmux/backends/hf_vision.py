@@ -121,7 +121,6 @@ class VisionLM(CausalLM):
 
     def __init__(self, checkpoint: Checkpoint, settings: LoadSettings,
                  options: Mapping[str, Any]) -> None:
-        """Raises ValueError for a bad ``min_pixels`` / ``max_pixels``."""
         super().__init__(checkpoint, settings, options)
         self.pixel_limits = {key: options[key] for key in PIXEL_OPTIONS  # checked with
                              if options.get(key) is not None}  # the config (options.py)

@@ -161,7 +161,6 @@ class LlamaCppBackend(GgufBackend):
     def __init__(self, spec: Mapping[str, Any]) -> None:
         super().__init__(spec)
         self.arguments = llama_arguments(self.options, self.device)
-        output_formats("", self.options)  # a bad reasoning/tool format: ValueError now
         self._llm: Any = None
         self._llama_log = install_llama_log(bool(self.arguments["verbose"]))
         self._projector: Projector | None = None

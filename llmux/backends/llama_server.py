@@ -103,9 +103,6 @@ class LlamaServerBackend(GgufBackend):
     def __init__(self, spec: Mapping[str, Any]) -> None:
         super().__init__(spec)
         self.parallel = spec.get("max_concurrency", 1)
-        server_argv("llama-server", "model.gguf", self.options, self.device, "x.sock",
-                    parallel=self.parallel)
-        output_formats("", self.options)  # a bad reasoning/tool format: ValueError now
         self._process: subprocess.Popen[bytes] | None = None
         self._dir: str | None = None
         self._address = ""
