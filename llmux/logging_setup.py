@@ -69,9 +69,17 @@ class _LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
         try:
             line = (self.format(record) + self.terminator).encode("utf-8", "replace")
             self.flush()  # whatever the text stream still holds goes first
-            os.write(self.stream.fileno(), line)
+            write_all(self.stream.fileno(), line)
         except Exception:
             self.handleError(record)
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """``data`` in as few ``write(2)`` calls as the kernel takes: one, unless a signal
+    interrupts a long write to a pipe part-way (the rest must follow, not be lost)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def setup_logging(log_format: str = "text", level: str | None = None, *,

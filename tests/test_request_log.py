@@ -6,6 +6,7 @@ tables; the rest drives a live server with httpx and reads its log."""
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,8 +16,9 @@ import httpx
 import pytest
 import yaml
 
+from llmux import logging_setup
 from llmux.http.request_log import MAX_USER, end_user, printable, render
-from llmux.logging_setup import setup_logging
+from llmux.logging_setup import setup_logging, write_all
 from tests.conftest import Server, fake_model, live_workers, wait_until
 
 ALICE_KEY = "sk-log-alice-0123456789abcdef"
@@ -67,6 +69,27 @@ def test_the_text_line_shows_known_facts_and_quotes_spaced_values() -> None:
     assert render({"client": "-", "method": "GET", "path": "/health", "status": 200,
                    "key": "none", "duration_s": 0.001}) == \
         '- "GET /health" 200 key=none duration=0.001s'
+
+
+def test_a_record_written_in_pieces_arrives_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A signal may end a long write(2) to a pipe part-way: the rest still goes."""
+    real_write = os.write
+    calls: list[int] = []
+
+    def short_write(fd: int, data: bytes) -> int:
+        calls.append(len(data))
+        return real_write(fd, bytes(data[:1000]))
+
+    monkeypatch.setattr(logging_setup.os, "write", short_write)
+    read, write = os.pipe()
+    try:
+        record = ("x" * 4000 + "\n").encode()
+        write_all(write, record)
+        assert calls == [4001, 3001, 2001, 1001, 1]
+        assert os.read(read, 10_000) == record
+    finally:
+        os.close(read)
+        os.close(write)
 
 
 def test_an_unknown_log_format_is_refused() -> None:
