@@ -29,6 +29,7 @@ from cattrs.gen import make_dict_structure_fn, make_mapping_structure_fn
 
 from llmux.backends.options import option_problems
 from llmux.config_report import format_bytes
+from llmux.spelling import did_you_mean
 
 # The model types, each with its words for messages.
 _TYPE_WORDS: Final = {
@@ -408,8 +409,9 @@ def _flatten(exc: BaseException, path: _Path) -> Iterator[tuple[_Path, str]]:
         for sub in without:
             yield from _flatten(sub, path)
     elif isinstance(exc, ForbiddenExtraKeysError):
+        fields = [field.name for field in attrs.fields(exc.cl)]
         for key in sorted(exc.extra_fields, key=str):
-            yield (*path, str(key)), "unknown key"
+            yield (*path, str(key)), f"unknown key{did_you_mean(str(key), fields)}"
     elif isinstance(exc, KeyError):
         yield path, "required"
     elif isinstance(exc, _Invalid):
@@ -512,7 +514,8 @@ def parse_config(data: object, *, base_dir: Path | None = None) -> Config:
     if not isinstance(data, Mapping) or not data:
         got = "the configuration is empty" if data is None or data == {} else f"got {_show(data)}"
         raise ConfigError([f"(top level): expected a mapping of sections, {got}"])
-    found: _Found = [((str(k),), "unknown key") for k in data if k not in _SECTIONS]
+    found: _Found = [((str(k),), f"unknown key{did_you_mean(str(k), _SECTIONS)}")
+                     for k in data if k not in _SECTIONS]
     found += [((k,), "required") for k in _SECTIONS[3:] if k not in data]
     broken = _Broken()
     server = _structure(data.get("server", {}), Server, ("server",), found)

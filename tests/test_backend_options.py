@@ -90,7 +90,8 @@ def test_every_bad_llama_option_is_named_with_its_rule() -> None:
         "embedding: expected a boolean, got 1",
         "mmproj: expected a string, got null",
         'reasoning_format: expected one of auto, none, think, harmony, got "deepseek"',
-        "flash_atn: unknown option (llama_cpp takes chat_template, embedding, flash_attn, "
+        "flash_atn: unknown option, did you mean flash_attn? (llama_cpp takes chat_template, "
+        "embedding, flash_attn, "
         "mmproj, n_batch, n_ctx, n_gpu_layers, n_threads, pooling, reasoning_format, "
         "tool_format, type_k, type_v, verbose)",
     ]

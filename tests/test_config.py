@@ -307,9 +307,9 @@ def test_unknown_keys_are_errors_at_every_depth() -> None:
         virtual_models={"Qwen": {"physical": "qwen3.5-4b", "sampling": {"temprature": 0.5}}},
     )
     assert problems_of(data) == [
-        "devices.cuda:0.capcity: unknown key",
-        "physical_models.qwen3.5-4b.pined: unknown key",
-        "virtual_models.Qwen.sampling.temprature: unknown key",
+        "devices.cuda:0.capcity: unknown key (did you mean capacity?)",
+        "physical_models.qwen3.5-4b.pined: unknown key (did you mean pinned?)",
+        "virtual_models.Qwen.sampling.temprature: unknown key (did you mean temperature?)",
         "bogus: unknown key",
         "policy.bogus: unknown key",
     ]

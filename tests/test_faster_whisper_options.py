@@ -77,7 +77,8 @@ def test_every_bad_option_is_named_by_path() -> None:
         "at most 0",
         f"{where}.no_speech_threshold: must be from 0 to 1: it bounds a probability",
         f"{where}.hallucination_silence_threshold: must be positive (seconds)",
-        f"{where}.compression_ratio_treshold: unknown option (faster_whisper takes "
+        f"{where}.compression_ratio_treshold: unknown option, did you mean "
+        "compression_ratio_threshold? (faster_whisper takes "
         "beam_size, compression_ratio_threshold, compute_type, condition_on_previous_text, "
         "cpu_threads, hallucination_silence_threshold, log_prob_threshold, "
         "no_speech_threshold, temperature, vad_filter)",

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Final, TypeGuard
 
 from llmux.chat.output import REASONING_FORMATS, TOOL_FORMATS
+from llmux.spelling import closest
 
 __all__ = ["KV_CACHE_TYPES", "PASSED_THROUGH", "check_options", "option_problems"]
 
@@ -293,8 +294,10 @@ def option_problems(backend: str, model_type: str, options: Mapping[str, Any],
     for key, value in options.items():
         check = table.get(key)
         if check is None:
-            taken = ", ".join(sorted(table))
-            found.append(((key,), f"unknown option ({backend} takes {taken})"))
+            close = closest(key, table)
+            hint = f", did you mean {close}?" if close else ""
+            found.append(((key,), f"unknown option{hint} ({backend} takes "
+                                  f"{', '.join(sorted(table))})"))
         else:
             found += [((key, *where), message) for where, message in check(value)]
     if backend in ("llama_cpp", "llama_server"):
