@@ -12,6 +12,7 @@ import httpx
 import openai
 import pytest
 
+from llmux.chat import functions
 from tests.conftest import Server, fake_config, fake_model, sdk_client, serving
 
 LOOKUP = {"name": "lookup", "description": "look a thing up",
@@ -184,3 +185,43 @@ def test_legacy_mistakes_get_a_400_naming_the_field(server: Server, extra: dict[
     error = response.json()["error"]
     assert error["param"] == param
     assert error["message"].startswith(message)
+
+
+# -- the mapping itself (llmux.chat.functions, pure) -------------------------------------------
+
+
+def test_only_the_first_tool_call_becomes_the_function_call() -> None:
+    calls = [{"function": {"name": "lookup", "arguments": '{"text": "a"}'}},
+             {"function": {"name": "clock", "arguments": "{}"}}]
+    assert functions.function_call(calls) == {"name": "lookup", "arguments": '{"text": "a"}'}
+
+
+def test_a_streamed_piece_keeps_the_first_call_s_deltas_only() -> None:
+    piece = {"tool_calls": [
+        {"index": 0, "id": "call_0", "type": "function",
+         "function": {"name": "lookup", "arguments": ""}},
+        {"index": 1, "id": "call_1", "type": "function",
+         "function": {"name": "clock", "arguments": "{}"}}]}
+    assert functions.function_call_piece(piece) == {
+        "function_call": {"name": "lookup", "arguments": ""}}
+    assert functions.function_call_piece(
+        {"tool_calls": [{"index": 1, "function": {"arguments": "{}"}}]}) == {}
+
+
+def test_a_function_call_joins_the_tool_calls_an_assistant_message_already_has() -> None:
+    earlier = {"id": "call_x", "type": "function",
+               "function": {"name": "clock", "arguments": "{}"}}
+    message = {"role": "assistant", "tool_calls": [earlier],
+               "function_call": {"name": "lookup", "arguments": "{}"}}
+    assert functions.as_tool_messages([message])[0]["tool_calls"] == [earlier, {
+        "id": "call_0", "type": "function",
+        "function": {"name": "lookup", "arguments": "{}"}}]
+
+
+@pytest.mark.parametrize(("function_call", "tool_choice"), [
+    ({"name": "lookup"}, {"type": "function", "function": {"name": "lookup"}}),
+    ("auto", "auto"), ("none", "none"), (None, None)])
+def test_functions_and_function_call_become_tools_and_tool_choice(
+        function_call: Any, tool_choice: Any) -> None:
+    assert functions.as_tools([LOOKUP], function_call) == (
+        [{"type": "function", "function": LOOKUP}], tool_choice)

@@ -7,13 +7,14 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
-from llmux.chat.harmony import HarmonyParser
+from llmux.chat.harmony import MAX_HEADER, HarmonyParser
 from llmux.chat.output import output_formats, output_parser, parsed
 from llmux.chat.parsing import OutputParser
-from llmux.chat.tagged import TaggedParser
+from llmux.chat.stops import StopText
+from llmux.chat.tagged import TaggedParser, json_answer, open_thought_closed
 
 # Outputs in the shapes these families write (Qwen3 / Qwen3.5 and gpt-oss chat turns).
 QWEN_THINKING = (
@@ -242,3 +243,199 @@ def test_tool_choice_none_parses_no_calls() -> None:
     parser = output_parser(("think", "hermes"), "", {"tools": [{}], "tool_choice": "none"})
     assert collect(parser, ['<tool_call>{"name": "f", "arguments": {}}</tool_call>'])[
         "calls"] == []
+
+
+# -- edges of the tag formats ------------------------------------------------------------
+
+
+def test_without_think_parsing_a_prompt_that_opens_a_think_block_changes_nothing() -> None:
+    parser = TaggedParser(think=False, tools=True, prompt="<|im_start|>assistant\n<think>\n")
+    assert collect(parser, ["<think>Hi</think>"])["text"] == "<think>Hi</think>"
+
+
+@pytest.mark.parametrize("prompt", ["<think>\n", "<think>\n\n</think>\n\n"])
+def test_whitespace_after_a_think_tag_the_prompt_ends_with_is_dropped(prompt: str) -> None:
+    result = collect(TaggedParser(think=True, tools=False, prompt=prompt), ["\n\nHi"])
+    assert result["reasoning" if prompt == "<think>\n" else "text"] == "Hi"
+
+
+def test_whitespace_between_words_survives_any_chunking() -> None:
+    text = "<think>a \n\n b</think>c \n\n d"
+    expected = {"reasoning": "a \n\n b", "text": "c \n\n d", "calls": [], "called": False}
+    assert collect(TaggedParser(think=True, tools=False), list(text)) == expected
+
+
+def test_whitespace_at_the_end_of_the_output_is_kept() -> None:
+    assert collect(TaggedParser(think=True, tools=False), ["Hi \n"])["text"] == "Hi \n"
+
+
+@pytest.mark.parametrize(("text", "kind"), [
+    ("<think>still goi</thi", "reasoning"), ("The answer is <thi", "text")])
+def test_what_looked_like_the_start_of_a_tag_at_the_end_is_kept(text: str, kind: str) -> None:
+    result = collect(TaggedParser(think=True, tools=True), list(text))
+    assert result[kind] == text.removeprefix("<think>")
+
+
+def test_a_tool_call_cut_short_still_counts_as_called() -> None:
+    text = '<tool_call>{"name": "f", "arguments": {"x": 1, "y": 2'
+    result = collect(TaggedParser(think=False, tools=True, new_id=_ids()), [text])
+    assert result["calls"] == [{"id": "call_0", "name": "f", "arguments": '{"x": 1, "y": 2'}]
+    assert result["called"]
+
+
+def test_a_broken_tool_call_cut_short_is_kept_as_written() -> None:
+    result = collect(TaggedParser(think=False, tools=True), ["<tool_call>not json"])
+    assert result == {"reasoning": "", "text": "<tool_call>not json", "calls": [],
+                      "called": False}
+
+
+def test_a_json_object_without_a_name_is_not_a_tool_call() -> None:
+    text = '<tool_call>{"arguments": {"x": 1}}</tool_call>'
+    result = collect(TaggedParser(think=False, tools=True), [text])
+    assert result["text"] == text and not result["called"]
+
+
+@pytest.mark.parametrize(("call", "arguments"), [
+    ('{"name": "f", "arguments": {"x": 1} }', '{"x": 1}'),
+    ('{"name": "f", "parameters": {"x": 1}}', '{"x": 1}'),
+    ('{"arguments": {"city": "Zürich"}, "name": "f"}', '{"city": "Zürich"}'),
+    # quoted arguments whose closing quote the model forgot: the outer brace is not theirs
+    ('{"name": "f", "arguments": "{\\"q\\": 1}}', '"{\\"q\\": 1}'),
+])
+def test_tool_call_arguments_are_exactly_the_arguments(call: str, arguments: str) -> None:
+    text = f"<tool_call>\n{call}\n</tool_call>"
+    for pieces in ([text], list(text)):
+        result = collect(TaggedParser(think=False, tools=True, new_id=_ids()), pieces)
+        assert result["calls"] == [{"id": "call_0", "name": "f", "arguments": arguments}]
+
+
+def test_open_thought_closed_closes_only_a_think_block_the_prompt_leaves_open() -> None:
+    assert open_thought_closed("<|im_start|>assistant\n<think>\n") == (
+        "<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert open_thought_closed("<|im_start|>assistant\n") == "<|im_start|>assistant\n"
+
+
+@pytest.mark.parametrize(("response_format", "expected"), [
+    ({"type": "json_object"}, True), ({"type": "json_schema", "json_schema": {}}, True),
+    ({"type": "text"}, False), (None, False)])
+def test_json_answer_is_a_json_response_format(response_format: Any, expected: bool) -> None:
+    assert json_answer({"response_format": response_format}) is expected
+
+
+# -- edges of harmony ----------------------------------------------------------------------
+
+
+def test_a_short_harmony_reply_without_a_header_is_plain_text() -> None:
+    assert collect(HarmonyParser(tools=False), ["Hello."])["text"] == "Hello."
+
+
+def test_a_harmony_body_cut_short_at_a_partial_tag_keeps_it() -> None:
+    text = "<|channel|>final<|message|>Hi <|"
+    assert collect(HarmonyParser(tools=False), list(text))["text"] == "Hi <|"
+
+
+def test_a_harmony_header_of_the_longest_length_still_opens_a_message() -> None:
+    header = "<|channel|>final".ljust(MAX_HEADER)
+    result = collect(HarmonyParser(tools=False), [f"{header}<|message|>Hi"])
+    assert result["text"] == "Hi"
+
+
+@pytest.mark.parametrize("chunks", [
+    ["x" * (MAX_HEADER + 1) + "<|message|>Hi"],
+    ["y" * (MAX_HEADER - 6), "x" * 10 + "<|start|>assistant"],
+    ["x" * (MAX_HEADER + 1), "<|message|>Hi"],
+])
+def test_text_that_becomes_too_long_for_a_header_comes_out_once(chunks: list[str]) -> None:
+    """Once no header can come, the parser gives up on harmony: everything is answer
+    text, each character once, the tag that follows included."""
+    assert collect(HarmonyParser(tools=False), chunks)["text"] == "".join(chunks)
+
+
+def test_after_a_message_a_long_header_does_not_make_the_rest_plain_text() -> None:
+    text = ("<|channel|>analysis<|message|>Hm.<|end|>" + "x" * (MAX_HEADER + 1) +
+            "<|start|>assistant<|channel|>final<|message|>Hi")
+    result = collect(HarmonyParser(tools=False), [text])
+    assert (result["reasoning"], result["text"]) == ("Hm.", "Hi")
+
+
+def test_harmony_commentary_without_a_recipient_is_answer_text() -> None:
+    text = ("<|channel|>commentary<|message|>Let me look.<|end|>"
+            "<|start|>assistant<|channel|>analysis<|message|>Hm.<|end|>")
+    result = collect(HarmonyParser(tools=True), [text])
+    assert (result["reasoning"], result["text"]) == ("Hm.", "Let me look.")
+
+
+def test_a_harmony_message_to_another_recipient_than_functions_is_no_tool_call() -> None:
+    text = '<|channel|>analysis to=browser.search<|message|>{"q": "x"}<|call|>'
+    result = collect(HarmonyParser(tools=True), [text])
+    assert result["calls"] == [] and not result["called"]
+    assert result["reasoning"] == '{"q": "x"}'
+
+
+def test_harmony_calls_are_numbered_and_the_answer_after_them_is_text() -> None:
+    text = ('<|channel|>commentary to=functions.f<|message|>{"a": 1}<|call|>'
+            '<|start|>assistant<|channel|>commentary to=functions.g<|message|>{}<|call|>'
+            "<|start|>assistant<|channel|>final<|message|>Done.<|return|>")
+    for pieces in ([text], list(text)):
+        result = collect(HarmonyParser(tools=True, new_id=_ids()), pieces)
+        assert result["calls"] == [{"id": "call_0", "name": "f", "arguments": '{"a": 1}'},
+                                   {"id": "call_1", "name": "g", "arguments": "{}"}]
+        assert result["text"] == "Done."
+
+
+# -- stop strings --------------------------------------------------------------------------
+
+
+@given(text=st.text("ab\n", max_size=12), stop=st.text("ab", min_size=1, max_size=3),
+       empty=st.booleans(), cuts=st.lists(st.integers(min_value=0), max_size=8))
+@example(text="xaab", stop="aab", empty=False, cuts=[3])  # hold back "aa", not just "a"
+def test_stop_text_cuts_at_the_stop_string_whatever_the_chunking(
+        text: str, stop: str, empty: bool, cuts: list[int]) -> None:
+    """An empty stop string (the client's ``""``) stops nothing."""
+    cut = StopText(["", stop] if empty else [stop])
+    out = "".join(cut.feed(piece) for piece in split(text, cuts)) + cut.flush()
+    at = text.find(stop)
+    assert (out, cut.hit) == ((text[:at], True) if at >= 0 else (text, False))
+
+
+@given(text=st.text("ab", max_size=10),
+       stops=st.lists(st.text("ab", min_size=1, max_size=3), min_size=1, max_size=3),
+       cuts=st.lists(st.integers(min_value=0), max_size=8))
+@example(text="aba", stops=["b", "aba"], cuts=[])  # "b" is met first, though "aba" starts first
+def test_stop_text_cuts_several_stop_strings_as_a_character_stream_would(
+        text: str, stops: list[str], cuts: list[int]) -> None:
+    """Whatever the chunking, the text comes out cut where feeding it one character at a
+    time (what a generator does, token by token) cuts it."""
+    one_by_one = StopText(stops)
+    expected = "".join(one_by_one.feed(c) for c in text) + one_by_one.flush()
+    cut = StopText(stops)
+    out = "".join(cut.feed(piece) for piece in split(text, cuts)) + cut.flush()
+    assert (out, cut.hit) == (expected, one_by_one.hit)
+
+
+def test_stop_text_cuts_at_the_first_of_several_stop_strings() -> None:
+    cut = StopText(["</s>", "\n\n"])
+    assert (cut.feed("Hi.\n\nMore.</s>"), cut.hit) == ("Hi.", True)
+
+
+# -- choosing and applying a parser --------------------------------------------------------
+
+
+def test_a_reply_cut_short_in_a_tool_call_still_finishes_with_length() -> None:
+    def raw() -> Any:
+        yield {"text": '<tool_call>{"name": "f", "arguments": {"x"'}
+        return {"finish_reason": "length"}
+
+    stream = parsed(raw(), output_parser(("think", "hermes"), "", {"tools": [{}]}))
+    while True:
+        try:
+            next(stream)
+        except StopIteration as end:
+            assert end.value == {"finish_reason": "length"}
+            break
+
+
+@pytest.mark.parametrize("formats", [("harmony", "harmony"), ("none", "harmony")])
+def test_harmony_parses_no_calls_when_no_tools_were_offered(formats: tuple[str, str]) -> None:
+    result = collect(output_parser(formats, "", {}), [HARMONY_TOOLS])
+    assert result["calls"] == [] and '"Tokyo"' in result["reasoning"]

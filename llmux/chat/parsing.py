@@ -131,10 +131,11 @@ class TagScanner:
                     return merged(out)
                 break
             index, tag = hit
-            out += self._add(self._buffer[:index])
-            if self._gave_up():  # the text before the tag ended the format
-                break
-            self._buffer = self._buffer[index + len(tag):]
+            before, self._buffer = self._buffer[:index], self._buffer[index:]
+            out += self._add(before)
+            if self._gave_up():  # the text before the tag ended the format: the tag on
+                break  # is answer text
+            self._buffer = self._buffer[len(tag):]
             out += self._switch(tag)
         rest, self._buffer = self._buffer, ""
         return merged(out + ([{"text": rest}] if rest else []))

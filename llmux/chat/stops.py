@@ -22,11 +22,13 @@ class StopText:
         if self.hit:
             return ""
         text = self._held + piece
-        found = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        # NOTE: the stop string that ends first is the one a token-by-token generator
+        # meets first ("b" in "aba" for stops "b" and "aba"), however the text was cut.
+        found = [(at + len(s), at) for s in self.stops if (at := text.find(s)) >= 0]
         if found:
             self.hit = True
             self._held = ""
-            return text[:min(found)]
+            return text[:min(found)[1]]
         keep = max((n for s in self.stops for n in range(1, len(s))
                     if text.endswith(s[:n])), default=0)
         self._held = text[len(text) - keep:] if keep else ""
