@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from llmux.workers import protocol
 from llmux.workers.protocol import (
     FRAME_TYPES,
     MAX_FRAME_BYTES,
@@ -126,6 +127,11 @@ def test_bytes_stay_bytes_and_strings_stay_strings() -> None:
     assert frame.payload == payload
 
 
+def test_maps_keyed_by_numbers_survive_a_round_trip() -> None:
+    frame = Done(id=1, data={"top_logprobs": {17: -0.5, 4: -1.25}})
+    assert FrameDecoder().feed(encode(frame)) == [frame]
+
+
 def test_oversize_length_is_rejected_before_the_body_arrives() -> None:
     with pytest.raises(ProtocolError, match=f"exceeds the {MAX_FRAME_BYTES} byte limit"):
         FrameDecoder().feed(struct.pack(">I", MAX_FRAME_BYTES + 1))
@@ -136,14 +142,32 @@ def test_decoder_limit_is_configurable() -> None:
         FrameDecoder(max_frame_bytes=10).feed(struct.pack(">I", 11))
 
 
+def test_a_frame_of_exactly_the_limit_is_decoded() -> None:
+    wire = encode(Chunk(id=1, data={"pcm": bytes(100)}))
+    assert FrameDecoder(max_frame_bytes=len(wire) - 4).feed(wire) == [
+        Chunk(id=1, data={"pcm": bytes(100)})]
+
+
 def test_encoding_an_oversize_frame_raises() -> None:
     with pytest.raises(ProtocolError, match=f"exceeds the {MAX_FRAME_BYTES} byte limit"):
         encode(Chunk(id=1, data={"pcm": bytes(MAX_FRAME_BYTES)}))
 
 
-def test_encoding_an_unpackable_value_raises() -> None:
+def test_a_frame_of_exactly_the_limit_is_encoded(monkeypatch: pytest.MonkeyPatch) -> None:
+    frame = Chunk(id=1, data={"pcm": bytes(100)})
+    body_bytes = len(encode(frame)) - 4
+    monkeypatch.setattr(protocol, "MAX_FRAME_BYTES", body_bytes)
+    assert FrameDecoder().feed(encode(frame)) == [frame]
+    monkeypatch.setattr(protocol, "MAX_FRAME_BYTES", body_bytes - 1)
+    with pytest.raises(ProtocolError, match=f"chunk frame of {body_bytes} bytes exceeds"):
+        encode(frame)
+
+
+@pytest.mark.parametrize("value", [object(), 2**64, -(2**63) - 1], ids=["object", "too big",
+                                                                       "too small"])
+def test_encoding_an_unpackable_value_raises(value: object) -> None:
     with pytest.raises(ProtocolError, match="cannot encode chunk frame"):
-        encode(Chunk(id=1, data={"x": object()}))
+        encode(Chunk(id=1, data={"x": value}))
 
 
 @pytest.mark.parametrize(
@@ -155,12 +179,14 @@ def test_encoding_an_unpackable_value_raises() -> None:
         (raw_frame({"t": "launch", "id": 1}), "unknown frame type 'launch'"),
         (raw_frame({"id": 1}), "unknown frame type None"),
         (raw_frame({"t": 7}), "unknown frame type 7"),
+        (raw_frame({"t": [1]}), r"unknown frame type \[1\]"),  # not even hashable
         (raw_frame({"t": "cancel"}), r"cancel frame has fields \[\], expected \['id'\]"),
         (raw_frame({"t": "cancel", "id": 1, "x": 2}), "cancel frame has fields"),
         (raw_frame({"t": "cancel", "id": "1"}), "bad cancel frame: id must be an int"),
         (raw_frame({"t": "cancel", "id": True}), "bad cancel frame: id must be an int"),
         (raw_frame({"t": "chunk", "id": 1, "data": [1]}), "bad chunk frame"),
         (raw_frame({"t": "progress", "fraction": "half", "message": ""}), "must be a number"),
+        (raw_frame({"t": "progress", "fraction": True, "message": ""}), "must be a number"),
         (raw_frame({"t": "loaded", "reported_bytes": 1.5, "info": {}}), "reported_bytes"),
         (raw_frame({"t": "failed", "id": 1, "message": "m", "kind": "invalid_request"}),
          r"failed frame has fields \['id', 'kind', 'message'\], expected \['code', 'id', "

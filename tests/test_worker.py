@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import re
+import select
 import signal
+import struct
 import subprocess
 import sys
 import textwrap
@@ -19,7 +22,12 @@ import anyio
 import psutil
 import pytest
 
-from llmux.workers.handle import WorkerDied, WorkerHandle
+import llmux
+from llmux import backends
+from llmux.backends.fake import FakeBackend
+from llmux.workers import main as worker_main
+from llmux.workers import output
+from llmux.workers.handle import WorkerDied, WorkerHandle, describe_exit
 from llmux.workers.protocol import (
     Cancel,
     Chunk,
@@ -33,12 +41,15 @@ from llmux.workers.protocol import (
     Loaded,
     LoadFailed,
     Progress,
+    Unload,
+    encode,
 )
 from tests.conftest import wait_until
 
 pytestmark = pytest.mark.anyio
 
 MiB = 1 << 20
+ROOT = Path(llmux.__file__).resolve().parents[1]  # where llmux is imported from
 
 
 @pytest.fixture
@@ -98,8 +109,8 @@ async def running_worker() -> AsyncIterator[WorkerHandle]:
         assert_group_gone(handle.pid)
 
 
-async def load(handle: WorkerHandle, **options: Any) -> list[Frame]:
-    await handle.send(Load(spec(**options)))
+async def load(handle: WorkerHandle, max_concurrency: int = 1, **options: Any) -> list[Frame]:
+    await handle.send(Load({**spec(**options), "max_concurrency": max_concurrency}))
     frames = []
     with anyio.fail_after(10):
         while not isinstance(frame := await handle.receive(), Loaded | LoadFailed):
@@ -116,8 +127,12 @@ async def collect(handle: WorkerHandle, request_id: int) -> list[Frame]:
     return [*frames, frame]
 
 
-async def test_spawned_worker_says_hello_and_stops_cleanly() -> None:
+async def test_spawned_worker_says_hello_and_stops_cleanly(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PYTHONPATH", "/elsewhere")
     async with running_worker() as handle:
+        # llmux comes first on its path, whichever interpreter runs it
+        assert psutil.Process(handle.pid).environ()["PYTHONPATH"] == f"{ROOT}:/elsewhere"
         *command, log_fd = psutil.Process(handle.pid).cmdline()[1:]
         assert command == ["-m", "llmux.worker", "--model-id", "fake-1",
                            "--parent-pid", str(os.getpid()), "--log-fd"]
@@ -131,6 +146,7 @@ async def test_spawned_worker_says_hello_and_stops_cleanly() -> None:
         assert await handle.stop() == 0
         assert await handle.stop() == 0
         assert await handle.wait() == 0
+        assert not handle.escalated
 
 
 async def test_load_reports_progress_then_loaded_and_really_uses_the_memory() -> None:
@@ -170,6 +186,103 @@ async def test_cancel_mid_stream_stops_within_one_token() -> None:
         assert done.data["usage"]["completion_tokens"] <= 2
 
 
+async def test_a_cancel_right_behind_its_infer_stops_it_before_its_first_token() -> None:
+    async with running_worker() as handle:
+        await load(handle, tokens_per_s=50, reply="word " * 500)
+        await handle.send(Infer(id=1, op="chat", payload=chat_payload()))
+        assert isinstance(await handle.receive(), Chunk)
+        # Request 2 waits in the worker behind request 1, and its Cancel arrives there.
+        handle.write(Infer(id=2, op="chat", payload=chat_payload()))
+        handle.write(Cancel(id=2))
+        await handle.send(Cancel(id=1))
+        assert (await collect(handle, 1))[-1].data["finish_reason"] == "cancelled"  # type: ignore[union-attr]
+        assert await collect(handle, 2) == [Done(id=2, data={
+            "finish_reason": "cancelled",
+            "usage": {"prompt_tokens": 3, "completion_tokens": 0, "total_tokens": 3}})]
+
+
+async def test_a_second_load_is_refused_and_the_first_model_stays() -> None:
+    async with running_worker() as handle:
+        await load(handle)
+        assert await load(handle) == [LoadFailed(message="this worker already holds a model")]
+        await handle.send(Infer(id=1, op="chat", payload=chat_payload("hi")))
+        assert isinstance((await collect(handle, 1))[-1], Done)
+
+
+async def test_a_concurrent_backend_runs_max_concurrency_requests_at_once() -> None:
+    async with running_worker() as handle:
+        await load(handle, max_concurrency=2, tokens_per_s=50, reply="a b c d e f")
+        await handle.send(Infer(id=1, op="chat", payload=chat_payload()))
+        await handle.send(Infer(id=2, op="chat", payload=chat_payload()))
+        seen: list[tuple[str, int]] = []
+        with anyio.fail_after(10):
+            while sum(tag == "done" for tag, _ in seen) < 2:
+                frame = await handle.receive()
+                assert isinstance(frame, Chunk | Done)
+                seen.append((frame.tag, frame.id))
+        assert seen.index(("chunk", 2)) < seen.index(("done", 1))  # both ran at once
+
+
+async def test_unload_waits_for_the_requests_running_on_its_threads() -> None:
+    """The model is never released under a running request: one that ignores its
+    cancel holds the worker until stop escalates."""
+    async with running_worker() as handle:
+        await load(handle, max_concurrency=2, hang_after_tokens=1)
+        await handle.send(Infer(id=1, op="chat", payload=chat_payload()))
+        assert isinstance(await handle.receive(), Chunk)
+        assert await handle.stop(grace_s=0.3) == -signal.SIGTERM
+        assert handle.escalated
+
+
+def test_unload_releases_what_the_backend_holds_before_the_worker_exits() -> None:
+    worker = subprocess.Popen([sys.executable, "-m", "llmux.worker", "--model-id", "child"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert worker.stdin is not None and worker.stdout is not None
+    children: list[psutil.Process] = []
+    try:
+        read_hello(worker)
+        worker.stdin.write(encode(Load(spec(spawn_child=True))))
+        worker.stdin.flush()
+        assert poll_until(lambda: bool(children.extend(psutil.Process(worker.pid).children())
+                                       or children), 10)
+        worker.stdin.write(encode(Unload()))
+        worker.stdin.flush()
+        assert worker.wait(timeout=10) == 0
+        assert all(is_gone(child.pid) for child in children)  # the backend's child, killed
+    finally:
+        for child in children:
+            with contextlib.suppress(psutil.Error):
+                child.kill()
+        worker.kill()
+        worker.wait()
+        worker.stdin.close()
+        worker.stdout.close()
+
+
+def test_a_load_whose_info_cannot_cross_the_pipe_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In this process: only a backend written for the test returns such an info."""
+    class OddInfo(FakeBackend):
+        def load(self, progress: Any) -> dict[str, Any]:
+            return {**super().load(progress), "odd": object()}
+
+    def leave(code: int) -> None:
+        raise SystemExit(code)
+
+    monkeypatch.setattr(backends, "load_backend_class", lambda name: OddInfo)
+    monkeypatch.setattr(worker_main, "_setup_logs", lambda *args: None)
+    monkeypatch.setattr(worker_main, "_exit", leave)
+    pipe = io.BytesIO()
+    worker = worker_main.Worker(worker_main.FrameWriter(pipe), worker_main.Requests(),
+                                sys.stderr)
+    with pytest.raises(SystemExit) as exited:
+        worker.handle(Load(spec()))
+    assert exited.value.code == 1
+    *progress, failed = FrameDecoder().feed(pipe.getvalue())
+    assert all(isinstance(frame, Progress) for frame in progress)
+    assert isinstance(failed, LoadFailed)
+    assert failed.message.startswith("ProtocolError: cannot encode loaded frame")
+
+
 async def test_failed_request_leaves_the_worker_usable() -> None:
     async with running_worker() as handle:
         await load(handle)
@@ -189,6 +302,14 @@ async def test_a_refusal_sends_its_code_to_the_server() -> None:
             id=1, message="This model's maximum context length is 2 tokens; the prompt has "
             "3, leaving no room for an answer. Shorten the conversation or the prompt.",
             kind="invalid_request", code="context_length_exceeded")]
+
+
+async def test_a_frame_longer_than_one_read_arrives_whole() -> None:
+    async with running_worker() as handle:
+        await load(handle, reply="x" * 300_000)
+        await handle.send(Infer(id=1, op="transcribe", payload={"samples": b""}))
+        (done,) = await collect(handle, 1)
+        assert isinstance(done, Done) and done.data["text"] == "x" * 300_000
 
 
 async def test_audio_bytes_cross_the_pipe_as_bytes() -> None:
@@ -220,6 +341,46 @@ async def test_frames_a_full_pipe_cannot_take_wait_in_order_until_it_drains() ->
         for seconds in (4, 5, 6):
             (done,) = await collect(handle, seconds)
             assert done == Done(id=seconds, data={"duration": float(seconds), **done.data})
+
+
+async def test_a_frame_the_full_pipe_cannot_take_at_all_waits_for_drain() -> None:
+    def infer(request_id: int) -> Infer:  # a frame of PIPE_BUF bytes: written whole or not
+        return Infer(id=request_id, op="transcribe", payload={"samples": bytes(4045)})
+
+    assert len(encode(infer(10))) == select.PIPE_BUF == 4096
+    async with running_worker() as handle:
+        await load(handle)
+        os.kill(handle.pid, signal.SIGSTOP)
+        try:
+            sent = 0
+            while handle.unsent_frames == 0 and sent < 100:
+                handle.write(infer(10 + sent))
+                sent += 1
+            assert handle.unsent_frames == 1  # the pipe took every frame before it
+        finally:
+            os.kill(handle.pid, signal.SIGCONT)
+        with anyio.fail_after(10):
+            await handle.drain()
+        for request_id in range(10, 10 + sent):
+            assert isinstance((await collect(handle, request_id))[-1], Done)
+
+
+async def test_a_frame_written_when_the_pipe_has_room_again_still_waits_its_turn() -> None:
+    async with running_worker() as handle:
+        await load(handle)
+        os.kill(handle.pid, signal.SIGSTOP)
+        try:
+            handle.write(Infer(id=4, op="transcribe", payload={"samples": bytes(4 * 16000 * 4)}))
+            assert handle.unsent_frames == 1  # its rest
+        finally:
+            os.kill(handle.pid, signal.SIGCONT)
+        await anyio.sleep(0.3)  # the worker empties the pipe, which has room again
+        handle.write(Infer(id=1, op="transcribe", payload={"samples": bytes(4 * 16000)}))
+        assert handle.unsent_frames == 2
+        with anyio.fail_after(10):
+            await handle.drain()
+        assert [(await collect(handle, n))[-1].data["duration"]  # type: ignore[union-attr]
+                for n in (4, 1)] == [4.0, 1.0]
 
 
 async def test_stdout_noise_from_the_backend_does_not_corrupt_the_protocol(
@@ -285,8 +446,35 @@ async def test_stop_of_a_hung_worker_escalates_and_leaves_no_process(
         started = time.monotonic()
         assert await handle.stop(grace_s=0.3) == -signum
         assert time.monotonic() - started < 0.3 * 2 + 1.0
+        assert handle.escalated
         assert_group_gone(handle.pid)
         assert all(is_gone(pid) for pid in members)
+
+
+SLOW_TO_TERMINATE = textwrap.dedent("""
+    import os, signal, sys, time
+    from llmux.workers.protocol import Hello, encode
+
+    def terminate(*_):
+        time.sleep(0.2)  # its cleanup
+        os._exit(7)
+
+    signal.signal(signal.SIGTERM, terminate)
+    sys.stdout.buffer.write(encode(Hello(pid=os.getpid())))
+    sys.stdout.flush()
+    while True:
+        time.sleep(1)  # ignores its stdin, so the Unload too
+""")
+
+
+async def test_stop_gives_a_worker_a_grace_after_sigterm(tmp_path: Path) -> None:
+    (tmp_path / "worker.py").write_text(SLOW_TO_TERMINATE)
+    python = tmp_path / "python"
+    python.write_text(f"#!/bin/sh\nexec {sys.executable} {tmp_path / 'worker.py'}\n")
+    python.chmod(0o755)
+    handle = await WorkerHandle.spawn(python=str(python), model_id="fake-1")
+    assert await handle.stop(grace_s=0.5) == 7
+    assert handle.escalated
 
 
 async def test_stop_during_a_generation_cancels_it_and_exits_cleanly() -> None:
@@ -297,6 +485,29 @@ async def test_stop_during_a_generation_cancels_it_and_exits_cleanly() -> None:
         started = time.monotonic()
         assert await handle.stop(grace_s=5.0) == 0
         assert time.monotonic() - started < 1.0
+
+
+async def test_stop_of_a_worker_blocked_writing_chunks_nobody_reads_exits_cleanly() -> None:
+    async with running_worker() as handle:
+        await load(handle, reply="word " * 200_000)
+        await handle.send(Infer(id=1, op="chat", payload=chat_payload()))
+        await anyio.sleep(0.5)  # nobody receives: its pipe fills and it blocks writing
+        assert await handle.stop(grace_s=3.0) == 0
+        assert not handle.escalated
+
+
+async def test_stop_while_another_task_waits_for_a_frame() -> None:
+    async with running_worker() as handle:
+        await load(handle)
+
+        async def receive() -> None:
+            with pytest.raises(WorkerDied, match="closed its pipe"):
+                await handle.receive()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(receive)
+            await anyio.wait_all_tasks_blocked()
+            assert await handle.stop(grace_s=1.0) == 0
 
 
 async def test_stop_completes_even_when_the_caller_is_cancelled() -> None:
@@ -315,6 +526,21 @@ async def test_a_write_to_a_worker_that_died_raises_worker_died() -> None:
             while time.monotonic() < deadline:
                 handle.write(Infer(id=1, op="chat", payload=chat_payload()))
                 await anyio.sleep(0.01)
+
+
+async def test_frames_queued_for_a_worker_that_died_are_dropped() -> None:
+    async with running_worker() as handle:
+        await load(handle)
+        os.kill(handle.pid, signal.SIGSTOP)  # reads nothing: its pipe fills
+        handle.write(Infer(id=1, op="transcribe", payload={"samples": bytes(1 << 20)}))
+        assert handle.unsent_frames == 1
+        handle.kill()
+        with pytest.raises(WorkerDied, match="was killed by SIGKILL"):
+            await handle.receive()
+        assert handle.unsent_frames == 0
+        with pytest.raises(WorkerDied, match="cannot take frames: was killed by SIGKILL"):
+            handle.write(Infer(id=2, op="chat", payload=chat_payload()))
+        await handle.drain()  # nothing left to write
 
 
 async def test_receive_after_kill_reports_the_signal() -> None:
@@ -350,6 +576,52 @@ async def test_an_interpreter_that_cannot_run_the_worker_says_why(tmp_path: Path
         "(most recent call last): | ModuleNotFoundError: No module named 'msgpack'")
 
 
+async def test_a_worker_that_sends_garbage_is_killed_and_the_message_says_why(
+        tmp_path: Path) -> None:
+    garbling = tmp_path / "python"
+    garbling.write_text("#!/bin/sh\nprintf '\\377\\377\\377\\377'\nexec sleep 60\n")
+    garbling.chmod(0o755)
+    with pytest.raises(WorkerDied, match=r"\(pid \d+\) sent a bad frame \(frame length "
+                       r"4294967295 exceeds the \d+ byte limit\) and was killed by SIGKILL$"
+                       ) as caught:
+        await WorkerHandle.spawn(python=str(garbling), model_id="fake-1")
+    named = re.search(r"\(pid (\d+)\)", str(caught.value))
+    assert named is not None and is_gone(int(named[1]))
+
+
+async def test_a_worker_whose_first_frame_is_not_hello_is_killed(tmp_path: Path) -> None:
+    rude = tmp_path / "python"
+    rude.write_text(f"#!/bin/sh\nexec {sys.executable} -c 'import sys, time\n"
+                    "from llmux.workers.protocol import Progress, encode\n"
+                    "sys.stdout.buffer.write(encode(Progress(fraction=0.5, message=\"\")))\n"
+                    "sys.stdout.flush()\ntime.sleep(60)'\n")
+    rude.chmod(0o755)
+    with pytest.raises(WorkerDied, match=r"\(pid \d+\) sent 'progress' before hello$"
+                       ) as caught:
+        await WorkerHandle.spawn(python=str(rude), model_id="fake-1")
+    named = re.search(r"\(pid (\d+)\)", str(caught.value))
+    assert named is not None and is_gone(int(named[1]))
+
+
+async def test_a_worker_that_closed_its_pipe_gets_a_moment_to_exit(tmp_path: Path) -> None:
+    slow = tmp_path / "python"
+    slow.write_text("#!/bin/sh\nexec 1>&-\nsleep 0.3\nexit 5\n")
+    slow.chmod(0o755)
+    with pytest.raises(WorkerDied, match=r"closed its pipe and exited with code 5$"):
+        await WorkerHandle.spawn(python=str(slow), model_id="fake-1")
+
+
+async def test_last_words_wait_for_the_relay_to_catch_up(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(output, "_FLOOD_PAUSE_S", 0.1)  # the relay lags behind a flood
+    loud = tmp_path / "python"
+    loud.write_text("#!/bin/sh\nseq 1 20000 >&2\necho 'fatal: the real reason' >&2\nexit 1\n")
+    loud.chmod(0o755)
+    with pytest.raises(WorkerDied, match=r"exited with code 1; its last output: 19999 \| "
+                       r"20000 \| fatal: the real reason$"):
+        await WorkerHandle.spawn(python=str(loud), model_id="fake-1")
+
+
 async def test_spawn_times_out_and_kills_a_silent_interpreter(tmp_path: Path) -> None:
     silent = tmp_path / "python"
     silent.write_text("#!/bin/sh\nexec sleep 60\n")
@@ -376,6 +648,82 @@ def test_worker_exits_when_its_stdin_closes() -> None:
     worker.stdin.close()
     assert worker.wait(timeout=5) == 0
     worker.stdout.close()
+
+
+def read_hello(worker: subprocess.Popen[bytes]) -> None:
+    assert worker.stdout is not None
+    decoder = FrameDecoder()
+    frames: list[Frame] = []
+    while not frames:
+        frames = decoder.feed(os.read(worker.stdout.fileno(), 4096))
+    assert isinstance(frames[0], Hello)
+
+
+def test_worker_exits_with_code_2_on_a_garbled_frame() -> None:
+    worker = subprocess.Popen([sys.executable, "-m", "llmux.worker", "--model-id", "garbled"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert worker.stdin is not None and worker.stdout is not None
+    try:
+        read_hello(worker)
+        worker.stdin.write(struct.pack(">I", 1) + b"\xc1")  # not msgpack
+        worker.stdin.flush()
+        assert worker.wait(timeout=5) == 2  # its stdin still open
+    finally:
+        worker.kill()
+        worker.wait()
+        worker.stdin.close()
+        worker.stdout.close()
+
+
+def test_sigterm_ends_a_worker_even_if_its_server_ignores_sigterm() -> None:
+    """An ignored signal is inherited across exec; stop's SIGTERM must still work."""
+    ignoring = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        worker = subprocess.Popen([sys.executable, "-m", "llmux.worker", "--model-id", "term"],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    finally:
+        signal.signal(signal.SIGTERM, ignoring)
+    assert worker.stdin is not None and worker.stdout is not None
+    try:
+        read_hello(worker)
+        worker.terminate()
+        assert worker.wait(timeout=5) == -signal.SIGTERM
+    finally:
+        worker.kill()
+        worker.wait()
+        worker.stdin.close()
+        worker.stdout.close()
+
+
+def test_cancels_are_handled_by_the_reader_alone() -> None:
+    """The main thread never sees a Cancel (it would log it as unexpected), also one
+    for a request that is unknown or already finished."""
+    worker = subprocess.Popen([sys.executable, "-m", "llmux.worker", "--model-id", "quiet"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE)
+    assert worker.stdin is not None and worker.stdout is not None and worker.stderr is not None
+    try:
+        read_hello(worker)
+        frames = [Load(spec()), Infer(id=1, op="chat", payload=chat_payload()), Cancel(id=1),
+                  Cancel(id=9), Unload()]
+        worker.stdin.write(b"".join(encode(frame) for frame in frames))
+        worker.stdin.flush()
+        assert worker.wait(timeout=10) == 0
+        log = worker.stderr.read().decode()
+        assert "unloading" in log and "WARNING" not in log, log
+    finally:
+        worker.kill()
+        worker.wait()
+        for pipe in (worker.stdin, worker.stdout, worker.stderr):
+            pipe.close()
+
+
+@pytest.mark.parametrize(("returncode", "said"), [
+    (None, "is still running"), (0, "exited with code 0"), (3, "exited with code 3"),
+    (-signal.SIGKILL, "was killed by SIGKILL"), (-40, "was killed by signal 40"),
+])
+def test_how_a_worker_ended_is_described(returncode: int | None, said: str) -> None:
+    assert describe_exit(returncode) == said
 
 
 def test_a_worker_whose_server_died_while_it_started_exits_at_once() -> None:

@@ -14,6 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from llmux.logging_setup import fields_of
+from llmux.workers import output
 from llmux.workers.output import BURST_LINES, LINES_PER_S, LineBudget, OutputLines, OutputRelay
 from tests.conftest import wait_until
 
@@ -35,6 +36,8 @@ def lines_of(data: bytes, max_chars: int = 4096) -> list[str]:
     (b"\rLoading: 40%\r            \r", ["Loading: 40%"]),
     (b"\rbar 10%\r      \rnext line\n", ["next line"]),
     (b"\rstuck at 70%", ["stuck at 70%"]),
+    # A rewrite with blanks only does not count, however it ends.
+    (b"\rLoading: 60%\r            \n", ["Loading: 60%"]),
     ("caf\u00e9 \u2713\n".encode(), ["caf\u00e9 \u2713"]),
     (b"bad \xff byte\n", ["bad \ufffd byte"]),
 ])
@@ -47,6 +50,13 @@ def test_a_line_longer_than_the_limit_is_cut_into_pieces() -> None:
     splitter = OutputLines(max_chars=4)
     assert splitter.feed(b"x" * 10) == ["xxxx", "xxxx"]  # before any newline arrives
     assert splitter.close() == ["xx"]
+
+
+def test_a_piece_cut_off_a_long_line_ends_what_came_before_it() -> None:
+    # A line of exactly the limit is not cut: a carriage return can still rewrite it.
+    assert lines_of(b"abcd\rxy\n", max_chars=4) == ["xy"]
+    # The piece cut off replaced the rewrite before it, which does not come back.
+    assert lines_of(b"xy\rabcd \n", max_chars=4) == ["abcd"]
 
 
 OUTPUT = st.lists(st.sampled_from(["a", "bc", " ", "\t", "\n", "\r", "\r\n", "\u00e9", "\u2713",
@@ -111,8 +121,18 @@ def test_last_words_are_the_last_lines_printed_just_now_cut_short() -> None:
     os.close(write)
     relay.join(5)
     assert relay.last_words() == ["line 3", "line 4", "x" * 299 + "\u2026"]
+    assert relay.last_words(within_s=60) == relay.last_words()
     time.sleep(0.2)
     assert relay.last_words(within_s=0.1) == []  # old lines do not explain a death now
+
+
+def test_a_last_line_of_exactly_the_limit_is_not_cut() -> None:
+    read, write = os.pipe()
+    relay = OutputRelay(read, lambda: "chat", 1)
+    os.write(write, b"y" * 300 + b"\n")
+    os.close(write)
+    relay.join(5)
+    assert relay.last_words() == ["y" * 300]
 
 
 def test_the_line_budget_allows_a_burst_then_its_rate() -> None:
@@ -155,3 +175,43 @@ def test_a_flood_is_counted_instead_of_logged(caplog: pytest.LogCaptureFixture) 
     assert len(lines) + sum(counts) == flood  # every line logged or counted, once
     assert caplog.records[-1].levelname == "WARNING"  # the count comes last
     assert relay.last_words() == [f"line {n}" for n in range(flood - 3, flood)]
+
+
+class ScriptedBudget:
+    """A LineBudget that allows the lines it is told to."""
+
+    allows: list[bool] = []
+
+    def __init__(self) -> None:
+        self._allows = iter(self.allows)
+
+    def take(self, now: float) -> bool:
+        return next(self._allows)
+
+
+def test_the_count_of_lines_not_logged_comes_when_lines_are_logged_again(
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(output, "LineBudget", ScriptedBudget)
+    monkeypatch.setattr(ScriptedBudget, "allows", [True, False, False, True, False])
+    read, write = os.pipe()
+    with caplog.at_level(logging.INFO, logger="llmux.worker.output"):
+        relay = OutputRelay(read, lambda: "loud", 7)
+        os.write(write, b"one\ntwo\nthree\nfour\nfive\n")
+        os.close(write)
+        relay.join(5)
+    assert [r.getMessage().removeprefix("[worker loud 7] ") for r in caplog.records] == [
+        "one", f"2 lines of its output not logged (it printed more than {LINES_PER_S:g} a "
+        "second)", "four", f"1 lines of its output not logged (it printed more than "
+        f"{LINES_PER_S:g} a second)"]
+
+
+def test_a_flood_makes_the_relay_pause_after_each_read(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(output, "_FLOOD_PAUSE_S", 0.5)
+    read, write = os.pipe()
+    started = time.monotonic()
+    relay = OutputRelay(read, lambda: "loud", 7)
+    with os.fdopen(write, "wb") as pipe:
+        pipe.write(b"".join(b"line %d\n" % n for n in range(BURST_LINES + 10)))
+    relay.join(10)
+    assert time.monotonic() - started >= 0.5  # it paused at least once
