@@ -684,6 +684,65 @@ def test_bad_uploads_get_clear_errors(server: Server) -> None:
                       data={"model": "tts"}), 400, contains="cannot recognise speech")
 
 
+UPLOAD_LIMIT = 1_000_000  # CONFIG's max_upload_bytes
+
+
+def test_an_upload_is_refused_at_the_first_byte_over_the_limit(server: Server) -> None:
+    """The Content-Length is checked before reading; without one (or within the form's
+    slack) the file part is counted as it arrives; the JSON variant after decoding."""
+    def transcribe(data: bytes) -> httpx.Response:
+        return post(server, "/v1/audio/transcriptions", files={"file": ("x.wav", data)},
+                    data={"model": "whisper"})
+
+    assert_error(transcribe(bytes(UPLOAD_LIMIT + 70_000)), 413,
+                 contains="The upload has ")
+    assert_error(transcribe(bytes(UPLOAD_LIMIT + 1)), 413,
+                 contains=f"The uploaded file is over the limit of {UPLOAD_LIMIT} bytes")
+    assert_error(transcribe(bytes(UPLOAD_LIMIT)), 400, param="file")  # in: not audio
+    data = base64.b64encode(bytes(UPLOAD_LIMIT + 1)).decode()
+    assert_error(post(server, "/v1/audio/transcriptions", json={
+        "model": "whisper", "input_audio": {"data": data, "format": "wav"}}), 413,
+        contains=f"The audio is over the limit of {UPLOAD_LIMIT} bytes")
+
+
+def test_the_json_variant_takes_base64_of_an_upload_near_the_limit(server: Server) -> None:
+    audio = upload("wav", 5.0)  # 960 kB: 1.28 MB as base64
+    assert len(audio) < UPLOAD_LIMIT < len(base64.b64encode(audio))
+    response = post(server, "/v1/audio/transcriptions", json={
+        "model": "whisper", "input_audio": {"data": base64.b64encode(audio).decode()}})
+    assert response.status_code == 200, response.text
+
+
+def test_transcription_fields_at_their_bounds(server: Server) -> None:
+    def transcribe(**fields: str) -> httpx.Response:
+        return post(server, "/v1/audio/transcriptions", files={"file": ("a.wav",
+                                                                        upload("wav", 1.0))},
+                    data={"model": "whisper", **fields})
+
+    assert transcribe(temperature="1", language="yue-HK").status_code == 200
+    assert_error(transcribe(temperature="1.01"), 400, param="temperature")
+    assert_error(transcribe(language="abcdefghi"), 400, param="language")
+
+
+def test_verbose_json_has_words_only_when_asked_and_its_language_by_name(
+    server: Server,
+) -> None:
+    def verbose(path: str, model: str, **fields: str) -> dict[str, Any]:
+        response = post(server, path, files={"file": ("a.wav", upload("wav", 1.0))},
+                        data={"model": model, "response_format": "verbose_json", **fields})
+        assert response.status_code == 200, response.text
+        body: dict[str, Any] = response.json()
+        return body
+
+    plain = verbose("/v1/audio/transcriptions", "whisper-en", language="de")
+    assert (plain["language"], "words" in plain) == ("german", False)
+    worded = verbose("/v1/audio/transcriptions", "whisper-en",
+                     **{"timestamp_granularities[]": "word"})
+    assert worded["words"] == []  # the fake recogniser times no words
+    # a translation is to English: a language sent with it is not passed on
+    assert verbose("/v1/audio/translations", "whisper", language="de")["language"] == "english"
+
+
 # -- speech ------------------------------------------------------------------------------
 
 
@@ -748,6 +807,25 @@ def test_speech_defaults_to_mp3_and_knows_its_voices(server: Server) -> None:
                  param="response_format")
     assert_error(post(server, "/v1/audio/speech", json={"model": "chat", "input": "hi"}), 400,
                  contains="cannot speak")
+
+
+def test_speech_speed_and_voice_names(server: Server) -> None:
+    def speak(**body: Any) -> httpx.Response:
+        return post(server, "/v1/audio/speech", json={"input": "one two three four",
+                                                      "response_format": "pcm", **body})
+
+    # the fake voice speaks 0.05 s per word at speed 1, and PCM is 24 kHz int16
+    assert len(speak(model="tts").content) == pytest.approx(2 * 24000 * 0.2, rel=0.05)
+    fast = speak(model="tts", speed=4.0)
+    assert fast.status_code == 200
+    assert len(fast.content) == pytest.approx(2 * 24000 * 0.05, rel=0.1)
+    assert_error(speak(model="tts", speed=4.01), 400, param="speed")
+    assert_error(speak(model="tts", speed=0.2), 400, param="speed")
+    assert speak(model="tts", voice="Alloy").status_code == 200  # OpenAI's, in any case
+    assert_error(speak(model="tts", voice={"id": "gandalf"}), 400, param="voice")
+    assert speak(model="slow-tts", voice="gandalf").status_code == 200  # no voices: any
+    assert post(server, "/v1/audio/speech", json={"model": "tts", "input": "x" * 4096,
+                                                  "response_format": "pcm"}).status_code == 200
 
 
 def test_voice_and_speech_model_lists_for_open_webui(server: Server) -> None:
