@@ -109,8 +109,8 @@ class _Mono16k:
     """Resamples decoded frames to mono float32 at 16 kHz.
 
     A resampler is fixed to the format of its first frame, but a stream may change
-    rate or layout midway (joined MP3s, AAC with SBR): then the old one is flushed
-    and a new one takes over.
+    rate or layout midway (MP3 frames of two rates joined, AAC with SBR): then the old
+    one is flushed and a new one takes over.
     """
 
     def __init__(self) -> None:
