@@ -55,3 +55,26 @@ def test_texts_with_something_in_them_are_embedded(client: openai.OpenAI) -> Non
     reply = client.embeddings.create(model="embed", input=["alpha", " "],
                                      encoding_format="float")
     assert [len(d.embedding) for d in reply.data] == [8, 8]
+
+
+@pytest.mark.parametrize(("extra", "param", "contains"), [
+    ({"encoding_format": "hex"}, "encoding_format", "must be float or base64"),
+    ({"encoding_format": 1}, "encoding_format", "must be a string"),
+    ({"dimensions": "8"}, "dimensions", "must be an integer"),
+    ({"dimensions": True}, "dimensions", "must be an integer"),
+    ({"dimensions": 0}, "dimensions", "between 1 and 65536"),
+    ({"dimensions": 4}, "dimensions", "cannot shorten them to 4"),
+])
+def test_embedding_options_out_of_range_get_a_400(client: openai.OpenAI,
+                                                  extra: dict[str, Any], param: str,
+                                                  contains: str) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.embeddings.create(model="embed", input="x", extra_body=extra)
+    error: dict[str, Any] = caught.value.response.json()["error"]
+    assert error["param"] == param and contains in error["message"]
+
+
+def test_the_dimensions_the_model_makes_are_accepted(client: openai.OpenAI) -> None:
+    reply = client.embeddings.create(model="embed", input="x", dimensions=8,
+                                     encoding_format="float")
+    assert len(reply.data[0].embedding) == 8

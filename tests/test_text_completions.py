@@ -74,3 +74,29 @@ def test_with_include_usage_every_chunk_but_the_last_has_null_usage(server: Serv
     assert datas[-1] == "[DONE]" and len(chunks) > 2
     assert [c["usage"] for c in chunks[:-1]] == [None] * (len(chunks) - 1)
     assert chunks[-1]["usage"]["completion_tokens"] == 16
+
+
+@pytest.mark.parametrize(("extra", "param", "contains"), [
+    ({"suffix": "end"}, "suffix", "'suffix' (fill in the middle) is not supported."),
+    ({"prompt": ["a", "b"], "stream": True}, "prompt", "Streaming takes one prompt"),
+    ({"prompt": ["a"] * 17}, "prompt", "'prompt' holds at most 16 items, got 17."),
+    ({"prompt": []}, "prompt", "non-empty list of strings"),
+    ({"prompt": None}, "prompt", "non-empty list of strings"),
+    ({"n": 2}, "n", "Only n=1"), ({"logprobs": 2}, "logprobs", "not supported"),
+    ({"echo": "yes"}, "echo", "must be a boolean"),
+])
+def test_completion_mistakes_get_a_400_naming_the_field(server: Server, extra: dict[str, Any],
+                                                        param: str, contains: str) -> None:
+    reply = httpx.post(f"{server.url}/v1/completions", timeout=30,
+                       json={"model": "plain", "prompt": "count", **extra})
+    assert reply.status_code == 400, reply.text
+    error = reply.json()["error"]
+    assert error["param"] == param and contains in error["message"]
+
+
+def test_up_to_16_prompts_are_answered_in_order(client: openai.OpenAI) -> None:
+    prompts = [f"p{i}" for i in range(16)]
+    reply = client.completions.create(model="plain", prompt=prompts, max_tokens=1, echo=True)
+    assert [(c.index, c.text) for c in reply.choices] == [
+        (i, f"p{i}w0 ") for i in range(16)]
+    assert reply.usage is not None and reply.usage.completion_tokens == 16

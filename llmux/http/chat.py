@@ -38,8 +38,14 @@ FUNCTION_CALLS = ("none", "auto")
 log = logging.getLogger(__name__)
 
 
+def _one_of(value: Any, names: frozenset[str]) -> bool:
+    """``value in names`` for any JSON value (a list or an object is no name, and not
+    hashable either)."""
+    return isinstance(value, str) and value in names
+
+
 def _check_part(part: Any, where: str) -> None:
-    if not isinstance(part, dict) or part.get("type") not in PART_TYPES:
+    if not isinstance(part, dict) or not _one_of(part.get("type"), PART_TYPES):
         raise BadRequest(f"'{where}' must be an object whose type is one of "
                          f"{', '.join(sorted(PART_TYPES))}.", param=where)
     kind = part["type"]
@@ -62,7 +68,7 @@ def parse_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
         where = f"messages[{i}]"
         if not isinstance(message, dict):
             raise BadRequest(f"'{where}' must be an object.", param=where)
-        if message.get("role") not in ROLES:
+        if not _one_of(message.get("role"), ROLES):
             raise BadRequest(f"'{where}.role' must be one of {', '.join(sorted(ROLES))}.",
                              param=f"{where}.role")
         content = message.get("content")
