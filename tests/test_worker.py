@@ -467,12 +467,27 @@ SLOW_TO_TERMINATE = textwrap.dedent("""
 """)
 
 
+def stand_in_python(tmp_path: Path, script: str) -> str:
+    """An executable that the handle starts in place of the worker's interpreter."""
+    python = tmp_path / "python"
+    python.write_text(script)
+    python.chmod(0o755)
+    return str(python)
+
+
+def assert_named_worker_gone(error: BaseException) -> None:
+    """The error names the worker by its pid, and that process is gone.
+
+    NOTE: by its pid, not by a search for its command line: another may run here."""
+    named = re.search(r"\(pid (\d+)\)", str(error))
+    assert named is not None and is_gone(int(named[1]))
+
+
 async def test_stop_gives_a_worker_a_grace_after_sigterm(tmp_path: Path) -> None:
     (tmp_path / "worker.py").write_text(SLOW_TO_TERMINATE)
-    python = tmp_path / "python"
-    python.write_text(f"#!/bin/sh\nexec {sys.executable} {tmp_path / 'worker.py'}\n")
-    python.chmod(0o755)
-    handle = await WorkerHandle.spawn(python=str(python), model_id="fake-1")
+    python = stand_in_python(tmp_path,
+                             f"#!/bin/sh\nexec {sys.executable} {tmp_path / 'worker.py'}\n")
+    handle = await WorkerHandle.spawn(python=python, model_id="fake-1")
     assert await handle.stop(grace_s=0.5) == 7
     assert handle.escalated
 
@@ -564,13 +579,11 @@ async def test_spawn_of_something_that_is_not_a_worker_raises_worker_died() -> N
 
 
 async def test_an_interpreter_that_cannot_run_the_worker_says_why(tmp_path: Path) -> None:
-    broken = tmp_path / "python"
-    broken.write_text("#!/bin/sh\necho 'loading...' >&2\necho 'Traceback (most recent call "
-                      "last):' >&2\necho \"ModuleNotFoundError: No module named 'msgpack'\" >&2"
-                      "\nexit 1\n")
-    broken.chmod(0o755)
+    broken = stand_in_python(
+        tmp_path, "#!/bin/sh\necho 'loading...' >&2\necho 'Traceback (most recent call "
+        "last):' >&2\necho \"ModuleNotFoundError: No module named 'msgpack'\" >&2\nexit 1\n")
     with pytest.raises(WorkerDied) as caught:
-        await WorkerHandle.spawn(python=str(broken), model_id="fake-1")
+        await WorkerHandle.spawn(python=broken, model_id="fake-1")
     assert str(caught.value).endswith(  # its last 3 lines
         "closed its pipe and exited with code 1; its last output: loading... | Traceback "
         "(most recent call last): | ModuleNotFoundError: No module named 'msgpack'")
@@ -578,61 +591,49 @@ async def test_an_interpreter_that_cannot_run_the_worker_says_why(tmp_path: Path
 
 async def test_a_worker_that_sends_garbage_is_killed_and_the_message_says_why(
         tmp_path: Path) -> None:
-    garbling = tmp_path / "python"
-    garbling.write_text("#!/bin/sh\nprintf '\\377\\377\\377\\377'\nexec sleep 60\n")
-    garbling.chmod(0o755)
+    garbling = stand_in_python(tmp_path,
+                               "#!/bin/sh\nprintf '\\377\\377\\377\\377'\nexec sleep 60\n")
     with pytest.raises(WorkerDied, match=r"\(pid \d+\) sent a bad frame \(frame length "
                        r"4294967295 exceeds the \d+ byte limit\) and was killed by SIGKILL$"
                        ) as caught:
-        await WorkerHandle.spawn(python=str(garbling), model_id="fake-1")
-    named = re.search(r"\(pid (\d+)\)", str(caught.value))
-    assert named is not None and is_gone(int(named[1]))
+        await WorkerHandle.spawn(python=garbling, model_id="fake-1")
+    assert_named_worker_gone(caught.value)
 
 
 async def test_a_worker_whose_first_frame_is_not_hello_is_killed(tmp_path: Path) -> None:
-    rude = tmp_path / "python"
-    rude.write_text(f"#!/bin/sh\nexec {sys.executable} -c 'import sys, time\n"
+    rude = stand_in_python(tmp_path, f"#!/bin/sh\nexec {sys.executable} -c 'import sys, time\n"
                     "from llmux.workers.protocol import Progress, encode\n"
                     "sys.stdout.buffer.write(encode(Progress(fraction=0.5, message=\"\")))\n"
                     "sys.stdout.flush()\ntime.sleep(60)'\n")
-    rude.chmod(0o755)
     with pytest.raises(WorkerDied, match=r"\(pid \d+\) sent 'progress' before hello$"
                        ) as caught:
-        await WorkerHandle.spawn(python=str(rude), model_id="fake-1")
-    named = re.search(r"\(pid (\d+)\)", str(caught.value))
-    assert named is not None and is_gone(int(named[1]))
+        await WorkerHandle.spawn(python=rude, model_id="fake-1")
+    assert_named_worker_gone(caught.value)
 
 
 async def test_a_worker_that_closed_its_pipe_gets_a_moment_to_exit(tmp_path: Path) -> None:
-    slow = tmp_path / "python"
-    slow.write_text("#!/bin/sh\nexec 1>&-\nsleep 0.3\nexit 5\n")
-    slow.chmod(0o755)
+    slow = stand_in_python(tmp_path, "#!/bin/sh\nexec 1>&-\nsleep 0.3\nexit 5\n")
     with pytest.raises(WorkerDied, match=r"closed its pipe and exited with code 5$"):
-        await WorkerHandle.spawn(python=str(slow), model_id="fake-1")
+        await WorkerHandle.spawn(python=slow, model_id="fake-1")
 
 
 async def test_last_words_wait_for_the_relay_to_catch_up(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(output, "_FLOOD_PAUSE_S", 0.1)  # the relay lags behind a flood
-    loud = tmp_path / "python"
-    loud.write_text("#!/bin/sh\nseq 1 20000 >&2\necho 'fatal: the real reason' >&2\nexit 1\n")
-    loud.chmod(0o755)
+    loud = stand_in_python(tmp_path, "#!/bin/sh\nseq 1 20000 >&2\n"
+                                     "echo 'fatal: the real reason' >&2\nexit 1\n")
     with pytest.raises(WorkerDied, match=r"exited with code 1; its last output: 19999 \| "
                        r"20000 \| fatal: the real reason$"):
-        await WorkerHandle.spawn(python=str(loud), model_id="fake-1")
+        await WorkerHandle.spawn(python=loud, model_id="fake-1")
 
 
 async def test_spawn_times_out_and_kills_a_silent_interpreter(tmp_path: Path) -> None:
-    silent = tmp_path / "python"
-    silent.write_text("#!/bin/sh\nexec sleep 60\n")
-    silent.chmod(0o755)
+    silent = stand_in_python(tmp_path, "#!/bin/sh\nexec sleep 60\n")
     with pytest.raises(WorkerDied, match=r"\(pid \d+\) did not say hello within 0.3 s"
                        ) as caught:
-        await WorkerHandle.spawn(python=str(silent), model_id="fake-1", start_timeout_s=0.3)
+        await WorkerHandle.spawn(python=silent, model_id="fake-1", start_timeout_s=0.3)
     assert isinstance(caught.value.__cause__, TimeoutError)
-    # NOTE: by its pid, not by a search for "sleep 60": another may run on the machine.
-    named = re.search(r"\(pid (\d+)\)", str(caught.value))
-    assert named is not None and is_gone(int(named[1]))
+    assert_named_worker_gone(caught.value)
 
 
 def test_worker_exits_when_its_stdin_closes() -> None:
