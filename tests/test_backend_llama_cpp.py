@@ -18,6 +18,7 @@ from llmux.backends.base import InvalidInput
 from llmux.backends.llama_cpp import (
     FALLBACK_TEMPLATE,
     KV_CACHE_TYPES,
+    POOLING,
     LlamaCppBackend,
     llama_arguments,
     render_chat,
@@ -184,8 +185,9 @@ def test_a_device_that_is_not_cpu_or_cuda_is_refused() -> None:
         llama_arguments({}, "gpu0")
 
 
-def test_the_kv_cache_types_are_those_the_config_takes() -> None:
+def test_the_kv_cache_and_pooling_types_are_those_the_config_takes() -> None:
     assert set(KV_CACHE_TYPES) == set(options.KV_CACHE_TYPES)
+    assert set(POOLING) == set(options.POOLING)
 
 
 # -- loading ----------------------------------------------------------------------------

@@ -32,11 +32,11 @@ from transformers import (
     WhisperTokenizerFast,
 )
 
-from llmux.backends import BACKEND_MODULES, load_backend_class
+from llmux.backends import BACKEND_MODULES, load_backend_class, options
 from llmux.backends.base import InvalidInput
 from llmux.backends.hf_asr import windows
 from llmux.backends.hf_causal import StopText, render_prompt
-from llmux.backends.hf_common import Checkpoint, TokenStreamer
+from llmux.backends.hf_common import DTYPES, Checkpoint, TokenStreamer
 from llmux.backends.paths import resolve_model_path
 from llmux.backends.transformers_backend import TransformersBackend
 from llmux.chat.templates import template_messages
@@ -195,6 +195,10 @@ def test_a_type_this_backend_does_not_serve_is_refused() -> None:
     with pytest.raises(ValueError,
                        match="serves llm, asr, embedding, forecast, vlm models, not 'tts'"):
         backend("tts", MINILM)
+
+
+def test_the_dtypes_are_those_the_config_takes() -> None:
+    assert set(DTYPES) == set(options.DTYPES)
 
 
 def test_an_unknown_dtype_is_refused() -> None:

@@ -76,8 +76,8 @@ from llmux.chat.render import FALLBACK_TEMPLATE, model_template, render_chat
 from llmux.chat.stops import StopText
 from llmux.chat.templates import template_messages
 
-__all__ = ["FALLBACK_TEMPLATE", "KV_CACHE_TYPES", "LlamaCppBackend", "render_chat",
-           "template_messages"]
+__all__ = ["FALLBACK_TEMPLATE", "KV_CACHE_TYPES", "POOLING", "LlamaCppBackend",
+           "render_chat", "template_messages"]
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ KV_CACHE_TYPES: Final[Mapping[str, int]] = {
 }
 """KV cache type names to GGML type numbers (``enum ggml_type``)."""
 
-_POOLING: Final[Mapping[str, int]] = {"none": 0, "mean": 1, "cls": 2, "last": 3}
+POOLING: Final[Mapping[str, int]] = {"none": 0, "mean": 1, "cls": 2, "last": 3}
 # (payload key, Llama.generate argument, GGUF metadata key, llama.cpp's default)
 _SAMPLING: Final = (
     ("temperature", "temp", "general.sampling.temp", 0.8),
@@ -142,7 +142,7 @@ def llama_arguments(options: Mapping[str, Any], device: str) -> dict[str, Any]:
         "verbose": bool_option(options, "verbose"),
     }
     if pooling is not None:
-        arguments["pooling_type"] = _POOLING[pooling]
+        arguments["pooling_type"] = POOLING[pooling]
     if gpu is None:
         arguments.update(offload_kqv=False, op_offload=False)
     else:

@@ -20,7 +20,8 @@ from typing import Any, Final, TypeGuard
 from llmux.chat.output import REASONING_FORMATS, TOOL_FORMATS
 from llmux.spelling import closest
 
-__all__ = ["KV_CACHE_TYPES", "PASSED_THROUGH", "check_options", "option_problems"]
+__all__ = ["DTYPES", "KV_CACHE_TYPES", "PASSED_THROUGH", "POOLING", "check_options",
+           "option_problems"]
 
 Where = tuple[str | int, ...]
 """A problem's place under ``options``: ``("temperature", 1)``."""
@@ -158,6 +159,10 @@ Checks = Mapping[str, Callable[[object], Problems]]
 KV_CACHE_TYPES: Final = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0",
                          "q5_1")
 """llama.cpp's KV cache types, by the names both GGUF backends take (any case)."""
+POOLING: Final = ("none", "mean", "cls", "last")
+"""llama.cpp's pooling types for embeddings, by name."""
+DTYPES: Final = ("auto", "float32", "bfloat16", "float16")
+"""The weights' types the transformers backend loads into, by name."""
 _POSITIVE_INTEGER: Final = _integer(1)
 _SOME_INTEGER: Final = _or_null(_POSITIVE_INTEGER)
 _FRACTION: Final = _number(lambda x: 0 <= x <= 1, "must be from 0 to 1")
@@ -178,7 +183,7 @@ _LLAMA_CPP: Final[Checks] = {
     "type_k": _or_null(_choice(*KV_CACHE_TYPES, fold=True)),
     "type_v": _or_null(_choice(*KV_CACHE_TYPES, fold=True)),
     "embedding": _boolean,
-    "pooling": _or_null(_choice("none", "mean", "cls", "last")),
+    "pooling": _or_null(_choice(*POOLING)),
     "verbose": _boolean,
     "mmproj": _string,
 }
@@ -226,7 +231,7 @@ _RAPIDOCR: Final[Checks] = {
                                  "rec_keys_path")},
 }
 _TRANSFORMERS: Final[Checks] = {
-    "dtype": _choice("auto", "float32", "bfloat16", "float16"),
+    "dtype": _choice(*DTYPES),
     "device_map": _string_or_mapping,
     "trust_remote_code": _boolean,
     "attn_implementation": _or_null(_string),
