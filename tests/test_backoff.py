@@ -164,5 +164,30 @@ def test_a_deferred_retry_waits_as_long_again_and_is_no_failure() -> None:
     backoff = LoadBackoff()
     backoff.load_failed("bad weights", 0.0)
     backoff.load_failed("bad weights", 1.0)  # waits 2 s
-    assert backoff.defer(3.0) == 2.0 and not backoff.due(4.9) and backoff.due(5.0)
+    assert backoff.defer(3.0) == 2.0
+    assert not backoff.retry_by_itself_due(4.9) and backoff.retry_by_itself_due(5.0)
+    assert backoff.next_retry_by_itself() == 5.0
     assert (backoff.in_a_row, backoff.last_error) == (2, "bad weights")
+
+
+def test_a_deferred_retry_by_itself_does_not_hold_back_a_request() -> None:
+    """The failure's own wait (1 s) is over at 1.0: a request may load (and evict)
+    then, whatever the retries by themselves found; a client honouring Retry-After
+    once met each deferral and was refused again."""
+    backoff = LoadBackoff()
+    backoff.load_failed("bad weights", 0.0)
+    assert not backoff.due(0.9) and not backoff.retry_by_itself_due(0.9)
+    backoff.defer(1.0)
+    assert backoff.due(1.0) and not backoff.retry_by_itself_due(1.5)
+    backoff.load_failed("bad weights", 1.5)  # a request's load failed: waits 2 s
+    assert not backoff.due(3.4) and not backoff.retry_by_itself_due(3.4)
+    assert backoff.due(3.5) and backoff.retry_by_itself_due(3.5)
+
+
+@pytest.mark.parametrize("clear", ["worker_ready", "waive"])
+def test_a_load_or_a_move_clears_a_deferral(clear: str) -> None:
+    backoff = LoadBackoff()
+    backoff.load_failed("bad weights", 0.0)
+    backoff.defer(1.0)
+    getattr(backoff, clear)(*([1.2] if clear == "worker_ready" else []))
+    assert backoff.due(1.2) and backoff.retry_by_itself_due(1.2)

@@ -25,6 +25,9 @@ class LoadBackoff:
     def __init__(self) -> None:
         self.in_a_row = 0  # loads that failed, workers that crashed
         self.retry_at = 0.0  # no load starts before this
+        # A retry by itself that found no free room waits again; a request need not
+        # (it may evict), so the deferral is kept apart from ``retry_at``.
+        self.retry_by_itself_at = 0.0
         self.last_error: str | None = None
         # NOTE: only a ready worker can crash, so this is set before it is read.
         self._ready_at = -math.inf
@@ -33,11 +36,20 @@ class LoadBackoff:
         """A load may start at ``now``: the wait after the last failure is over."""
         return now >= self.retry_at
 
+    def retry_by_itself_due(self, now: float) -> bool:
+        """A retry nobody asked for may start at ``now``: the failure's wait and any
+        deferral are over."""
+        return now >= self.next_retry_by_itself()
+
+    def next_retry_by_itself(self) -> float:
+        return max(self.retry_at, self.retry_by_itself_at)
+
     def worker_ready(self, now: float) -> None:
         """A worker loaded: the next load (after an unload) need not wait, and a crash
         ``STABLE_S`` after ``now`` is a lone one."""
         self._ready_at = now
-        self.retry_at = 0.0  # else a request after an unload waits out an old backoff
+        self.retry_at = self.retry_by_itself_at = 0.0  # else a request after an unload
+        # waits out an old backoff
 
     def worker_stopped(self) -> None:
         """The worker was unloaded: it served until then, so the run of failures ends."""
@@ -45,13 +57,15 @@ class LoadBackoff:
 
     def waive(self) -> None:
         """Let the next load start at once (the model moved to another device)."""
-        self.retry_at = 0.0
+        self.retry_at = self.retry_by_itself_at = 0.0
 
     def defer(self, now: float) -> float:
-        """A retry that could not start now (no free room for it): the next one after
-        the same wait as the last. Not a failure: the count and the reason stay."""
-        self.retry_at = now + self._wait()
-        return self.retry_at - now
+        """A retry by itself that could not start now (no free room for it): the next
+        one after the same wait as the last. Not a failure: the count and the reason
+        stay, and a request may load it at once (a client that honours ``Retry-After``
+        would otherwise meet each deferral and be refused for ever)."""
+        self.retry_by_itself_at = now + self._wait()
+        return self.retry_by_itself_at - now
 
     def load_failed(self, reason: str, now: float) -> float:
         """One more failure in a row; returns the wait before the next load: 1 s,

@@ -424,7 +424,7 @@ class ModelActor(Actor[Message]):
             and self._backoff.due(self.clock())
         ):
             self._acquire(self._waiting.latest_deadline())
-        elif self._retry_wanted() and self._backoff.due(self.clock()):
+        elif self._retry_wanted() and self._backoff.retry_by_itself_due(self.clock()):
             self._events.record(self.name, "retry", f"retrying the load (failures in a row: "
                                 f"{self._backoff.in_a_row}) after: {self._backoff.last_error}")
             # NOTE: a load that failed in its worker may fail again: retried by itself
@@ -526,9 +526,11 @@ class ModelActor(Actor[Message]):
         times = [self._waiting.next_deadline(), self._running.next_deadline()]
         if self._state is State.READY and self.settings.idle_timeout_s is not None:
             times.append(self._last_used + self.settings.idle_timeout_s)
-        if self._state is State.FAILED and (self._waiting or self._wanted) and \
-                not self._acquiring:
-            times.append(self._backoff.retry_at)
+        if self._state is State.FAILED and not self._acquiring:
+            if self._waiting:
+                times.append(self._backoff.retry_at)
+            elif self._wanted:
+                times.append(self._backoff.next_retry_by_itself())
         return min(times, default=math.inf)
 
     def on_timer(self) -> None:
