@@ -207,8 +207,9 @@ def stream(server: Server, model: str, prompt: str, *, leave_after_first: bool =
     return seen
 
 
-def prompt(marker: str) -> str:
-    return f"{marker} " + " ".join(f"w{i}" for i in range(WORDS - 1))
+def prompt(marker: str, words: int = WORDS) -> str:
+    """A prompt of ``words`` words, echoed back in ``words + 1`` tokens."""
+    return f"{marker} " + " ".join(f"w{i}" for i in range(words - 1))
 
 
 @contextlib.contextmanager
@@ -219,6 +220,12 @@ def clients(count: int) -> Iterator[ThreadPoolExecutor]:
 
 def results(futures: list[Future[Streamed]]) -> list[Streamed]:
     return [future.result(timeout=CLIENT_TIMEOUT_S + 5) for future in futures]
+
+
+def moves_of(server: Server, model: str) -> list[tuple[str, str, str]]:
+    """``model``'s transitions so far: (from, to, reason)."""
+    return [(e["from_state"], e["to_state"], e["reason"]) for e in server.state()["events"]
+            if e["kind"] == "transition" and e["model"] == model]
 
 
 def four(**options: Any) -> dict[str, Any]:
@@ -245,7 +252,10 @@ def test_four_requests_stream_together_each_with_its_own_reply(start_server: Any
 def test_a_fifth_request_waits_in_the_queue_until_one_of_four_ends(start_server: Any) -> None:
     server: Server = start_server(four())
     with clients(5) as pool:
-        futures = [pool.submit(stream, server, "m", prompt(f"p{i}")) for i in range(4)]
+        # ~4 s replies: the fifth must be seen queued before one of the four ends, and
+        # with ~1 s ones a slow poll (or a slow fifth client) could miss that window
+        futures = [pool.submit(stream, server, "m", prompt(f"p{i}", 4 * WORDS))
+                   for i in range(4)]
         wait_until(lambda: server.model("m")["in_flight"] == 4, 10, "four requests in flight")
         fifth = pool.submit(stream, server, "m", prompt("p4"))
         wait_until(lambda: server.model("m")["queue_depth"] == 1, 5, "the fifth to queue")
@@ -323,14 +333,15 @@ def test_an_eviction_drains_all_running_requests_before_the_unload(start_server:
         other = pool.submit(httpx.post, f"{server.url}/v1/chat/completions",
                             timeout=CLIENT_TIMEOUT_S,
                             json={"model": "b", "messages": [{"role": "user", "content": "x"}]})
-        wait_until(lambda: server.model("a")["state"] == "draining", 10, "a to drain")
-        assert server.model("a")["in_flight"] == 3
+        # NOTE: the transition, not the state: a drains only until its replies end, and
+        # a poll that comes later would miss it. Its reason counts the running requests.
+        wait_until(lambda: any(m[:2] == ("busy", "draining") for m in moves_of(server, "a")),
+                   10, "a to drain")
         drained = results(running)
         answer = other.result(timeout=CLIENT_TIMEOUT_S)
     assert all(s.done and s.error is None and s.text == "word " * 20 for s in drained)
     assert answer.status_code == 200, answer.text
-    moves = [(e["from_state"], e["to_state"], e["reason"]) for e in server.state()["events"]
-             if e["kind"] == "transition" and e["model"] == "a"]
+    moves = moves_of(server, "a")
     assert any(m[:2] == ("busy", "draining") and m[2].endswith(
         "; finishing the running requests (3)") for m in moves), moves
     assert ("draining", "unloading", "drained") in moves

@@ -302,7 +302,8 @@ def test_a_server_trickling_bytes_is_left_at_the_timeout(image_site: str) -> Non
     started = time.monotonic()
     with raises_bad_request("Fetching the image at 'p' failed: not read within 1 s"):
         fetch_image(f"{image_site}/trickle.png", "p", limit=10**6, timeout_s=1.0)
-    assert time.monotonic() - started < 1.5
+    # left at the timeout, not when the trickle ends (3 s); slack for a slow machine
+    assert time.monotonic() - started < 2.5
 
 
 def test_a_remote_image_over_the_limit_is_refused(image_site: str) -> None:
