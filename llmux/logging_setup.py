@@ -12,10 +12,13 @@ by themselves reaches the log as records of the server's (``llmux/workers/output
 from __future__ import annotations
 
 import datetime
+import errno
+import fcntl
 import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Mapping
 from typing import Any, Final, TextIO
 
@@ -24,6 +27,8 @@ FIELDS: Final = "llmux_fields"  # the LogRecord attribute carrying structured fa
 ENV: Final = "LLMUX_LOG_FORMAT"  # how workers learn the server's format
 TEXT_FORMAT: Final = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 RESERVED: Final = frozenset({"time", "level", "logger", "message", "exception"})
+LOCK_WAIT_S: Final = 0.05  # the longest a record waits for another process's to end
+_LOCK_POLL_S: Final = 0.0005
 
 
 def fields_of(record: logging.LogRecord) -> Mapping[str, Any]:
@@ -69,9 +74,45 @@ class _LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
         try:
             line = (self.format(record) + self.terminator).encode("utf-8", "replace")
             self.flush()  # whatever the text stream still holds goes first
-            write_all(self.stream.fileno(), line)
+            write_record(self.stream.fileno(), line)
         except Exception:
             self.handleError(record)
+
+
+def write_record(fd: int, data: bytes) -> None:
+    """``data`` whole on ``fd``, which the server and its workers all write to.
+
+    A pipe keeps a write whole only up to ``PIPE_BUF`` (4 KB): a longer record (a JSON
+    traceback) could be cut by another process's line and break the log. So each
+    record is written under a POSIX lock on ``fd``'s file (pipes and sockets take one
+    too), which every llmux process takes. The wait is bounded: a process stopped while
+    it holds the lock must not stall the server's event loop (the record is then
+    written anyway, as it was before the lock); a file that takes no lock is written
+    to at once.
+    """
+    locked = _lock(fd)
+    try:
+        write_all(fd, data)
+    finally:
+        if locked:
+            fcntl.lockf(fd, fcntl.LOCK_UN)
+
+
+def _lock(fd: int) -> bool:
+    deadline: float | None = None
+    while True:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                return False  # no lock on this kind of file (or not opened for writing)
+        now = time.monotonic()
+        if deadline is None:
+            deadline = now + LOCK_WAIT_S
+        elif now >= deadline:
+            return False
+        time.sleep(_LOCK_POLL_S)
 
 
 def write_all(fd: int, data: bytes) -> None:

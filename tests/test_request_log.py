@@ -5,9 +5,13 @@ tables; the rest drives a live server with httpx and reads its log."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -88,6 +92,56 @@ def test_a_record_written_in_pieces_arrives_whole(monkeypatch: pytest.MonkeyPatc
         assert calls == [4001, 3001, 2001, 1001, 1]
         assert os.read(read, 10_000) == record
     finally:
+        os.close(read)
+        os.close(write)
+
+
+WRITER = """
+import logging, os, sys, time
+from llmux.logging_setup import setup_logging
+setup_logging("json", stream=os.fdopen(int(sys.argv[1]), "w"))
+time.sleep(max(0.0, float(sys.argv[3]) - time.time()))  # all four start together
+for i in range(40):
+    logging.getLogger("w").info(sys.argv[2] * 50_000)  # 12 pipe buffers a record
+"""
+
+
+def test_long_records_of_several_processes_on_one_pipe_stay_whole() -> None:
+    """A pipe keeps a write whole only up to 4 KB: four processes writing 50 KB JSON
+    records at once (a worker's traceback beside the server's lines) each get their
+    lines through whole, under the lock every llmux process takes on the file."""
+    read, write = os.pipe()
+    start_at = str(time.time() + 1.0)
+    writers = [subprocess.Popen([sys.executable, "-c", WRITER, str(write), mark, start_at],
+                                pass_fds=(write,)) for mark in "abcd"]
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        lines = pipe.read().splitlines()
+    assert [w.wait(timeout=30) for w in writers] == [0, 0, 0, 0]
+    messages = [json.loads(line)["message"] for line in lines]  # none torn
+    assert sorted(messages) == sorted(mark * 50_000 for mark in "abcd" for _ in range(40))
+
+
+def test_a_record_waits_for_the_lock_only_so_long() -> None:
+    """A process stopped while it holds the lock must not stall the server: the
+    record is written after ``LOCK_WAIT_S`` anyway."""
+    read, write = os.pipe()
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, sys, time; fcntl.lockf(int(sys.argv[1]), fcntl.LOCK_EX); "
+        "print('held', flush=True); time.sleep(30)"), str(write)],
+        pass_fds=(write,), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        with pytest.raises(OSError):  # the lock is held
+            fcntl.lockf(write, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        started = time.monotonic()
+        logging_setup.write_record(write, b"a record\n")
+        waited = time.monotonic() - started
+        assert logging_setup.LOCK_WAIT_S <= waited < 5, waited
+        assert os.read(read, 100) == b"a record\n"
+    finally:
+        holder.kill()
+        holder.wait()
         os.close(read)
         os.close(write)
 

@@ -133,6 +133,9 @@ class WorkerHandle:
         # pipes' fds are close-on-exec, other workers never inherit them).
         stdin_read, stdin_write = os.pipe()
         output_read, output_write = os.pipe()
+        # NOTE: closing this dup (below) drops the POSIX lock this process may hold on
+        # stderr's file while another thread writes a record (logging_setup); that
+        # record may then be cut by a worker's, as all were before the lock.
         log_fd = os.dup(2)
         command = [python, "-m", "llmux.worker", "--model-id", model_id,
                    "--parent-pid", str(os.getpid()), "--log-fd", str(log_fd), *args]

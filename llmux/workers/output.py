@@ -8,7 +8,8 @@ pipe that the server reads (``OutputRelay``). The server, not the worker, reads 
 so what a crashing worker prints last (a native assertion, say) is not lost with it,
 and the message of its death quotes it.
 The worker's own log records do not take this path: they go straight to the server's
-stderr, already formatted.
+stderr, already formatted, each under a lock every llmux process takes on that file
+(``logging_setup.write_record``), so a long one is not cut by another process's line.
 """
 
 from __future__ import annotations
