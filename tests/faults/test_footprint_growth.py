@@ -46,11 +46,18 @@ def test_a_worker_that_grows_is_remeasured_and_the_arbiter_replans(start_server:
     config["policy"] = {"min_residency_s": 0.2}
     server: Server = start_server(config)
     capacity = server.state()["devices"][0]["capacity_bytes"]
-    ask(server, "a")  # a grows by GROW_MB with every request: ~195 MB now
-    state = server.state()
+    # Loaded by an admin, not a request: a re-measure during a request could already
+    # count part of its growth (it once read 148 MB mid-way and the check below failed).
+    loading = httpx.post(f"{server.url}/admin/models/a/load", timeout=10,
+                         headers=server.admin_headers)
+    assert loading.status_code == 202, loading.text
+    state = wait_for(server, lambda s: any(e["model"] == "a" and e["measured"]
+                                           for e in s["devices"][0]["ledger"]),
+                     30, "a to be loaded and measured")
     loaded = ledger(state)["a"]
     # Measured at its load (the fake holds its 100 MB footprint), not the estimate.
-    assert loaded >= 100e6 and state["devices"][0]["ledger"][0]["measured"], state["devices"]
+    assert loaded >= 100e6, state["devices"]
+    ask(server, "a")  # a grows by GROW_MB with every request: ~195 MB now
     ask(server, "b")  # with a's growth, a and b no longer fit together
 
     state = wait_for(server, lambda s: any(
