@@ -46,7 +46,8 @@ CONFIG: dict[str, Any] = {
         "plain-llm": fake_model(reply="plain answer"),
         "slow-loader": fake_model(load_time_s=1.5, context_length=5),
         "embedder": fake_model(embedding_dim=16) | {"type": "embedding"},
-        "asr": fake_model(reply="hello from the fake recogniser")
+        # padded as Whisper's text is (" Hello."): every format, streamed too, strips it
+        "asr": fake_model(reply=" hello from the fake recogniser ")
         | {"type": "asr", "capabilities": ["translate"]},
         "asr-en": fake_model() | {"type": "asr"},
         "voice": fake_model(sample_rate=22050, tokens_per_s=0)
