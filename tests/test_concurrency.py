@@ -59,6 +59,7 @@ def test_running_jobs_hold_at_most_the_limit_by_id() -> None:
     with pytest.raises(AssertionError, match=r"^cannot start job 3: 2 running already$"):
         running.add(job(3))
     assert running.get(2) is second and running.get(None) is None and running.get(9) is None
+    assert running.get([2]) is None  # a frame's id may be anything, unhashable too
     assert running.pop(1) is first and running.pop(1) is None
     assert running.has_room and list(running) == [second]
     assert running.clear() == [second] and len(running) == 0
@@ -84,6 +85,7 @@ def test_deadlines_apply_per_job_with_grace_for_a_cancelled_one() -> None:
     assert running.next_deadline() == 10.0  # the cancelled one has until 8 + 5
     assert running.expired(10.0) == [late] and running.stuck(10.0) == []
     assert running.stuck(13.0) == [cancelled]
+    assert running.stuck(15.0) == [cancelled]  # late is overdue, but not cancelled yet
     assert RunningJobs(1, cancel_grace_s=5.0).next_deadline() == float("inf")
 
 
