@@ -42,14 +42,15 @@ class LoadBackoff:
         return now >= self.next_retry_by_itself()
 
     def next_retry_by_itself(self) -> float:
+        """When the model's actor wakes to retry by itself."""
         return max(self.retry_at, self.retry_by_itself_at)
 
     def worker_ready(self, now: float) -> None:
         """A worker loaded: the next load (after an unload) need not wait, and a crash
         ``STABLE_S`` after ``now`` is a lone one."""
         self._ready_at = now
-        self.retry_at = self.retry_by_itself_at = 0.0  # else a request after an unload
-        # waits out an old backoff
+        # else a request after an unload waits out an old backoff
+        self.retry_at = self.retry_by_itself_at = 0.0
 
     def worker_stopped(self) -> None:
         """The worker was unloaded: it served until then, so the run of failures ends."""
