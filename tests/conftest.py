@@ -151,6 +151,16 @@ class Server:
     def model(self, model_id: str) -> dict[str, Any]:
         return next(m for m in self.state()["models"] if m["id"] == model_id)
 
+    def load(self, model_id: str, ready_within_s: float | None = 30) -> None:
+        """Load ``model_id`` through the admin route; wait until it is ready (unless
+        ``ready_within_s`` is None)."""
+        response = httpx.post(f"{self.url}/admin/models/{model_id}/load", timeout=10,
+                              headers=self.admin_headers)
+        assert response.status_code == 202, response.text
+        if ready_within_s is not None:
+            wait_until(lambda: self.model(model_id)["state"] == "ready", ready_within_s,
+                       f"{model_id} to load")
+
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)

@@ -47,12 +47,6 @@ def wait_for_spare(server: Server, other_than: int | None = None) -> int:
     return next(p for p in ready_pids(server) if p != other_than)
 
 
-def load(server: Server, model: str) -> None:
-    response = httpx.post(f"{server.url}/admin/models/{model}/load", timeout=10)
-    assert response.status_code < 300, response.text
-    wait_until(lambda: server.model(model)["state"] == "ready", TIMEOUT_S, f"{model} to load")
-
-
 def test_a_spare_waits_after_the_server_starts(start_server: Any) -> None:
     server = start_server(spare_config())
     pid = wait_for_spare(server)
@@ -67,7 +61,7 @@ def test_a_spare_waits_after_the_server_starts(start_server: Any) -> None:
 def test_a_load_takes_the_spare_and_a_new_spare_follows(start_server: Any) -> None:
     server = start_server(spare_config())
     spare = wait_for_spare(server)
-    load(server, "chat")
+    server.load("chat", TIMEOUT_S)
     assert server.model("chat")["pid"] == spare
     assert spares(server)["handed_out"] == 1
     assert wait_for_spare(server, other_than=spare) != spare
@@ -94,9 +88,9 @@ def test_a_spare_is_dropped_rather_than_a_model_evicted(start_server: Any) -> No
     server = start_server(spare_config(imports=["tests.spare_ballast"], capacity="750MB",
                                        **models))
     wait_for_spare(server)
-    load(server, "a")
+    server.load("a", TIMEOUT_S)
     wait_for_spare(server)
-    load(server, "b")
+    server.load("b", TIMEOUT_S)
     assert server.model("a")["state"] == "ready"
     assert spares(server)["dropped"] >= 1
     assert not [e for e in server.state()["events"] if e.get("kind") == "evict"]
@@ -109,16 +103,16 @@ def test_a_spare_never_makes_a_model_too_big_for_its_device(start_server: Any) -
     model = {**fake_model(), "estimated_vram": "500MB", "exclusive_group": "g"}
     server = start_server(spare_config(capacity="500MB", a=model, b=dict(model)))
     wait_for_spare(server)
-    load(server, "a")
+    server.load("a", TIMEOUT_S)
     wait_for_spare(server)
-    load(server, "b")
+    server.load("b", TIMEOUT_S)
     assert server.model("a")["state"] == "unloaded"
     assert spares(server)["dropped"] >= 2
 
 
 def test_no_spare_unless_configured(start_server: Any) -> None:
     server = start_server(spare_config(enabled=False))
-    load(server, "chat")
+    server.load("chat", TIMEOUT_S)
     assert spares(server)["ready"] == []
     assert [w.pid for w in live_workers()] == [server.model("chat")["pid"]]
 

@@ -367,10 +367,7 @@ def test_a_client_that_leaves_stops_the_remaining_pages(live: Server) -> None:
     # Loaded first: the client's 2 s are for its first page. A cold load (a worker
     # started) took up to 0.8 s of them on a loaded 2-core machine, and a client that
     # leaves while its job still waits for the load starts no job at all.
-    loading = httpx.post(f"{live.url}/admin/models/slow-reader/load", timeout=10,
-                         headers=live.admin_headers)
-    assert loading.status_code == 202, loading.text
-    wait_until(lambda: live.model("slow-reader")["state"] == "ready", 30, "slow-reader to load")
+    live.load("slow-reader")
     document = pdf_of(text_image(), text_image(), text_image())
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{live.url}/v1/transcribe", data={"model": "slow-reader"},

@@ -48,9 +48,7 @@ def test_a_worker_that_grows_is_remeasured_and_the_arbiter_replans(start_server:
     capacity = server.state()["devices"][0]["capacity_bytes"]
     # Loaded by an admin, not a request: a re-measure during a request could already
     # count part of its growth (it once read 148 MB mid-way and the check below failed).
-    loading = httpx.post(f"{server.url}/admin/models/a/load", timeout=10,
-                         headers=server.admin_headers)
-    assert loading.status_code == 202, loading.text
+    server.load("a", ready_within_s=None)
     state = wait_for(server, lambda s: any(e["model"] == "a" and e["measured"]
                                            for e in s["devices"][0]["ledger"]),
                      30, "a to be loaded and measured")
