@@ -146,6 +146,36 @@ def test_a_record_waits_for_the_lock_only_so_long() -> None:
         os.close(write)
 
 
+SPAWN_HOLDING_THE_LOCK = """
+import fcntl, subprocess, sys
+import anyio
+from llmux.workers.handle import WorkerHandle
+
+fcntl.lockf(2, fcntl.LOCK_EX)  # as write_record holds it while a record goes out
+
+async def spawn_and_stop() -> None:
+    worker = await WorkerHandle.spawn(python=sys.executable, model_id="w")
+    await worker.stop(grace_s=5.0)
+
+anyio.run(spawn_and_stop)
+anyio.run(spawn_and_stop)
+probe = subprocess.run([sys.executable, "-c",
+                        "import fcntl; fcntl.lockf(2, fcntl.LOCK_EX | fcntl.LOCK_NB)"])
+print("held" if probe.returncode else "dropped")
+"""
+
+
+def test_spawning_a_worker_keeps_the_lock_a_record_holds(tmp_path: Path) -> None:
+    """The server spawns workers while another of its threads may be writing a record
+    under the lock; the stderr it hands them must not drop that lock (closing any fd of
+    a file drops every POSIX lock the process holds on it)."""
+    with (tmp_path / "stderr").open("wb") as stderr:
+        shown = subprocess.run([sys.executable, "-c", SPAWN_HOLDING_THE_LOCK],
+                               stdout=subprocess.PIPE, stderr=stderr, text=True, timeout=60)
+    assert shown.returncode == 0, (tmp_path / "stderr").read_text()
+    assert shown.stdout == "held\n"
+
+
 def test_an_unknown_log_format_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown log format 'xml'"):
         setup_logging("xml")

@@ -74,6 +74,23 @@ def _child_env(extra: Mapping[str, str] | None) -> dict[str, str]:
     return env
 
 
+_stderr_dup: tuple[tuple[int, int], int] | None = None  # (stderr's file, a dup of it)
+
+
+def _stderr_for_workers() -> int:
+    """A dup of stderr for workers to write their log records to (``--log-fd``), made
+    once per stderr file and never closed: closing a dup of a file drops every POSIX
+    lock this process holds on it, so it would drop the lock another thread may hold
+    while it writes a record (``logging_setup.write_record``), and a worker's line
+    could cut that record."""
+    global _stderr_dup
+    stat = os.fstat(2)
+    key = (stat.st_dev, stat.st_ino)
+    if _stderr_dup is None or _stderr_dup[0] != key:
+        _stderr_dup = (key, os.dup(2))  # NOTE: a replaced stderr's dup stays open too
+    return _stderr_dup[1]
+
+
 class WorkerHandle:
     """One running worker process. Create with ``spawn``.
 
@@ -133,10 +150,7 @@ class WorkerHandle:
         # pipes' fds are close-on-exec, other workers never inherit them).
         stdin_read, stdin_write = os.pipe()
         output_read, output_write = os.pipe()
-        # NOTE: closing this dup (below) drops the POSIX lock this process may hold on
-        # stderr's file while another thread writes a record (logging_setup); that
-        # record may then be cut by a worker's, as all were before the lock.
-        log_fd = os.dup(2)
+        log_fd = _stderr_for_workers()
         command = [python, "-m", "llmux.worker", "--model-id", model_id,
                    "--parent-pid", str(os.getpid()), "--log-fd", str(log_fd), *args]
         try:
@@ -158,7 +172,7 @@ class WorkerHandle:
             os.close(output_read)
             raise
         finally:
-            for fd in (stdin_read, output_write, log_fd):
+            for fd in (stdin_read, output_write):
                 os.close(fd)
         handle = cls(process, model_id, stdin_write, output_read)
         try:
