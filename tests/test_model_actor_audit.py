@@ -2,7 +2,8 @@
 in-process runtime with real fake-backend workers: an admin load of a failed model, a
 running request past its deadline cancelled in its worker, requests in the backoff of
 missing files or of an admin load, a refusal for good that ends an admin's wish, a
-pinned model that dies while draining, and a move while waiting for room."""
+pinned model that dies while draining, a move while waiting for room, a clean unload
+that ends a run of failures, and an admin's wish that ends with its load."""
 
 from __future__ import annotations
 
@@ -231,3 +232,44 @@ async def test_a_request_running_when_llmux_stops_is_told_so() -> None:
             as stopped:
         await ticket.collect()
     assert stopped.value.retry_after_s == 5.0
+
+
+async def test_a_clean_unload_ends_a_run_of_failures() -> None:
+    """A crash after a clean unload is a lone one again, retried at once: the unload
+    ended the run of failures that the crash before it began. (Were the run kept, the
+    second crash would wait 2 s, and a request would be refused meanwhile.)"""
+    config = {"devices": {"cpu": {"capacity": "1GB"}}, **fake_config(m=fake_model())}
+    async with running(config) as runtime:
+        actor: ModelActor = runtime.actors["m"]
+
+        async def crash_and_reload() -> None:
+            await runtime.submit("m", "chat", PAYLOAD, timeout_s=10).collect()
+            os.kill(actor.snapshot()["pid"], signal.SIGKILL)
+            await until(lambda: actor.state is State.FAILED, "crashed")
+            pieces, _ = await runtime.submit("m", "chat", PAYLOAD, timeout_s=10).collect()
+            assert pieces  # a lone crash: loaded again at once, no backoff
+
+        await crash_and_reload()
+        runtime.unload("m")
+        await until(lambda: actor.state is State.UNLOADED, "unloaded")
+        await crash_and_reload()
+
+
+async def test_an_admin_load_is_not_wanted_again_once_it_loaded() -> None:
+    """m was loaded by an admin, then evicted for a. Its next load, for a request,
+    fails: that failure is the request's, answered to it, and m does not retry by
+    itself, as it would for an admin's load. The admin's wish ended with its load."""
+    config = {"devices": {"cpu": {"capacity": "300MB"}},
+              **fake_config(a=fake_model(), m=fake_model())}
+    async with running(config) as runtime:
+        m = runtime.actors["m"]
+        runtime.load("m")
+        await until(lambda: m.state is State.READY, "m loaded by the admin")
+        await runtime.submit("a", "chat", PAYLOAD, timeout_s=10).collect()  # evicts m
+        await until(lambda: m.state is State.UNLOADED, "m evicted")
+        m._cannot_load = lambda: "m: its files are missing"  # type: ignore[method-assign]
+        with pytest.raises(ModelFailed, match="files are missing"):
+            await runtime.submit("m", "chat", PAYLOAD, timeout_s=10).collect()
+        await anyio.sleep(2.0)  # the backoff's first wait is 1 s
+        assert not [e for e in runtime.events.recent() if e.kind == "retry"]
+        assert m.state is State.FAILED
