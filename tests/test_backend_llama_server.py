@@ -146,14 +146,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
                "workers and llama-server to exit")
 
 
-def ready(server: Server) -> dict[str, Any]:
-    wait_until(lambda: server.model("smol")["state"] == "ready", TIMEOUT_S, "smol to load")
-    return server.model("smol")
-
-
 def load(server: Server) -> dict[str, Any]:
-    httpx.post(f"{server.url}/admin/models/smol/load", timeout=10).raise_for_status()
-    return ready(server)
+    server.load("smol", ready_within_s=TIMEOUT_S)
+    return server.model("smol")
 
 
 @needs_binary
