@@ -70,12 +70,14 @@ async def serve(config: Config, keys: KeyStore) -> None:
     hconfig.errorlog = logging.getLogger("llmux.hypercorn")
     # NOTE: the bounds on a client that sends slowly or too much, before any llmux code
     # runs. The request line and headers: at most MAX_HEADER_BYTES (else 431/400 and
-    # close), and complete within keep_alive_timeout (5 s, counted from the connection's
-    # start or its previous response). The body: llmux.http.disconnect ends a body that
-    # goes silent for server.read_timeout_s. Hypercorn's own read_timeout stays off: it
+    # close), and complete within keep_alive_timeout (server.keep_alive_s, counted from
+    # the connection's start or its previous response, which is also how long an idle
+    # connection stays open). The body: llmux.http.disconnect ends a body that goes
+    # silent for server.read_timeout_s. Hypercorn's own read_timeout stays off: it
     # times every read of the connection, also while a long reply streams to a client
     # that sends nothing, and would cut any generation longer than it.
     hconfig.h11_max_incomplete_size = MAX_HEADER_BYTES
+    hconfig.keep_alive_timeout = config.server.keep_alive_s
     shutdown = anyio.Event()
     watchers = Watchers()
     gauge = RequestGauge(create_app(runtime, keys, watchers))

@@ -171,6 +171,12 @@ class Server:
     # A client sending a request body may go silent this long before the request is
     # refused and its connection closed (nginx's client_body_timeout).
     read_timeout_s: float = 60.0
+    # An idle keep-alive connection is closed after this many seconds, and a request's
+    # headers must be complete within it. Longer than the clients' and proxies' own idle
+    # limits (httpx and the openai SDK 5 s, aiohttp 15 s, nginx upstreams 60 s), so the
+    # client always drops an idle connection first: one that sends its next request as
+    # the server closes gets a reset, not a reply (equal limits race).
+    keep_alive_s: float = 75.0
     # Web pages (origins) whose scripts may call llmux from a browser (CORS), as Open
     # WebUI's direct connections do: "https://chat.example.com", or "*" for any. Empty:
     # browsers keep other pages' scripts from reading llmux's replies.
@@ -582,6 +588,7 @@ def _check(config: Config, broken: _Broken) -> _Found:
     one_of(("server", "log_format"), "log format", server.log_format, ("text", "json"))
     need(server.shutdown_grace_s >= 0, ("server", "shutdown_grace_s"), "must not be negative")
     need(server.read_timeout_s > 0, ("server", "read_timeout_s"), "must be positive")
+    need(server.keep_alive_s > 0, ("server", "keep_alive_s"), "must be positive")
     any_origin = server.cors_origins == ["*"]
     for i, origin in enumerate(server.cors_origins):
         need(any_origin or bool(_ORIGIN.fullmatch(origin)), ("server", "cors_origins", i),

@@ -471,7 +471,8 @@ def test_the_traefik_router_reaches_llmux_through_a_streaming_transport() -> Non
     assert service["responseForwarding"]["flushInterval"].startswith("-")
     timeouts = http["serversTransports"][service["serversTransport"]]["forwardingTimeouts"]
     assert seconds(timeouts["responseHeaderTimeout"]) == 0
-    assert seconds(timeouts["idleConnTimeout"]) >= 60
+    # Traefik drops an idle connection before llmux closes it (no reset POST, no 502)
+    assert 0 < seconds(timeouts["idleConnTimeout"]) < Server().keep_alive_s
     assert "middlewares" not in router and "middlewares" not in http
     assert "buffering" not in yaml.safe_load(text).__repr__()
 

@@ -9,6 +9,8 @@ succeed, many times over, so a race would show.
 
 from __future__ import annotations
 
+import http.client
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -56,6 +58,25 @@ def assert_next_request_succeeds(client: httpx.Client) -> None:
     response = client.get("/v1/models", headers={"Authorization": f"Bearer {KEY}"})
     assert response.status_code == 200, response.text
     assert "connection" not in response.headers  # a whole request keeps its connection
+
+
+def test_an_idle_connection_outlives_the_openai_sdk_s_keep_alive(server: Server) -> None:
+    """httpx, and so the openai SDK, reuses a connection idle up to 5 s: llmux keeps one
+    open longer (``server.keep_alive_s``), else a request sent as llmux closed the
+    connection would be reset instead of answered (equal limits race)."""
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    ports = []
+    try:
+        for idle_s in (5.5, 0):
+            connection.request("GET", "/health")
+            response = connection.getresponse()
+            assert response.status == 200 and response.read()
+            assert connection.sock is not None  # kept, not closed after the response
+            ports.append(connection.sock.getsockname()[1])
+            time.sleep(idle_s)
+    finally:
+        connection.close()
+    assert ports[0] == ports[1]  # the same connection served both
 
 
 def test_wrong_key_on_an_upload_closes_and_the_next_request_succeeds(

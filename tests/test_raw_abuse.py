@@ -3,8 +3,9 @@
 sees a request) or a closed connection: never a 5xx, never a hang, and the server stays
 healthy. Every read is bounded by a socket timeout.
 
-The bounds on a slow client (llmux/cli.py): headers must be complete within Hypercorn's
-keep-alive timeout (5 s); a body may go silent for ``server.read_timeout_s`` (2 s here);
+The bounds on a slow client (llmux/cli.py): headers must be complete within
+``server.keep_alive_s`` (3 s here), which also closes an idle connection; a body may go
+silent for ``server.read_timeout_s`` (2 s here);
 a body cut short is refused before any job starts (llmux/http/complete_body.py).
 """
 
@@ -26,7 +27,7 @@ from tests.conftest import Server, fake_model, live_workers, wait_until
 
 ADMIN_KEY = "sk-abuse-admin-0123456789"
 READ_TIMEOUT_S = 2
-KEEP_ALIVE_S = 5  # Hypercorn's keep_alive_timeout: the time to send complete headers
+KEEP_ALIVE_S = 3  # the time to send complete headers, and an idle connection's life
 SLACK_S = 10  # a loaded machine
 CHAT_BODY = b'{"model": "llm", "messages": [{"role": "user", "content": "hi"}]}'
 UNTOUCHED = b'{"model": "untouched", "messages": [{"role": "user", "content": "hi"}]}'
@@ -41,7 +42,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     config: dict[str, Any] = {
         # 1 MiB of body: room for JSON nested 100,000 deep and a 100,000-digit number.
         "server": {"max_body_bytes": "1MiB", "max_upload_bytes": "256KiB",
-                   "read_timeout_s": READ_TIMEOUT_S},
+                   "read_timeout_s": READ_TIMEOUT_S, "keep_alive_s": KEEP_ALIVE_S},
         "devices": {"cpu": {"capacity": "1GB"}},
         "physical_models": {
             "llm": fake_model(),
@@ -218,6 +219,19 @@ def test_headers_sent_a_byte_per_100ms_are_cut_off_by_the_keep_alive_timeout(
     waited = time.monotonic() - started
     assert outcome.closed and outcome.raw == b""
     assert KEEP_ALIVE_S - 0.5 <= waited < len(head) * 0.1  # closed before it was all sent
+
+
+def test_an_idle_keep_alive_connection_is_closed_after_keep_alive_s(server: Server) -> None:
+    with connect(server) as sock:
+        sock.sendall(request(b"/health", method=b"GET").replace(b"Connection: close\r\n", b""))
+        answered = b""
+        while not answered.endswith(b"}"):  # /health's JSON, and the connection kept
+            answered += sock.recv(65536)
+        idle_since = time.monotonic()
+        outcome = read_until_closed(sock)
+    idle = time.monotonic() - idle_since
+    assert answered.startswith(b"HTTP/1.1 200") and outcome.closed and outcome.raw == b""
+    assert KEEP_ALIVE_S - 0.5 <= idle < KEEP_ALIVE_S + SLACK_S
 
 
 # -- bytes that are not HTTP ----------------------------------------------------------------
