@@ -130,7 +130,11 @@ class Server:
             stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT,
         )
         self.url = f"http://127.0.0.1:{self.port}"
-        wait_until(self._healthy, 20, "the server to answer /health")
+        try:
+            wait_until(self._healthy, 20, "the server to answer /health")
+        except BaseException:
+            self.stop()  # a server that never got healthy must not outlive its test
+            raise
 
     def _healthy(self) -> bool:
         if self.proc.poll() is not None:
