@@ -5,14 +5,22 @@ worker; a second signal stops at once."""
 from __future__ import annotations
 
 import json
+import re
 import signal
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
+import psutil
 import pytest
 
+from llmux.actors.model_actor import State
+from llmux.config import parse_config
+from llmux.leftovers import PID_FILE
+from llmux.runtime import Runtime
 from llmux.shutdown import drain_summary
 from tests.conftest import Server, fake_config, fake_model, live_workers, wait_until
 
@@ -136,3 +144,70 @@ def test_the_drain_summary_says_what_finished_and_what_was_cut(
     in_flight: int, cut: int, expected: str,
 ) -> None:
     assert drain_summary(in_flight, cut, 1.51, "grace period of 1.5 s over") == expected
+
+
+@pytest.mark.anyio
+async def test_a_worker_still_loading_is_stopped_and_reaped_when_the_runtime_stops() -> None:
+    """A worker still loading its model (a 60 s load) at shutdown is stopped by the
+    model actor's cleanup and reaped before ``Runtime.run`` returns: not left to the
+    parent-death signal, which a runtime in a longer-lived process would never send."""
+    runtime = Runtime(parse_config({"devices": {"cpu": {"capacity": "1GB"}},
+                                    **fake_config(slow=fake_model(load_time_s=60))}))
+    actor = runtime.actors["slow"]
+    with anyio.fail_after(60):
+        async with anyio.create_task_group() as tg:
+            await tg.start(runtime.run)
+            runtime.load("slow")
+            # NOTE: polling: the actor's state has no event to wait on
+            while actor.state is not State.LOADING or actor.snapshot()["pid"] is None:  # noqa: ASYNC110
+                await anyio.sleep(0.05)
+            worker = psutil.Process(actor.snapshot()["pid"])
+            assert "llmux.worker" in worker.cmdline()
+            tg.cancel_scope.cancel()
+    assert actor.state is State.LOADING  # it was stopped mid-load, not after it
+    assert not worker.is_running()  # exited and reaped: not even a zombie is left
+
+
+def test_a_worker_still_loading_at_sigterm_is_stopped_by_the_server(
+    start_server: Any, tmp_path: Path,
+) -> None:
+    """SIGTERM while a model loads (a 60 s load): the server exits at once, and its own
+    last word on the loading worker says it ended it, before "llmux stopped". The pid
+    file named the worker; with nothing of the server left, it is gone."""
+    server: Server = start_server({
+        "server": {"shutdown_grace_s": 30},
+        "devices": {"cpu": {"capacity": "1GB"}},
+        **fake_config(slow=fake_model(load_time_s=60)),
+    })
+    server.load("slow", ready_within_s=None)
+    wait_until(lambda: server.model("slow")["state"] == "loading"
+               and server.model("slow")["pid"] is not None, 30, "the load to start")
+    pid = server.model("slow")["pid"]
+    pid_file = tmp_path / "state" / PID_FILE
+    assert pid in json.loads(pid_file.read_text())["workers"]
+    server.proc.send_signal(signal.SIGTERM)
+    started = time.monotonic()
+    assert wait_exit(server, 20) == 0
+    assert time.monotonic() - started < 15  # not the 60 s load
+    logs = server.logs()
+    ended = re.search(rf"worker slow \(pid {pid}\) (was killed by \w+|exited with code -?\d+)$",
+                      logs, re.MULTILINE)
+    assert ended is not None, logs
+    assert ended.start() < logs.index("llmux stopped"), logs
+    assert not pid_file.exists()
+
+
+def test_an_event_stream_ends_when_the_drain_begins(start_server: Any) -> None:
+    """``/admin/events`` never ends by itself: at SIGTERM it ends at once instead of
+    holding the server for the whole grace period (30 s) and being cut."""
+    server = slow_server(start_server, grace_s=30, words=3, tokens_per_s=20)
+    with httpx.stream("GET", f"{server.url}/admin/events", timeout=60) as events:
+        lines = events.iter_lines()
+        assert next(lines) == "event: state"
+        server.proc.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        for _ in lines:  # until the server ends the stream
+            pass
+    assert wait_exit(server, 20) == 0
+    assert time.monotonic() - started < 10  # not the grace period
+    assert "drained in " in server.logs() and ": 1 request finished" in server.logs()

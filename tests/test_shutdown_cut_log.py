@@ -146,3 +146,27 @@ async def test_a_request_that_ended_before_the_cut_is_not_counted_as_cut() -> No
     assert value(got, "llmux_requests_total", route="unmatched", model="", status="200",
                  key="none") == 1
     assert not any(name == "llmux_requests_cut_total" for name, _ in got)
+
+
+@pytest.mark.anyio
+async def test_a_stream_cancelled_without_a_drain_is_not_counted_as_cut(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Cancelled from outside while no drain runs (Hypercorn ends the task of a client
+    that left): neither the gauge's cut count, the metric nor the log line call it cut
+    by the shutdown."""
+    metrics, _ = unit_metrics()
+    gauge = RequestGauge(RequestObserver(stream_forever, metrics))
+    sent = anyio.Event()
+    with caplog.at_level(logging.INFO, "llmux.access"), anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(serve_one, gauge, sent)
+            await sent.wait()
+            tg.cancel_scope.cancel()
+    assert (gauge.cut, gauge.in_flight) == (0, 0)
+    got = samples(metrics)
+    assert value(got, "llmux_requests_total", route="unmatched", model="", status="200",
+                 key="none") == 1
+    assert not any(name == "llmux_requests_cut_total" for name, _ in got)
+    [line] = [record.getMessage() for record in caplog.records]
+    assert '"POST /v1/chat/completions" 200 ' in line and "cut=" not in line

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import signal
 import sys
+import threading
 from typing import Any
 
 import anyio
@@ -157,3 +158,50 @@ def test_a_spare_imports_the_backends_of_its_interpreters_models_unless_told() -
     }
     data["policy"] = {"warm_spare_imports": ["numpy"]}
     assert spare_imports(parse_config(data)) == {main: ["numpy"], "/venv/py": ["numpy"]}
+    data["policy"] = {"warm_spare_imports": []}  # a bare interpreter: imports nothing
+    assert spare_imports(parse_config(data)) == {main: [], "/venv/py": []}
+
+
+def test_a_spare_waits_while_a_model_loads_or_computes_on_the_cpu(start_server: Any) -> None:
+    """The spare that follows a taken one starts only once no model is loading (b, 3 s)
+    and none is busy on the cpu (a, streaming for about 8 s): its import would take a
+    core from them. The server's log says in which order it happened."""
+    server = start_server(spare_config(
+        a=fake_model(tokens_per_s=20, reply="word " * 160), b=fake_model(load_time_s=3)))
+    wait_for_spare(server)
+    server.load("a", TIMEOUT_S)
+    second = wait_for_spare(server)
+    streamed: list[int] = []
+
+    def stream() -> None:
+        with httpx.stream("POST", f"{server.url}/v1/chat/completions", timeout=TIMEOUT_S,
+                          json={"model": "a", "stream": True,
+                                "messages": [{"role": "user", "content": "go"}]}) as reply:
+            streamed.append(sum(1 for _ in reply.iter_lines()))
+
+    client = threading.Thread(target=stream, daemon=True)
+    client.start()
+    wait_until(lambda: server.model("a")["in_flight"] == 1, TIMEOUT_S, "a to stream")
+    server.load("b", TIMEOUT_S)  # takes the second spare
+    assert server.model("b")["pid"] == second
+    client.join(TIMEOUT_S)
+    assert streamed
+    third = wait_for_spare(server, other_than=second)
+    logs = server.logs()
+    started = logs.index(f"spare worker ready (pid {third},")
+    assert logs.index("b transition loading -> ready") < started, logs
+    streamed_until = logs.index('"POST /v1/chat/completions" 200')  # logged at its end
+    assert streamed_until < started, "the third spare started while a streamed"
+
+
+def test_no_spare_starts_without_room_for_it_on_the_cpu_ledger(start_server: Any) -> None:
+    """A model that needs the spare's room has it dropped; with the model in, the cpu
+    ledger has less room than the spare's measured size (its ballast), so no spare
+    starts again (the log says why) rather than overcommit the host."""
+    server = start_server(spare_config(imports=["tests.spare_ballast"], capacity="400MB"))
+    wait_for_spare(server)
+    server.load("chat", TIMEOUT_S)
+    wait_until(lambda: "no spare worker for" in server.logs(), TIMEOUT_S,
+               "the next spare to be refused for lack of room")
+    assert spares(server)["ready"] == [] and spares(server)["dropped"] == 1
+    assert server.model("chat")["state"] == "ready"
