@@ -126,7 +126,7 @@ def test_a_second_signal_stops_at_once(start_server: Any) -> None:
 
 def test_an_idle_server_stops_at_once_whatever_the_grace(start_server: Any) -> None:
     server = slow_server(start_server, grace_s=60, words=3, tokens_per_s=20)
-    assert httpx.post(f"{server.url}/admin/models/slow/load", timeout=10).status_code < 300
+    server.load("slow", ready_within_s=None)
     wait_until(lambda: bool(live_workers()), 10, "the worker to start")
     server.proc.send_signal(signal.SIGTERM)
     started = time.monotonic()

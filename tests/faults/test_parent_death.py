@@ -59,8 +59,7 @@ def test_every_worker_exits_within_a_second_of_the_server_being_sigkilled(
     client = threading.Thread(target=stream, daemon=True)
     client.start()
     assert streamed.wait(30), "the stream never started"
-    httpx.post(f"{server.url}/admin/models/loading/load", timeout=10,
-               headers=server.admin_headers)
+    server.load("loading", ready_within_s=None)
     wait_until(lambda: server.model("loading")["pid"] is not None, 20, "the load to start")
     states = {m["id"]: m["state"] for m in server.state()["models"]}
     assert states == {"idle": "ready", "streaming": "busy", "loading": "loading"}
