@@ -259,3 +259,212 @@ async def test_on_disconnect_outside_the_watcher_does_nothing() -> None:
     scope: dict[str, Any] = {"type": "http"}
     on_disconnect(scope, lambda: None)
     assert scope == {"type": "http"}
+
+
+async def test_a_failing_callback_does_not_keep_the_others_from_running(
+        watchers: Watchers) -> None:
+    """Each callback runs even if one before it raises: the job is still cancelled."""
+    left = anyio.Event()
+
+    def broken() -> None:
+        raise RuntimeError("a callback that fails")
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await read_body(receive)
+        on_disconnect(scope, broken)
+        on_disconnect(scope, left.set)
+        await left.wait()
+
+    exchange = Exchange(body(b"{}"))
+    with anyio.fail_after(1):
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(serve, app, exchange, watchers)
+            await wait_all_tasks_blocked()
+            exchange.queue.put_nowait(DISCONNECT)
+    assert left.is_set()
+
+
+async def test_one_watcher_serves_every_callback_of_a_request(watchers: Watchers) -> None:
+    """A request that registers several callbacks still has one watcher task."""
+    calls: list[int] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await read_body(receive)
+        for i in range(3):
+            on_disconnect(scope, lambda i=i: calls.append(i))
+        await wait_all_tasks_blocked()
+        assert len(watchers) == 1
+        await anyio.sleep_forever()  # the job, until the client leaves
+
+    exchange = Exchange(body(b"{}"))
+    with anyio.fail_after(1):
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(serve, app, exchange, watchers)
+            await wait_all_tasks_blocked()
+            exchange.queue.put_nowait(DISCONNECT)
+            await wait_all_tasks_blocked()
+            tasks.cancel_scope.cancel()
+    assert calls == [0, 1, 2]
+
+
+async def test_a_stalled_body_is_not_waited_for_twice(watchers: Watchers) -> None:
+    """Once the body stalled, later reads answer the disconnect at once: the channel is
+    not read again."""
+    seen: list[Message] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        seen.extend([await receive() for _ in range(3)])
+        await respond(send, 400)
+
+    exchange = Exchange(body(b"{", more=True))
+    with anyio.fail_after(2):
+        await serve(app, exchange, watchers, body_timeout_s=0.05)
+    assert seen == [body(b"{", more=True), DISCONNECT, DISCONNECT]
+    assert exchange.reads == 2  # the body's chunk, then the read that stalled
+
+
+async def test_a_read_after_the_body_waits_for_the_client_as_long_as_it_takes(
+        watchers: Watchers) -> None:
+    """Past the body, a read is not timed: the disconnect the app sees is the client's,
+    however long it comes after ``body_timeout_s``."""
+    queued = anyio.Event()
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await read_body(receive)
+        assert await receive() == DISCONNECT  # as Falcon does between SSE events
+        assert queued.is_set(), "the read timed out instead of waiting for the client"
+
+    exchange = Exchange(body(b"{}"))
+    with anyio.fail_after(2):
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(serve, app, exchange, watchers, "POST", 0.05)
+            await anyio.sleep(0.2)  # the client is silent for 4 body timeouts
+            queued.set()
+            exchange.queue.put_nowait(DISCONNECT)
+
+
+async def test_after_the_last_body_part_a_disconnect_calls_nothing(
+        watchers: Watchers) -> None:
+    """The server's disconnect that follows the response's end is no client leaving,
+    even while the app is still finishing up."""
+    calls: list[str] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await read_body(receive)
+        on_disconnect(scope, lambda: calls.append("left"))
+        await respond(send)
+        await wait_all_tasks_blocked()  # the watcher reads the server's disconnect
+        assert len(watchers) == 0
+        assert calls == []
+
+    exchange = Exchange(body(b"{}"))
+    with anyio.fail_after(1):
+        await serve(app, exchange, watchers)
+    assert calls == []
+
+
+async def test_a_watcher_started_during_a_read_keeps_the_body_in_order(
+        watchers: Watchers) -> None:
+    """A watcher that starts while the app waits for body bytes reads only in turn: the
+    body's parts reach the app in the order they came."""
+    bodies: list[bytes] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        async def register_soon() -> None:
+            await wait_all_tasks_blocked()  # the app's read waits on the channel
+            on_disconnect(scope, lambda: None)
+
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(register_soon)
+            bodies.append(await read_body(receive))
+        await respond(send)
+
+    exchange = Exchange()
+    with anyio.fail_after(1):
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(serve, app, exchange, watchers)
+            await wait_all_tasks_blocked()
+            for part in (b"a", b"b", b"c", b"d"):
+                exchange.queue.put_nowait(body(part, more=True))
+                await wait_all_tasks_blocked()
+            exchange.queue.put_nowait(body(b"e"))
+    assert bodies == [b"abcde"]
+
+
+async def test_a_request_that_ended_without_its_last_part_calls_nothing_later(
+        watchers: Watchers) -> None:
+    """An aborted stream ends the request too: the server's disconnect after it is no
+    client leaving."""
+    calls: list[str] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await read_body(receive)
+        on_disconnect(scope, lambda: calls.append("left"))
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        raise StreamAborted("the job failed")
+
+    exchange = Exchange(body(b"{}"))
+    with anyio.fail_after(1):
+        await serve(app, exchange, watchers)
+        exchange.queue.put_nowait(DISCONNECT)  # Hypercorn: the stream closed
+        await wait_all_tasks_blocked()
+    assert calls == []
+
+
+async def test_a_body_read_as_the_response_starts_is_kept_for_the_app(
+        watchers: Watchers) -> None:
+    """The start of a response reads what the server has of the body; the app still
+    gets all of it."""
+    bodies: list[bytes] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        bodies.append(await read_body(receive))
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    exchange = Exchange(body(b"a", more=True), body(b"b"))
+    with anyio.fail_after(1):
+        await serve(app, exchange, watchers)
+    assert bodies == [b"ab"]
+    assert "connection" not in dict(exchange.headers())  # all of it was there
+
+
+async def test_a_refusal_while_the_watcher_waits_for_the_body_reads_no_more(
+        watchers: Watchers) -> None:
+    """The channel has one reader: a response starting while the watcher waits for the
+    body leaves the read to it (and says ``connection: close``)."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        on_disconnect(scope, lambda: None)
+        await wait_all_tasks_blocked()  # the watcher read the part, and waits for more
+        await respond(send, 413)
+
+    exchange = Exchange(body(b"a", more=True))
+    with anyio.fail_after(1):
+        await serve(app, exchange, watchers)
+        await wait_all_tasks_blocked()
+    assert (b"connection", b"close") in exchange.headers()
+    assert exchange.reads == 2  # the watcher's: the part, then the wait the disconnect ends
+
+
+async def test_a_callback_registered_after_the_client_left_runs_at_once(
+        watchers: Watchers) -> None:
+    """The client left before the response ended: a job submitted after that (the next
+    prompt of a list) is cancelled at once too."""
+    calls: list[str] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await read_body(receive)
+        on_disconnect(scope, lambda: calls.append("first job"))
+        while not calls:  # the first job runs until the watcher reads the disconnect
+            await wait_all_tasks_blocked()
+        on_disconnect(scope, lambda: calls.append("next job"))
+        await wait_all_tasks_blocked()
+
+    exchange = Exchange(body(b"{}"))
+    with anyio.fail_after(1):
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(serve, app, exchange, watchers)
+            await wait_all_tasks_blocked()
+            exchange.queue.put_nowait(DISCONNECT)
+    assert calls == ["first job", "next job"]

@@ -10,6 +10,8 @@ from typing import Any
 import openai
 import pytest
 
+from llmux.errors import BadRequest
+from llmux.http.embeddings import MAX_INPUTS, parse_input
 from tests.conftest import Server, fake_model, sdk_client, serving
 
 CONFIG: dict[str, Any] = {
@@ -78,3 +80,40 @@ def test_the_dimensions_the_model_makes_are_accepted(client: openai.OpenAI) -> N
     reply = client.embeddings.create(model="embed", input="x", dimensions=8,
                                      encoding_format="float")
     assert len(reply.data[0].embedding) == 8
+
+
+def test_a_reply_gives_each_vector_in_input_order_and_counts_the_tokens(
+        client: openai.OpenAI) -> None:
+    """``data[i]`` is the vector of ``input[i]`` (Open WebUI ignores ``index``), and
+    ``total_tokens`` equals ``prompt_tokens``."""
+    texts = ["one two", "three", "four"]
+    reply = client.embeddings.create(model="embed", input=texts, encoding_format="float")
+    assert [d.index for d in reply.data] == [0, 1, 2]
+    alone = [client.embeddings.create(model="embed", input=text, encoding_format="float")
+             .data[0].embedding for text in texts]
+    assert [d.embedding for d in reply.data] == alone
+    assert reply.model == "embed"
+    assert (reply.usage.prompt_tokens, reply.usage.total_tokens) == (4, 4)
+
+
+# -- parse_input on its own ----------------------------------------------------------------
+
+
+def test_up_to_max_inputs_texts_are_taken() -> None:
+    """The limit is the most texts allowed; one more is refused, naming the count."""
+    assert len(parse_input({"input": ["x"] * MAX_INPUTS})) == MAX_INPUTS
+    with pytest.raises(BadRequest, match=f"at most {MAX_INPUTS} texts, got {MAX_INPUTS + 1}"):
+        parse_input({"input": ["x"] * (MAX_INPUTS + 1)})
+
+
+@pytest.mark.parametrize("value", [["a", 1], ["a", None], ["a", ["b"]], {"a": 1}, 3, None, []])
+def test_anything_but_strings_is_refused(value: Any) -> None:
+    """Every item must be a string: one text among other things is no excuse."""
+    with pytest.raises(BadRequest, match="must be a string or a non-empty list of strings"):
+        parse_input({"input": value})
+
+
+@pytest.mark.parametrize("value", [[1, 2, 3], [[1, 2], [3]]])
+def test_token_ids_are_refused_by_name(value: list[Any]) -> None:
+    with pytest.raises(BadRequest, match="'input' as token ids is not supported"):
+        parse_input({"input": value})

@@ -23,7 +23,13 @@ from llmux.backends.base import InvalidInput
 from llmux.backends.hf_forecast import fill_gaps, fix_crossing
 from llmux.backends.transformers_backend import TransformersBackend
 from llmux.errors import BadRequest
-from llmux.http.forecast import parse_series
+from llmux.http.forecast import (
+    MAX_HORIZON,
+    MAX_QUANTILES,
+    parse_horizon,
+    parse_quantiles,
+    parse_series,
+)
 from tests.conftest import Server, fake_model, live_workers, wait_until
 from tests.helpers import drain
 
@@ -260,6 +266,24 @@ def test_the_count_and_total_limits_are_checked_before_the_values() -> None:
     with pytest.raises(BadRequest, match="at most 4 values in all, got 5"):
         parse_series([[1, 2], [3, 4, "x"]], max_points=4)
     assert parse_series([[1, 2], [3, 4]], max_series=2, max_points=4) == [[1, 2], [3, 4]]
+
+
+def test_an_integer_too_large_for_a_float_is_refused_naming_it() -> None:
+    """JSON integers have no bound; one beyond a float's range is a 400, not a 500."""
+    with pytest.raises(BadRequest, match=r"'series\[1\]' is too large for a float") as caught:
+        parse_series([1, 10**400])
+    assert caught.value.param == "series[1]"
+
+
+def test_the_horizon_and_quantile_limits_are_the_most_allowed() -> None:
+    """``MAX_HORIZON`` and ``MAX_QUANTILES`` themselves pass; one more is refused."""
+    assert parse_horizon({"horizon": MAX_HORIZON}) == MAX_HORIZON
+    with pytest.raises(BadRequest, match=f"between 1 and {MAX_HORIZON}, got {MAX_HORIZON + 1}"):
+        parse_horizon({"horizon": MAX_HORIZON + 1})
+    quantiles = [i / (MAX_QUANTILES + 1) for i in range(1, MAX_QUANTILES + 1)]
+    assert parse_quantiles({"quantiles": quantiles}) == quantiles
+    with pytest.raises(BadRequest, match=f"at most {MAX_QUANTILES} numbers"):
+        parse_quantiles({"quantiles": [*quantiles, 0.5]})
 
 
 def test_the_json_parser_reads_nan_and_infinity_literals() -> None:

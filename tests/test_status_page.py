@@ -507,6 +507,63 @@ def test_pacing_sends_a_keepalive_after_silence() -> None:
     assert pacing.wait_s(26.0) == pytest.approx(14.0)
 
 
+def test_pacing_owes_no_state_once_a_state_followed_the_events() -> None:
+    """A state sent after events settles them: the next state waits for new events."""
+    pacing = Pacing(last_write=0.0, last_state=0.0, state_interval_s=0.25, keepalive_s=15.0)
+    pacing.wrote(0.1, "event")
+    pacing.wrote(0.3, "state")
+    assert pacing.due(1.0) is None
+    assert pacing.wait_s(1.0) == pytest.approx(14.3)
+
+
+@pytest.mark.anyio
+async def test_after_a_keepalive_the_feed_waits_for_the_next_event() -> None:
+    """A keep-alive comment counts as a write: the next comes after another silence."""
+    log = EventLog()
+    runtime = SimpleNamespace(events=log, snapshot=lambda: {"events": len(list(log))})
+    now = 0.0
+    feed = AdminEvents(cast(Runtime, runtime), clock=lambda: now)
+    stream = feed.stream(Subscription(log), None)
+    assert (await anext(stream)).serialize().startswith(b"event: state")
+    now = 15.0
+    assert (await anext(stream)).serialize() == b": keep-alive\n\n"
+    log.record("m", "transition", "after the keep-alive")
+    with anyio.fail_after(5):
+        assert (await anext(stream)).serialize().startswith(b"event: event")
+    await stream.aclose()
+
+
+@pytest.mark.anyio
+async def test_a_client_that_lost_every_event_still_gets_the_state_that_has_them() -> None:
+    """The comment promises a state: it comes even when no event is left to send."""
+    log = EventLog()
+    runtime = SimpleNamespace(events=log, snapshot=lambda: {"events": len(list(log))})
+    now = 0.0
+    feed = AdminEvents(cast(Runtime, runtime), clock=lambda: now)
+    stream = feed.stream(Subscription(log, buffer=0), None)
+    assert (await anext(stream)).serialize() == b'event: state\ndata: {"events": 0}\n\n'
+    for i in range(3):
+        log.record("m", "transition", f"step {i}")  # the feed is not reading: all lost
+    assert (await anext(stream)).serialize() == (
+        b": dropped 3 events: the next state has them\n\n")
+    now = 1.0
+    with anyio.fail_after(5):
+        assert (await anext(stream)).serialize() == b'event: state\ndata: {"events": 3}\n\n'
+    await stream.aclose()
+
+
+@pytest.mark.anyio
+async def test_a_subscription_asked_after_the_drain_began_ends_at_once() -> None:
+    """A drain that began between two reads ends the next one, without its timeout."""
+    log = EventLog()
+    subscription = Subscription(log)
+    drain = anyio.Event()
+    drain.set()
+    with anyio.fail_after(5), pytest.raises(anyio.EndOfStream):
+        await subscription.next(30.0, drain)
+    assert log.subscribers == 0
+
+
 @pytest.mark.anyio
 async def test_a_slow_client_loses_events_instead_of_blocking_the_actors() -> None:
     log = EventLog()

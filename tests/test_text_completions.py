@@ -16,9 +16,12 @@ from tests.conftest import Server, fake_model, sdk_client, serving
 FORTY_WORDS = " ".join(f"w{i}" for i in range(40))
 CONFIG: dict[str, Any] = {
     "devices": {"cpu": {"capacity": "1GB"}},
-    "physical_models": {"llm": fake_model(reply=FORTY_WORDS, tokens_per_s=0)},
+    "physical_models": {"llm": fake_model(reply=FORTY_WORDS, tokens_per_s=0),
+                        # loads for longer than the preflight: its stream begins first
+                        "slow": fake_model(load_time_s=1.5, context_length=5)},
     "virtual_models": {"plain": {"physical": "llm"},
-                       "capped": {"physical": "llm", "sampling": {"max_tokens": 24}}},
+                       "capped": {"physical": "llm", "sampling": {"max_tokens": 24}},
+                       "slow-loader": {"physical": "slow"}},
 }
 
 
@@ -100,3 +103,25 @@ def test_up_to_16_prompts_are_answered_in_order(client: openai.OpenAI) -> None:
     assert [(c.index, c.text) for c in reply.choices] == [
         (i, f"p{i}w0 ") for i in range(16)]
     assert reply.usage is not None and reply.usage.completion_tokens == 16
+
+
+def test_a_streamed_completion_echoes_its_prompt_first(client: openai.OpenAI) -> None:
+    """With ``echo`` the stream opens with the prompt, as the whole reply does."""
+    chunks = list(client.completions.create(model="plain", prompt="count: ", stream=True,
+                                            echo=True, max_tokens=2))
+    assert chunks[0].choices[0].text == "count: "
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == "count: w0 w1 "
+
+
+def test_an_error_after_the_stream_began_is_its_last_event(server: Server) -> None:
+    """A cold load outlasts the preflight: the stream says it is loading, then carries
+    the worker's refusal as one error event, and no ``[DONE]``."""
+    reply = httpx.post(f"{server.url}/v1/completions", timeout=60, json={
+        "model": "slow-loader", "prompt": "word " * 10, "stream": True})
+    assert reply.status_code == 200
+    lines = reply.text.splitlines()
+    assert any(line.startswith(": loading slow") for line in lines)
+    datas = [line[6:] for line in lines if line.startswith("data: ")]
+    error = json.loads(datas[-1])["error"]
+    assert error["code"] == "context_length_exceeded"
+    assert "[DONE]" not in datas

@@ -234,6 +234,45 @@ def test_an_image_over_the_pixel_limit_is_refused_before_decoding() -> None:
         image_page(encoded(text_image(), "PNG"), max_pixels=100_000)
 
 
+def test_the_page_and_pixel_limits_are_the_most_allowed() -> None:
+    """A PDF of exactly ``max_pages`` pages and an image of exactly ``max_pixels`` pass."""
+    blank = Image.new("RGB", (20, 20), "white")
+    assert len(pdf_pages(pdf_of(blank, blank), 2, 72)) == 2
+    data = encoded(text_image(), "PNG")
+    assert image_page(data, max_pixels=560 * 180) == data
+
+
+def test_document_pages_applies_the_limits_it_is_given() -> None:
+    """``max_pages`` and ``max_pixels`` reach the PDF and the image paths."""
+    blank = Image.new("RGB", (20, 20), "white")
+    with pytest.raises(BadRequest, match="The PDF has 2 pages; at most 1 are read"):
+        document_pages(pdf_of(blank, blank), max_pages=1)
+    with pytest.raises(BadRequest, match="the limit is 100000 pixels"):
+        document_pages(encoded(text_image(), "PNG"), max_pixels=100_000)
+    (page,) = document_pages(pdf_of(text_image()), dpi=72, max_pixels=10_000)
+    width, height = png_size(page)
+    assert math.isclose(width * height, 10_000, rel_tol=0.05)  # not 560 x 180
+
+
+def test_a_gif_with_a_transparent_colour_becomes_a_png_that_keeps_it() -> None:
+    """Transparency survives the PNG a model gets (its backend shows it as white)."""
+    image = Image.new("P", (2, 1), 0)
+    image.putpalette([0, 0, 0, 10, 10, 10])
+    image.putpixel((1, 0), 1)
+    (page,) = document_pages(encoded(image, "GIF", transparency=0))
+    with Image.open(io.BytesIO(page)) as shown:
+        assert shown.format == "PNG" and shown.mode == "RGBA"
+        assert (shown.getpixel((0, 0))[3], shown.getpixel((1, 0))) == (0, (10, 10, 10, 255))
+
+
+def test_a_jpeg_whose_exif_orientation_is_0_passes_through_unchanged() -> None:
+    """Orientation 0 (not a valid value) means nothing to turn, like 1."""
+    exif = Image.Exif()
+    exif[0x0112] = 0
+    data = encoded(text_image(), "JPEG", exif=exif)
+    assert document_pages(data) == [data]
+
+
 # --- the route: fake vision-language models and the real RapidOCR, one server ---------
 
 

@@ -117,6 +117,20 @@ def test_a_percent_encoded_data_url_decodes() -> None:
     assert decode_data_url("data:image/svg+xml,%3Csvg%3E", "x") == b"<svg>"
 
 
+def test_the_media_type_and_the_base64_flag_are_read_in_any_case() -> None:
+    """Media types and ``;base64`` are case-insensitive (RFC 2397, RFC 2045)."""
+    assert decode_data_url("data:IMAGE/PNG;BASE64,aGk=", "x") == b"hi"
+    assert decode_data_url("data: Image/Png ; Base64 ,aGk=", "x") == b"hi"
+
+
+@pytest.mark.parametrize("url", ["data:image/png;base64", "data:image/png"])
+def test_a_data_url_without_its_comma_is_not_a_data_url(url: str) -> None:
+    """The comma that ends the header is required: no data is not empty data."""
+    with raises_bad_request("'p' is not a data URL: expected data:image/png;base64",
+                            param="p"):
+        decode_data_url(url, "p")
+
+
 @pytest.mark.parametrize("url", ["data:image/png;base64,iVBOR*w0K", "data:image/png;base64,a"])
 def test_malformed_base64_is_a_bad_request(url: str) -> None:
     with raises_bad_request("'p' holds invalid base64 data", param="p"):
@@ -174,6 +188,13 @@ def test_a_decompression_bomb_stops_at_its_header() -> None:
 def test_the_pixel_limit_is_a_parameter() -> None:
     with raises_bad_request("is 40x30 pixels; the limit is 1000 pixels"):
         check_image(png(40, 30), "p", max_pixels=1000)
+
+
+def test_an_image_of_exactly_the_pixel_limit_passes() -> None:
+    """The limit is the most pixels allowed, not the first refused."""
+    assert check_image(png(40, 30), "p", max_pixels=1200) == "PNG"
+    with raises_bad_request("is 40x30 pixels; the limit is 1199 pixels"):
+        check_image(png(40, 30), "p", max_pixels=1199)
 
 
 # -- imaging: URLs ------------------------------------------------------------------------
@@ -260,6 +281,15 @@ class _Images(http.server.BaseHTTPRequestHandler):
         if self.path == "/trickle.png":
             self.trickle()
             return
+        if self.path == "/stall.png":
+            self.stall()
+            return
+        if self.path.startswith("/unsized/"):  # no Content-Length: read until the close
+            _, headers, body = self.routes[self.path.removeprefix("/unsized")]
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(body)
+            return
         status, headers, body = self.routes[self.path]
         self.send_response(status)
         for key, value in {**headers, "Content-Length": str(len(body))}.items():
@@ -277,6 +307,19 @@ class _Images(http.server.BaseHTTPRequestHandler):
                 self.wfile.write(b"x")
                 self.wfile.flush()
                 time.sleep(0.2)
+
+    def stall(self) -> None:
+        """Promises 100 bytes; sends one, another after 1.6 s, then nothing until the
+        client hangs up."""
+        self.send_response(200)
+        self.send_header("Content-Length", "100")
+        self.end_headers()
+        with contextlib.suppress(OSError):
+            for pause in (0.0, 1.6):
+                time.sleep(pause)
+                self.wfile.write(b"x")
+                self.wfile.flush()
+            self.rfile.read(1)  # returns when the client closes the connection
 
     def log_message(self, *args: Any) -> None:
         pass
@@ -306,9 +349,33 @@ def test_a_server_trickling_bytes_is_left_at_the_timeout(image_site: str) -> Non
     assert time.monotonic() - started < 2.5
 
 
+def test_a_read_that_starts_before_the_deadline_ends_at_it(image_site: str) -> None:
+    """The last read waits only for the time left, not for a whole socket timeout."""
+    started = time.monotonic()
+    with raises_bad_request("Fetching the image at 'p' failed: not read within 2 s"):
+        fetch_image(f"{image_site}/stall.png", "p", limit=10**6, timeout_s=2.0)
+    # at 2 s; a read allowed the whole timeout would end at 3.6 s
+    assert time.monotonic() - started < 3.0
+
+
 def test_a_remote_image_over_the_limit_is_refused(image_site: str) -> None:
     with raises_bad_request("The image at 'p' has 5[0-9]+ bytes; the limit is 1000"):
         fetch_image(f"{image_site}/big.png", "p", limit=1000)
+
+
+def test_a_remote_image_without_a_length_is_refused_past_the_limit(image_site: str) -> None:
+    """Without a Content-Length the limit is enforced on the bytes read."""
+    with raises_bad_request("The image at 'p' is over the limit of 1000 bytes", param="p"):
+        fetch_image(f"{image_site}/unsized/big.png", "p", limit=1000)
+
+
+def test_a_remote_image_of_exactly_the_limit_is_fetched(image_site: str) -> None:
+    """The byte limit is the most allowed, with or without a Content-Length."""
+    size = len(png(40, 30))
+    for path in ("/red.png", "/unsized/red.png"):
+        assert fetch_image(f"{image_site}{path}", "p", limit=size) == png(40, 30)
+        with raises_bad_request("the limit is|over the limit", param="p"):
+            fetch_image(f"{image_site}{path}", "p", limit=size - 1)
 
 
 def test_a_remote_http_error_is_a_bad_request(image_site: str) -> None:

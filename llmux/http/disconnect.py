@@ -119,8 +119,11 @@ class Channel:
         self.disconnected = False
 
     def on_disconnect(self, callback: Callable[[], None]) -> None:
+        if self.disconnected:  # the client left already: what comes now (the next
+            _run([callback])   # prompt of a list) is for nobody, and stops at once
+            return
         self._callbacks.append(callback)
-        if not self._watching and not self.disconnected:
+        if not self._watching:
             self._watching = True
             self._watchers.start(self._watch)
 
@@ -187,12 +190,17 @@ class Channel:
         elif message["type"] == "http.disconnect":
             self.disconnected = True
             callbacks, self._callbacks = self._callbacks, []
-            for callback in callbacks:
-                try:
-                    callback()
-                except Exception:
-                    log.exception("disconnect callback failed")
+            _run(callbacks)
         return message
+
+
+def _run(callbacks: list[Callable[[], None]]) -> None:
+    """Each callback, whatever the others do."""
+    for callback in callbacks:
+        try:
+            callback()
+        except Exception:
+            log.exception("disconnect callback failed")
 
 
 class DisconnectWatcher:
