@@ -20,8 +20,14 @@ import openai
 import psutil
 import pytest
 import yaml
+from hypothesis import HealthCheck, settings
 
 ROOT = Path(__file__).parent.parent
+# Property tests check behaviour, not speed: on a loaded 2-core CI machine one example,
+# or the drawing of its input, can take seconds (a forecast test's draw once took 2.9 s).
+settings.register_profile("llmux", deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("llmux")
 # Every process this test session starts inherits this marker, so the session finds
 # its own workers (orphans included) and not those of another session on the machine.
 SESSION_MARK = "PYTEST_LLMUX_SESSION"
