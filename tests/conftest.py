@@ -179,9 +179,16 @@ class Server:
 
 
 @contextmanager
-def serving(config: dict[str, Any], tmp: Path) -> Iterator[Server]:
-    """A server for a module's tests: stopped after them, and its workers gone."""
-    server = Server(config, tmp)
+def serving(config: dict[str, Any], tmp: Path, *, keys: dict[str, Any] | None = None,
+            admin_key: str | None = None) -> Iterator[Server]:
+    """A server for a module's tests: stopped after them, and its workers gone.
+    ``keys``: the API keys file's content (written in ``tmp``); ``admin_key`` the one
+    ``Server.state`` and ``Server.load`` use."""
+    args: list[str] = []
+    if keys is not None:
+        (tmp / "api_keys.yaml").write_text(yaml.safe_dump(keys))
+        args = ["--api-keys", str(tmp / "api_keys.yaml")]
+    server = Server(config, tmp, *args, admin_key=admin_key)
     try:
         yield server
     finally:

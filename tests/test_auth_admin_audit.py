@@ -19,7 +19,7 @@ import yaml
 
 from llmux.auth import ApiKey, KeyStore
 from llmux.errors import Unauthorized
-from tests.conftest import Server, fake_model, live_workers, wait_until
+from tests.conftest import Server, fake_model, live_workers, serving, wait_until
 
 ADMIN_KEY = "sk-audit-admin-7d1f0b3c9e"
 FULL_KEY = "sk-audit-full-4a8e2c6d1b"
@@ -50,14 +50,9 @@ NARROW = {"Authorization": f"Bearer {NARROW_KEY}"}
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    tmp = tmp_path_factory.mktemp("auth_admin_audit")
-    keys = tmp / "api_keys.yaml"
-    keys.write_text(yaml.safe_dump(KEYS))
-    server = Server(json.loads(json.dumps(CONFIG)), tmp, "--api-keys", str(keys),
-                    admin_key=ADMIN_KEY)
-    yield server
-    server.stop()
-    wait_until(lambda: not live_workers(), 15, "workers to exit")
+    with serving(json.loads(json.dumps(CONFIG)), tmp_path_factory.mktemp("auth_admin_audit"),
+                 keys=KEYS, admin_key=ADMIN_KEY) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

@@ -33,7 +33,7 @@ from llmux.actors.events import EventLog
 from llmux.http.events import AdminEvents, Pacing, Subscription
 from llmux.http.openapi import openapi_document
 from llmux.runtime import Runtime
-from tests.conftest import Server, fake_config, fake_model, live_workers, wait_until
+from tests.conftest import Server, fake_config, fake_model, serving, wait_until
 
 ADMIN_KEY = "sk-status-admin-0123456789"
 USER_KEY = "sk-status-user-0123456789"
@@ -52,14 +52,9 @@ Sse = tuple[str, str]
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    tmp = tmp_path_factory.mktemp("status")
-    keys = tmp / "api_keys.yaml"
-    keys.write_text(yaml.safe_dump(KEYS))
-    server = Server(json.loads(json.dumps(CONFIG)), tmp, "--api-keys", str(keys),
-                    admin_key=ADMIN_KEY)
-    yield server
-    server.stop()
-    wait_until(lambda: not live_workers(), 10, "workers to exit")
+    with serving(json.loads(json.dumps(CONFIG)), tmp_path_factory.mktemp("status"),
+                 keys=KEYS, admin_key=ADMIN_KEY) as server:
+        yield server
 
 
 def sse_events(lines: Iterator[str]) -> Iterator[Sse]:
