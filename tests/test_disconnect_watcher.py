@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
+import anyio.abc
 import pytest
 from anyio import wait_all_tasks_blocked
 from anyio.lowlevel import checkpoint
@@ -89,6 +91,18 @@ async def serve(app: App, exchange: Exchange, watchers: Watchers, method: str = 
                                                             exchange.send)
 
 
+@asynccontextmanager
+async def served(app: App, exchange: Exchange,
+                 watchers: Watchers) -> AsyncIterator[anyio.abc.TaskGroup]:
+    """``app`` serving ``exchange``'s request, started and waiting: the block plays
+    the client (it sends more, or leaves); the whole exchange ends within 1 s."""
+    with anyio.fail_after(1):
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(serve, app, exchange, watchers)
+            await wait_all_tasks_blocked()
+            yield tasks
+
+
 async def read_body(receive: Receive) -> bytes:
     data = b""
     while True:
@@ -124,12 +138,9 @@ async def test_a_client_leaving_runs_the_callback_while_the_app_still_works(
         await left.wait()  # the job, cancelled by the callback
 
     exchange = Exchange(body(b"{}"))
-    with anyio.fail_after(1):
-        async with anyio.create_task_group() as tasks:
-            tasks.start_soon(serve, app, exchange, watchers)
-            await wait_all_tasks_blocked()
-            assert not left.is_set()
-            exchange.queue.put_nowait(DISCONNECT)
+    async with served(app, exchange, watchers):
+        assert not left.is_set()
+        exchange.queue.put_nowait(DISCONNECT)
     assert left.is_set()
 
 
@@ -164,13 +175,10 @@ async def test_the_app_reads_its_body_whole_while_the_watcher_reads_the_channel(
         await respond(send)
 
     exchange = Exchange(body(b"a", more=True))
-    with anyio.fail_after(1):
-        async with anyio.create_task_group() as tasks:
-            tasks.start_soon(serve, app, exchange, watchers)
-            await wait_all_tasks_blocked()
-            for part in (body(b"b", more=True), body(b"c")):
-                exchange.queue.put_nowait(part)
-                await checkpoint()
+    async with served(app, exchange, watchers):
+        for part in (body(b"b", more=True), body(b"c")):
+            exchange.queue.put_nowait(part)
+            await checkpoint()
     assert bodies == [b"abc"]
     assert not left.is_set()
 
@@ -187,11 +195,8 @@ async def test_an_app_reading_after_its_body_sees_the_disconnect_the_watcher_rea
         seen.append(await receive())  # and every later read answers at once
 
     exchange = Exchange(body(b"{}"))
-    with anyio.fail_after(1):
-        async with anyio.create_task_group() as tasks:
-            tasks.start_soon(serve, app, exchange, watchers)
-            await wait_all_tasks_blocked()
-            exchange.queue.put_nowait(DISCONNECT)
+    async with served(app, exchange, watchers):
+        exchange.queue.put_nowait(DISCONNECT)
     assert seen == [DISCONNECT, DISCONNECT]
 
 
@@ -276,11 +281,8 @@ async def test_a_failing_callback_does_not_keep_the_others_from_running(
         await left.wait()
 
     exchange = Exchange(body(b"{}"))
-    with anyio.fail_after(1):
-        async with anyio.create_task_group() as tasks:
-            tasks.start_soon(serve, app, exchange, watchers)
-            await wait_all_tasks_blocked()
-            exchange.queue.put_nowait(DISCONNECT)
+    async with served(app, exchange, watchers):
+        exchange.queue.put_nowait(DISCONNECT)
     assert left.is_set()
 
 
@@ -297,13 +299,10 @@ async def test_one_watcher_serves_every_callback_of_a_request(watchers: Watchers
         await anyio.sleep_forever()  # the job, until the client leaves
 
     exchange = Exchange(body(b"{}"))
-    with anyio.fail_after(1):
-        async with anyio.create_task_group() as tasks:
-            tasks.start_soon(serve, app, exchange, watchers)
-            await wait_all_tasks_blocked()
-            exchange.queue.put_nowait(DISCONNECT)
-            await wait_all_tasks_blocked()
-            tasks.cancel_scope.cancel()
+    async with served(app, exchange, watchers) as tasks:
+        exchange.queue.put_nowait(DISCONNECT)
+        await wait_all_tasks_blocked()
+        tasks.cancel_scope.cancel()
     assert calls == [0, 1, 2]
 
 
@@ -380,14 +379,11 @@ async def test_a_watcher_started_during_a_read_keeps_the_body_in_order(
         await respond(send)
 
     exchange = Exchange()
-    with anyio.fail_after(1):
-        async with anyio.create_task_group() as tasks:
-            tasks.start_soon(serve, app, exchange, watchers)
+    async with served(app, exchange, watchers):
+        for part in (b"a", b"b", b"c", b"d"):
+            exchange.queue.put_nowait(body(part, more=True))
             await wait_all_tasks_blocked()
-            for part in (b"a", b"b", b"c", b"d"):
-                exchange.queue.put_nowait(body(part, more=True))
-                await wait_all_tasks_blocked()
-            exchange.queue.put_nowait(body(b"e"))
+        exchange.queue.put_nowait(body(b"e"))
     assert bodies == [b"abcde"]
 
 
@@ -462,9 +458,6 @@ async def test_a_callback_registered_after_the_client_left_runs_at_once(
         await wait_all_tasks_blocked()
 
     exchange = Exchange(body(b"{}"))
-    with anyio.fail_after(1):
-        async with anyio.create_task_group() as tasks:
-            tasks.start_soon(serve, app, exchange, watchers)
-            await wait_all_tasks_blocked()
-            exchange.queue.put_nowait(DISCONNECT)
+    async with served(app, exchange, watchers):
+        exchange.queue.put_nowait(DISCONNECT)
     assert calls == ["first job", "next job"]
