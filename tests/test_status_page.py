@@ -12,7 +12,7 @@ import re
 import shutil
 import signal
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from importlib.resources import files
 from pathlib import Path
 from types import SimpleNamespace
@@ -511,13 +511,18 @@ def test_pacing_owes_no_state_once_a_state_followed_the_events() -> None:
     assert pacing.wait_s(1.0) == pytest.approx(14.3)
 
 
+def feed_on(log: EventLog, clock: Callable[[], float]) -> AdminEvents:
+    """The event feed of a runtime that is only ``log``: its state counts the events."""
+    runtime = SimpleNamespace(events=log, snapshot=lambda: {"events": len(list(log))})
+    return AdminEvents(cast(Runtime, runtime), clock=clock)
+
+
 @pytest.mark.anyio
 async def test_after_a_keepalive_the_feed_waits_for_the_next_event() -> None:
     """A keep-alive comment counts as a write: the next comes after another silence."""
     log = EventLog()
-    runtime = SimpleNamespace(events=log, snapshot=lambda: {"events": len(list(log))})
     now = 0.0
-    feed = AdminEvents(cast(Runtime, runtime), clock=lambda: now)
+    feed = feed_on(log, lambda: now)
     stream = feed.stream(Subscription(log), None)
     assert (await anext(stream)).serialize().startswith(b"event: state")
     now = 15.0
@@ -532,9 +537,8 @@ async def test_after_a_keepalive_the_feed_waits_for_the_next_event() -> None:
 async def test_a_client_that_lost_every_event_still_gets_the_state_that_has_them() -> None:
     """The comment promises a state: it comes even when no event is left to send."""
     log = EventLog()
-    runtime = SimpleNamespace(events=log, snapshot=lambda: {"events": len(list(log))})
     now = 0.0
-    feed = AdminEvents(cast(Runtime, runtime), clock=lambda: now)
+    feed = feed_on(log, lambda: now)
     stream = feed.stream(Subscription(log, buffer=0), None)
     assert (await anext(stream)).serialize() == b'event: state\ndata: {"events": 0}\n\n'
     for i in range(3):
@@ -577,9 +581,8 @@ async def test_a_slow_client_loses_events_instead_of_blocking_the_actors() -> No
 @pytest.mark.anyio
 async def test_a_client_that_fell_behind_hears_what_it_lost_then_gets_a_state() -> None:
     log = EventLog()
-    runtime = SimpleNamespace(events=log, snapshot=lambda: {"events": len(list(log))})
     now = 0.0
-    feed = AdminEvents(cast(Runtime, runtime), clock=lambda: now)
+    feed = feed_on(log, lambda: now)
     stream = feed.stream(Subscription(log, buffer=2), None)
     assert (await anext(stream)).serialize() == b'event: state\ndata: {"events": 0}\n\n'
     for i in range(5):
