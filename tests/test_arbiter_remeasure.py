@@ -1,16 +1,28 @@
 """The arbiter re-measures loaded workers: one that grew past its footprint gets the
 new figure in the ledger and the footprint store, and the arbiter re-plans (an
-over-full device sheds an idle model). Driven synchronously with scripted memory
-and time, as the stateful test does."""
+over-full device sheds an idle model). A reload keeps the peak its last residency
+reached. Driven synchronously with scripted memory and time, as the stateful test
+does."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import anyio
+
 from llmux.actors.arbiter import MEASURE_INTERVAL_S, GpuArbiter, ModelSpec
 from llmux.actors.events import EventLog
 from llmux.actors.footprints import FootprintStore
-from llmux.actors.messages import Acquire, Evict, Granted, Loaded, Usage
+from llmux.actors.messages import (
+    Acquire,
+    Evict,
+    Granted,
+    Loaded,
+    ReleaseConfirmed,
+    Released,
+    Releasing,
+    Usage,
+)
 from llmux.actors.placement import Rules
 
 MB = 1_000_000
@@ -38,9 +50,9 @@ class Probe:
 
 
 class World:
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, probe: Probe | None = None) -> None:
         self.now = 0.0
-        self.probe = Probe()
+        self.probe = probe or Probe()
         self.told: list[tuple[str, Any]] = []
         self.events = EventLog()
         self.footprints = FootprintStore(None)
@@ -56,6 +68,20 @@ class World:
         assert (model, Granted(model, self.arbiter)) in self.told
         self.probe.held[pid] = nbytes
         self.arbiter.handle(Loaded(model, pid, None))
+
+    def serve(self, model: str) -> None:
+        """One request starts and ends (the model actor's Usage reports)."""
+        self.arbiter.handle(Usage(model, True, 0, self.now, 1))
+        self.arbiter.handle(Usage(model, False, 0, self.now, 1))
+
+    def unload(self, model: str, pid: int) -> None:
+        """The model stops its worker, which exits."""
+        self.arbiter.handle(Releasing(model))
+        del self.probe.held[pid]
+        self.arbiter.handle(Released(model, "unloaded"))
+
+    def measures(self) -> list[str]:
+        return [e.reason for e in self.events if e.kind == "measure"]
 
     def ledger(self) -> dict[str, int]:
         return {e["model"]: e["bytes"] for e in self.arbiter.snapshot()["ledger"]}
@@ -138,3 +164,89 @@ def test_a_request_starting_or_ending_on_a_roomy_device_changes_no_plan() -> Non
     world.arbiter.handle(Usage("a", False, 0, world.now, 1))
     assert world.told[told:] == []
     assert world.arbiter.snapshot()["ledger"][0]["busy"] is False
+
+
+def test_a_reload_keeps_the_peak_its_last_residency_reached() -> None:
+    # A load measures the weights; the KV cache and the allocator's pool come with the
+    # first requests. Planning the reload on the load's figure would admit another
+    # model into room this one is about to need again.
+    world = World(capacity=1000 * MB)
+    world.load("a", 101, 160 * MB)
+    world.serve("a")
+    world.probe.held[101] = 300 * MB
+    world.tick(MEASURE_INTERVAL_S)
+    world.unload("a", 101)
+    assert world.arbiter.footprint("a") == (300 * MB, True)
+    world.load("a", 102, 160 * MB)
+    assert world.ledger() == {"a": 300 * MB}
+    assert world.measures()[-1] == ("footprint on cpu: 160.0 MB measured at load; "
+                                    "keeps 300.0 MB, its peak when last loaded")
+    assert world.footprints.get("a", "cpu") == 300 * MB
+
+
+def test_a_residency_that_served_requests_leaves_its_own_peak_for_the_next_load() -> None:
+    # A model that really shrank (a smaller context in its options) gets its smaller
+    # figure after one residency, not never.
+    world = World(capacity=1000 * MB)
+    world.footprints.put("a", "cpu", 300 * MB)
+    world.load("a", 101, 160 * MB)
+    world.serve("a")
+    world.probe.held[101] = 200 * MB
+    world.tick(MEASURE_INTERVAL_S)
+    assert world.ledger() == {"a": 300 * MB}  # no growth past what it holds
+    world.unload("a", 101)
+    assert world.footprints.get("a", "cpu") == 200 * MB
+    assert world.measures()[-1] == ("footprint on cpu: 200.0 MB at most while loaded, "
+                                    "down from 300.0 MB; remembered for its next load")
+    world.load("a", 102, 160 * MB)
+    assert world.ledger() == {"a": 200 * MB}
+
+
+def test_a_residency_that_served_no_request_leaves_the_remembered_peak() -> None:
+    world = World(capacity=1000 * MB)
+    world.footprints.put("a", "cpu", 300 * MB)
+    world.load("a", 101, 160 * MB)
+    world.tick(MEASURE_INTERVAL_S)
+    world.unload("a", 101)
+    assert world.footprints.get("a", "cpu") == 300 * MB
+
+
+def test_a_load_larger_than_the_remembered_peak_is_remembered_at_once() -> None:
+    world = World(capacity=1000 * MB)
+    world.footprints.put("a", "cpu", 100 * MB)
+    world.load("a", 101, 160 * MB)
+    assert world.ledger() == {"a": 160 * MB}
+    assert world.footprints.get("a", "cpu") == 160 * MB
+    assert world.measures()[-1] == "footprint on cpu: 160.0 MB measured (was 100.0 MB measured)"
+
+
+def test_the_worker_is_measured_once_more_as_it_leaves() -> None:
+    # Growth inside the tolerance, or since the last re-measure, still counts.
+    world = World(capacity=1000 * MB)
+    world.load("a", 101, 160 * MB)
+    world.serve("a")
+    world.probe.held[101] = 170 * MB
+    world.unload("a", 101)
+    assert world.footprints.get("a", "cpu") == 170 * MB
+
+
+class ReleaseProbe(Probe):
+    verify_release = True
+
+
+def test_a_release_is_verified_by_what_the_worker_held_not_the_remembered_peak() -> None:
+    # The ledger reserved a's last peak (300 MB), but this worker held 160 MB: waiting
+    # for 300 MB to come free would time out and hold the device's room meanwhile.
+    world = World(capacity=1000 * MB, probe=ReleaseProbe())
+    world.probe.held[900] = 50 * MB  # someone else's
+    world.footprints.put("a", "cpu", 300 * MB)
+    world.load("a", 101, 160 * MB)
+    spawned: list[Any] = []
+    posted: list[Any] = []
+    world.arbiter.spawn = lambda fn, name: spawned.append(fn)  # type: ignore[method-assign]
+    world.arbiter.post = posted.append  # type: ignore[method-assign]
+    world.arbiter._release_timeout_s = 1.0
+    world.unload("a", 101)
+    [confirm] = spawned
+    anyio.run(confirm)
+    assert posted == [ReleaseConfirmed("a", verified=True)]

@@ -12,6 +12,14 @@ and keeps time. It also keeps each loaded model's turn (guarantee 2: since when
 others wait, and how many requests it started since), and re-measures loaded
 workers every ``measure_interval_s``: one that grew past its footprint gets the new
 figure in the ledger (and the footprint store), and the arbiter re-plans.
+
+A load's measurement can be smaller than the model's need: weights are in place, but a
+KV cache, activations or a caching allocator's pool grow with the first requests. So
+the ledger keeps the larger of a load's measurement and the peak of the model's last
+residency (what the store remembers), and a residency that served requests leaves its
+own peak in the store: a reload reserves what the model used last time, and a model
+that really shrank (a smaller context, a new quantisation) gets its smaller figure
+after one residency.
 """
 
 from __future__ import annotations
@@ -109,6 +117,7 @@ class _Entry:
     queued: int = 0
     used_baseline: int = 0  # device usage while the model still held its memory
     pid: int | None = None  # the loaded worker, for re-measuring it
+    peak: int = 0  # the largest this residency's worker was measured at
     started: int = 0  # requests started since it loaded
     turn_since: float | None = None  # others have waited for the device since then
     turn_base: int = 0  # ``started`` when its turn began
@@ -249,6 +258,7 @@ class GpuArbiter(Actor[Message]):
             case Releasing(model=model):
                 if (entry := self._ledger.get(model)) is not None:
                     entry.used_baseline = self._probe.used_bytes()
+                    self._measure_peak(entry)  # its last chance: the worker is leaving
             case Released(model=model, reason=reason):
                 self._released(model, reason)
             case ReleaseConfirmed(model=model, verified=verified):
@@ -290,18 +300,27 @@ class GpuArbiter(Actor[Message]):
         if entry is None:
             return
         measured = self._probe.footprint(pid, entry.used_baseline) or reported or entry.bytes
-        self._events.record(
-            model, "measure",
-            f"footprint on {self.device}: {format_bytes(measured)} measured "
-            f"(was {format_bytes(entry.bytes)} {'measured' if entry.measured else 'estimated'})",
-        )
-        entry.bytes, entry.measured = measured, True
+        last_peak = self._footprints.get(model, self.device)
+        was = f"was {format_bytes(entry.bytes)} {'measured' if entry.measured else 'estimated'}"
+        if last_peak is not None and last_peak > measured:
+            self._events.record(
+                model, "measure",
+                f"footprint on {self.device}: {format_bytes(measured)} measured at load; "
+                f"keeps {format_bytes(last_peak)}, its peak when last loaded",
+            )
+        else:
+            self._events.record(
+                model, "measure",
+                f"footprint on {self.device}: {format_bytes(measured)} measured ({was})",
+            )
+            self._footprints.put(model, self.device, measured)
+        entry.bytes, entry.measured = max(measured, last_peak or 0), True
+        entry.peak = measured
         entry.residency = Residency.LOADED
         entry.load_s = self.clock() - entry.loaded_at  # loaded_at was the grant
         entry.loaded_at = entry.last_used = self.clock()
         entry.used_baseline = self._probe.used_bytes()
         entry.pid, entry.started = pid, 0
-        self._footprints.put(model, self.device, measured)
         self._finish_loading(model)
         if self._next_measure == math.inf:
             self._next_measure = self.clock() + self._measure_interval_s
@@ -310,9 +329,9 @@ class GpuArbiter(Actor[Message]):
         """Re-read each loaded worker's memory; one that grew past its footprint gets
         the new figure (a re-plan follows: it may now need room)."""
         for model, entry in self._ledger.items():
-            if entry.residency is not Residency.LOADED or entry.pid is None:
+            if entry.residency is not Residency.LOADED:
                 continue
-            now_bytes = self._probe.process_bytes(entry.pid)
+            now_bytes = self._measure_peak(entry)
             if now_bytes is None or now_bytes <= entry.bytes * (1 + GROWTH_TOLERANCE):
                 continue
             self._events.record(
@@ -325,6 +344,31 @@ class GpuArbiter(Actor[Message]):
         loaded = any(e.residency is Residency.LOADED for e in self._ledger.values())
         self._next_measure = self.clock() + self._measure_interval_s if loaded else math.inf
 
+    def _measure_peak(self, entry: _Entry) -> int | None:
+        """Bytes the entry's worker holds now (None: not measurable), kept in its
+        residency's peak."""
+        if entry.pid is None:
+            return None
+        now_bytes = self._probe.process_bytes(entry.pid)
+        if now_bytes is not None:
+            entry.peak = max(entry.peak, now_bytes)
+        return now_bytes
+
+    def _remember_peak(self, model: str, entry: _Entry) -> None:
+        """A residency that served requests leaves its peak for the next load to plan
+        with, smaller or larger than the last one's (one that served none says little
+        about what requests need)."""
+        last_peak = self._footprints.get(model, self.device)
+        if not entry.started or not entry.peak or entry.peak == last_peak:
+            return
+        self._footprints.put(model, self.device, entry.peak)
+        if last_peak is not None and entry.peak < last_peak:
+            self._events.record(
+                model, "measure",
+                f"footprint on {self.device}: {format_bytes(entry.peak)} at most while "
+                f"loaded, down from {format_bytes(last_peak)}; remembered for its next load",
+            )
+
     def _finish_loading(self, model: str) -> None:
         if self._loading == model:
             self._loading = None
@@ -334,11 +378,13 @@ class GpuArbiter(Actor[Message]):
         entry = self._ledger.get(model)
         if entry is None:
             return
+        self._remember_peak(model, entry)
         if not self._probe.verify_release:
             del self._ledger[model]
             return
         entry.residency = Residency.RELEASING
-        baseline, freed = entry.used_baseline, entry.bytes
+        # What its worker was seen to hold, not a larger remembered peak it never reached.
+        baseline, freed = entry.used_baseline, entry.peak or entry.bytes
         self.spawn(lambda: self._confirm_release(model, baseline, freed), f"release:{model}")
 
     async def _confirm_release(self, model: str, baseline: int, freed: int) -> None:

@@ -1,6 +1,7 @@
 """A worker that grows past its measured footprint (a runtime's cache filling up) is
 re-measured while loaded, and the arbiter re-plans with the new figure: the device's
-ledger goes back within its capacity, and the next load is placed by the true sizes."""
+ledger goes back within its capacity, and the next load is placed by the true sizes.
+A reload of the grown model reserves what it grew to, not what its load measures."""
 
 from __future__ import annotations
 
@@ -78,3 +79,18 @@ def test_a_worker_that_grows_is_remeasured_and_the_arbiter_replans(start_server:
         ask(server, model)
     state = check_ledger_and_processes(server)
     assert sum(ledger(state).values()) <= capacity
+
+    # a reloads: its load measures the fake's 100 MB again, but the ledger keeps what
+    # it grew to when last loaded, so no other model is admitted into a's room.
+    if "a" in ledger(state):
+        unloaded = httpx.post(f"{server.url}/admin/models/a/unload", timeout=10,
+                              headers=server.admin_headers)
+        assert unloaded.status_code == 202, unloaded.text
+        wait_for(server, lambda s: "a" not in ledger(s), 15, "a to unload")
+    server.load("a")
+    state = server.state()
+    # (At least: its worker was measured once more as it left, maybe a little larger.)
+    assert ledger(state)["a"] >= grown, (grown, state["devices"])
+    kept = [e["reason"] for e in state["events"]
+            if e["model"] == "a" and e["kind"] == "measure"][-1]
+    assert "measured at load; keeps" in kept, kept
