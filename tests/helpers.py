@@ -1,12 +1,15 @@
 """Small helpers several test modules share: draining a backend's stream, scoring
-transcripts, drawing text into images and PDFs."""
+transcripts, drawing text into images and PDFs, polling in-process state."""
 
 from __future__ import annotations
 
 import io
 import re
+from collections.abc import Callable
 from typing import Any
 
+import anyio
+import pytest
 from PIL import Image, ImageDraw, ImageFont
 
 from llmux.backends.base import Stream
@@ -63,3 +66,13 @@ def pdf_of(*images: Image.Image) -> bytes:
     """A PDF with one page per image (72 dpi: a page has as many points as pixels)."""
     first, *rest = images
     return encoded(first, "PDF", save_all=True, append_images=rest)
+
+
+async def until(check: Callable[[], object], what: str, within_s: float = 10.0) -> None:
+    """Poll ``check`` (an actor's or the spare pool's state changes post no event a
+    test could wait on); fail naming ``what`` after ``within_s``."""
+    with anyio.move_on_after(within_s):
+        while not check():  # noqa: ASYNC110
+            await anyio.sleep(0.01)
+        return
+    pytest.fail(f"waited {within_s} s for {what}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -25,6 +25,7 @@ from llmux.config import parse_config
 from llmux.errors import DeadlineExceeded, ModelFailed, QueueFull
 from llmux.runtime import Runtime
 from tests.conftest import fake_config, fake_model
+from tests.helpers import until
 
 pytestmark = pytest.mark.anyio
 PAYLOAD = {"messages": [{"role": "user", "content": "hi"}]}
@@ -39,15 +40,6 @@ async def running(config: dict[str, Any], **kwargs: Any) -> AsyncIterator[Runtim
             await tg.start(runtime.run)
             yield runtime
             tg.cancel_scope.cancel()
-
-
-async def until(check: Callable[[], bool], what: str, within_s: float = 10.0) -> None:
-    """Poll ``check`` (actor state changes post no event a test could wait on)."""
-    with anyio.move_on_after(within_s):
-        while not check():  # noqa: ASYNC110
-            await anyio.sleep(0.01)
-        return
-    pytest.fail(f"waited {within_s} s for {what}")
 
 
 async def test_a_burst_that_fills_the_mailbox_loses_no_internal_message(

@@ -20,7 +20,8 @@ from llmux.actors.messages import Status
 from llmux.actors.model_actor import ModelActor, State
 from llmux.errors import DeadlineExceeded, ModelFailed, ShuttingDown
 from tests.conftest import fake_config, fake_model
-from tests.test_actor_races import MB, PAYLOAD, ShrinkingDevice, running, until
+from tests.helpers import until
+from tests.test_actor_races import MB, PAYLOAD, ShrinkingDevice, running
 
 pytestmark = pytest.mark.anyio
 

@@ -20,6 +20,7 @@ import pytest
 
 from llmux.spare import DEFAULT_SIZE, SPARE_ID, SparePool
 from llmux.workers.handle import WorkerDied
+from tests.helpers import until
 
 PY = sys.executable
 MIB = 2**20
@@ -113,18 +114,12 @@ def ready(pool: SparePool) -> list[int]:
     return [spare["pid"] for spare in pool.snapshot()["ready"]]
 
 
-async def until(predicate: Callable[[], object]) -> None:
-    # NOTE: polling: the pool posts no event for a spare becoming ready
-    while not predicate():  # noqa: ASYNC110
-        await anyio.sleep(0.01)
-
-
 @pytest.mark.anyio
 async def test_a_taken_spare_is_replaced_once_and_an_exit_starts_no_second() -> None:
     spawner = Spawner()
     pool = make_pool(spawner)
     async with running(pool):
-        await until(lambda: ready(pool))
+        await until(lambda: ready(pool), "a ready spare")
         first = spawner.workers[0]
         assert first.model_id == SPARE_ID
         assert first.options["args"] == ["--preload", "some.module"]
@@ -136,7 +131,7 @@ async def test_a_taken_spare_is_replaced_once_and_an_exit_starts_no_second() -> 
         first.exit(0)  # the model's worker exits while the next spare still starts
         await anyio.wait_all_tasks_blocked()
         spawner.gate.set()
-        await until(lambda: ready(pool))
+        await until(lambda: ready(pool), "a ready spare")
         await anyio.wait_all_tasks_blocked()
         assert len(spawner.workers) == 2, "a second spare for one interpreter"
         second = spawner.workers[1]
@@ -144,7 +139,7 @@ async def test_a_taken_spare_is_replaced_once_and_an_exit_starts_no_second() -> 
         spawner.gate = None
         b = await pool.spawn(python=PY, model_id="b")
         assert b is second
-        await until(lambda: ready(pool))
+        await until(lambda: ready(pool), "a ready spare")
         b.exit(0)  # a worker exits while a spare is ready
         await anyio.wait_all_tasks_blocked()
         assert len(spawner.workers) == 3, "a second spare for one interpreter"
@@ -159,7 +154,7 @@ async def test_a_load_waits_for_the_spare_being_started_and_takes_it() -> None:
     spawner.gate = anyio.Event()
     pool = make_pool(spawner)
     async with running(pool) as tg:
-        await until(lambda: pool.snapshot()["starting"])
+        await until(lambda: pool.snapshot()["starting"], "a spare starting")
         taken: list[Any] = []
 
         async def load() -> None:
@@ -170,7 +165,7 @@ async def test_a_load_waits_for_the_spare_being_started_and_takes_it() -> None:
         assert taken == []
         spawner.gate.set()
         with anyio.fail_after(5):
-            await until(lambda: taken)
+            await until(lambda: taken, "the load to take the spare")
         assert taken == [spawner.workers[0]] and taken[0].model_id == "a"
         assert pool.handed_out == 1
 
@@ -180,7 +175,7 @@ async def test_a_worker_with_its_own_environment_never_takes_the_spare() -> None
     spawner = Spawner()
     pool = make_pool(spawner)
     async with running(pool):
-        await until(lambda: ready(pool))
+        await until(lambda: ready(pool), "a ready spare")
         spare = spawner.workers[0]
         worker = await pool.spawn(python=PY, model_id="a", env={"CUDA_VISIBLE_DEVICES": "1"})
         assert worker is not spare and worker.options["env"] == {"CUDA_VISIBLE_DEVICES": "1"}
@@ -201,10 +196,11 @@ async def test_a_spare_starts_only_once_the_machine_is_quiet() -> None:
 
     pool = make_pool(spawner, quiet=quiet)
     async with running(pool):
-        await until(lambda: len(asked) >= 3)  # it looked, waited, looked again
+        # It looked, waited, looked again.
+        await until(lambda: len(asked) >= 3, "three looks at the machine")
         assert spawner.workers == [] and pool.snapshot()["starting"] == []
         busy = False
-        await until(lambda: ready(pool))
+        await until(lambda: ready(pool), "a ready spare")
         assert asked[-1] is True
 
 
@@ -217,16 +213,16 @@ async def test_a_spare_needs_room_on_the_ledger_for_its_measured_size(
     ledger = Ledger(DEFAULT_SIZE - 1)  # not even the size assumed before a measure
     pool = make_pool(spawner, room=ledger, size=80 * MIB)
     async with running(pool):
-        await until(lambda: "no spare worker for" in caplog.text)
+        await until(lambda: "no spare worker for" in caplog.text, "the no-room log")
         assert spawner.workers == []
         ledger.free = 100 * MIB
         model = await pool.spawn(python=PY, model_id="a")  # fresh: no spare
-        await until(lambda: ready(pool))  # started after that spawn: 64 MiB fit
+        await until(lambda: ready(pool), "a ready spare")  # started after that spawn: 64 MiB fit
         assert pool.held_bytes() == 80 * MIB  # its measured size
         ledger.free = 70 * MIB  # the default size fits, the measured one does not
         caplog.clear()
         assert await pool.spawn(python=PY, model_id="b") is spawner.spares[0]
-        await until(lambda: "a spare takes 80 MiB" in caplog.text)
+        await until(lambda: "a spare takes 80 MiB" in caplog.text, "the measure's log")
         assert ready(pool) == [] and len(spawner.spares) == 1
         assert model.returncode is None
 
@@ -241,10 +237,11 @@ async def test_a_worker_exit_brings_back_a_spare_that_found_no_room(
     pool = make_pool(spawner, room=ledger)
     async with running(pool):
         model = await pool.spawn(python=PY, model_id="a")  # fresh, then no room
-        await until(lambda: caplog.text.count("no spare worker for") == 2)
+        await until(lambda: caplog.text.count("no spare worker for") == 2,
+                    "the second no-room log")
         ledger.free = 10**9
         model.exit(0)  # its room is back
-        await until(lambda: ready(pool))
+        await until(lambda: ready(pool), "a ready spare")
         assert spawner.workers[-1].model_id == SPARE_ID
 
 
@@ -253,10 +250,10 @@ async def test_a_spare_that_dies_leaves_the_ready_list() -> None:
     spawner = Spawner()
     pool = make_pool(spawner)
     async with running(pool):
-        await until(lambda: ready(pool))
+        await until(lambda: ready(pool), "a ready spare")
         spare = spawner.workers[0]
         spare.exit(-9)  # killed by somebody else (the OOM killer)
-        await until(lambda: not ready(pool))
+        await until(lambda: not ready(pool), "no ready spare")
         assert pool.held_bytes() == 0
         worker = await pool.spawn(python=PY, model_id="a")
         assert worker is not spare and pool.handed_out == 0
@@ -267,7 +264,7 @@ async def test_drop_kills_the_ready_spares_and_frees_their_room_at_once() -> Non
     spawner = Spawner()
     pool = make_pool(spawner, size=80 * MIB)
     async with running(pool):
-        await until(lambda: ready(pool))
+        await until(lambda: ready(pool), "a ready spare")
         spare = spawner.workers[0]
         assert pool.held_bytes() == 80 * MIB
         assert pool.drop() is True
