@@ -179,6 +179,7 @@ def test_a_reload_keeps_the_peak_its_last_residency_reached() -> None:
     assert world.arbiter.footprint("a") == (300 * MB, True)
     world.load("a", 102, 160 * MB)
     assert world.ledger() == {"a": 300 * MB}
+    assert world.arbiter.snapshot()["ledger"][0]["peak_bytes"] == 160 * MB
     assert world.measures()[-1] == ("footprint on cpu: 160.0 MB measured at load; "
                                     "keeps 300.0 MB, its peak when last loaded")
     assert world.footprints.get("a", "cpu") == 300 * MB

@@ -536,6 +536,9 @@ class GpuArbiter(Actor[Message]):
                     "model": m,
                     "bytes": e.bytes,
                     "measured": e.measured,
+                    # What this residency's worker was seen to hold at most: less than
+                    # ``bytes`` while the ledger keeps the peak of its last residency.
+                    "peak_bytes": e.peak,
                     "residency": e.residency.value,
                     "busy": e.busy,
                     "queued": e.queued,
