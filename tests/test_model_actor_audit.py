@@ -3,7 +3,8 @@ in-process runtime with real fake-backend workers: an admin load of a failed mod
 running request past its deadline cancelled in its worker, requests in the backoff of
 missing files or of an admin load, a refusal for good that ends an admin's wish, a
 pinned model that dies while draining, a move while waiting for room, a clean unload
-that ends a run of failures, and an admin's wish that ends with its load."""
+that ends a run of failures, an admin's wish that ends with its load, and requests
+queued during an eviction keeping the model's place in the device's queue."""
 
 from __future__ import annotations
 
@@ -16,9 +17,10 @@ import pytest
 
 from llmux.actors.backoff import LoadBackoff
 from llmux.actors.devices import CpuProbe
-from llmux.actors.messages import Status
+from llmux.actors.messages import Message, Status
 from llmux.actors.model_actor import ModelActor, State
 from llmux.errors import DeadlineExceeded, ModelFailed, ShuttingDown
+from llmux.runtime import Ticket
 from tests.conftest import fake_config, fake_model
 from tests.helpers import until
 from tests.test_actor_races import MB, PAYLOAD, ShrinkingDevice, running
@@ -274,3 +276,45 @@ async def test_an_admin_load_is_not_wanted_again_once_it_loaded() -> None:
         await anyio.sleep(2.0)  # the backoff's first wait is 1 s
         assert not [e for e in runtime.events.recent() if e.kind == "retry"]
         assert m.state is State.FAILED
+
+
+async def test_requests_queued_during_an_eviction_ask_for_room_until_the_last_deadline() -> None:
+    """Two requests come for a while its worker stops (a was evicted for x): a short
+    one and a long one. Once the worker has gone, a asks for room until the long one's
+    deadline, so it keeps its place in the device's queue when the short one expires:
+    a loads before b, asked for after it. (Asking only until the short one's deadline,
+    a's wait would time out, and a would ask anew behind b.)"""
+    config = {"devices": {"cpu": {"capacity": "300MB"}},  # one model at a time
+              "policy": {"min_residency_s": 0},
+              **fake_config(a=fake_model(reply="x " * 15, tokens_per_s=20),  # ~0.75 s
+                            x=fake_model(reply="x " * 60, tokens_per_s=20),  # ~3 s
+                            b=fake_model())}
+    quick = {"messages": [{"role": "tool", "content": ""}]}  # not the long reply
+    async with running(config) as runtime:
+        a = runtime.actors["a"]
+        queued: dict[str, Ticket] = {}
+        handle = a.handle
+
+        def queue_two_while_its_worker_stops(message: Message) -> None:
+            handle(message)
+            if a.state is State.UNLOADING and not queued:
+                queued["short"] = runtime.submit("a", "chat", quick, timeout_s=1)
+                queued["long"] = runtime.submit("a", "chat", quick, timeout_s=30)
+
+        a.handle = queue_two_while_its_worker_stops  # type: ignore[method-assign]
+        pending = lambda: [p["model"] for p in runtime.arbiters["cpu"].snapshot()["pending"]]  # noqa: E731
+        first = runtime.submit("a", "chat", PAYLOAD, timeout_s=30)
+        await until(lambda: a.state is State.BUSY, "a busy")
+        for_x = runtime.submit("x", "chat", PAYLOAD, timeout_s=30)
+        await until(lambda: "a" in pending(), "a asking for room again")
+        for_b = runtime.submit("b", "chat", quick, timeout_s=30)
+        await until(lambda: pending() == ["a", "b"], "b asking for room after a")
+        await first.collect()
+        with pytest.raises(DeadlineExceeded):
+            await queued["short"].collect()
+        await queued["long"].collect()
+        await for_x.collect()
+        await for_b.collect()
+        loads = [e.model for e in runtime.events.recent()
+                 if e.kind == "transition" and e.to_state == "loading"]
+        assert loads == ["a", "x", "a", "b"], loads
