@@ -1,7 +1,9 @@
 """Measured footprints, remembered across restarts in the state directory.
 
 A measured footprint replaces the config's estimate in the ledger; the next start
-plans with it from the first load.
+plans with it from the first load. The arbiter keeps here the most a model's worker
+was measured at in its last residency that served requests, so a reload reserves what
+the model grew to in use, not only what its load measures.
 """
 
 from __future__ import annotations
