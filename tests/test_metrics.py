@@ -367,9 +367,18 @@ def test_metrics_can_be_admin_only(keyed_server: Any) -> None:
     url = f"{server.url}/metrics"
     assert httpx.get(url, timeout=10).status_code == 401
     assert httpx.get(url, headers=auth(ALICE_KEY), timeout=10).status_code == 403
+    # A route's label is its template, never the path asked for; no route: "unmatched".
+    assert httpx.get(f"{server.url}/v1/models/chat-a", headers=auth(ALICE_KEY),
+                     timeout=10).status_code == 200
+    assert httpx.get(f"{server.url}/no/such/page", timeout=10).status_code == 404
     scrape = httpx.get(url, headers=auth(ADMIN_KEY), timeout=10)
     assert scrape.status_code == 200
     got = parse(scrape.text)
+    assert value(got, "llmux_requests_total", route="/v1/models/{model_id:path}", model="",
+                 status="200", key="alice") == 1
+    assert value(got, "llmux_requests_total", route="unmatched", model="", status="404",
+                 key="none") == 1
+    assert "/v1/models/chat-a" not in scrape.text and "/no/such" not in scrape.text
     assert value(got, "llmux_requests_total", route="/metrics", model="", status="403",
                  key="alice") == 1
     assert value(got, "llmux_requests_total", route="/metrics", model="", status="401",

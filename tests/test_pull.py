@@ -4,8 +4,9 @@ list of ``llmux check-config``.
 The fake hub speaks what huggingface_hub 2.4 asks for in ``model_info`` and
 ``hf_hub_download``: ``GET /api/models/{repo}/revision/{rev}`` (siblings with sizes and
 LFS sha256), ``HEAD`` and ``GET /{repo}/resolve/{rev}/{file}`` (``X-Repo-Commit``,
-``ETag``, ``Content-Length``, ranges), and gated repos answering 401/403 with
-``X-Error-Code: GatedRepo``. ``llmux pull`` runs as a subprocess pointed at it with
+``ETag``, ``Content-Length``, ranges), gated repos answering 401/403 with
+``X-Error-Code: GatedRepo``, and a revision other than ``main`` or the repo's commit
+answering 404 ``RevisionNotFound``. ``llmux pull`` runs as a subprocess pointed at it with
 ``HF_ENDPOINT``.
 """
 
@@ -59,6 +60,7 @@ BIG = DOWNLOAD_CHUNK_SIZE + 2 * 2**20
 class FakeRepo:
     files: dict[str, bytes]
     gated: bool = False
+    commit: str = COMMIT  # a push changes it
 
 
 @attrs.define
@@ -103,11 +105,13 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             path = unquote(urlsplit(self.path).path)
             if (m := _INFO.fullmatch(path)) and m["repo"] in hub.repos:
                 repo = hub.repos[m["repo"]]
+                if m["rev"] not in ("main", repo.commit):
+                    return self._reply(404, {"X-Error-Code": "RevisionNotFound"})
                 siblings = [{"rfilename": name, "size": len(data), "blobId": _etag(data)[:40],
                              "lfs": {"sha256": _etag(data), "size": len(data),
                                      "pointerSize": 134}}
                             for name, data in repo.files.items()]
-                body = json.dumps({"id": m["repo"], "sha": COMMIT, "private": False,
+                body = json.dumps({"id": m["repo"], "sha": repo.commit, "private": False,
                                    "gated": "manual" if repo.gated else False,
                                    "siblings": siblings}).encode()
                 return self._reply(200, {"Content-Type": "application/json"}, body)
@@ -123,8 +127,8 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             data = repo.files.get(m["file"])
             if data is None:
                 return self._reply(404, {"X-Error-Code": "EntryNotFound",
-                                         "X-Repo-Commit": COMMIT})
-            headers = {"X-Repo-Commit": COMMIT, "ETag": f'"{_etag(data)}"',
+                                         "X-Repo-Commit": repo.commit})
+            headers = {"X-Repo-Commit": repo.commit, "ETag": f'"{_etag(data)}"',
                        "Accept-Ranges": "bytes"}
             if self.command == "HEAD":
                 return self._reply(200, headers, data)
@@ -330,6 +334,74 @@ def test_a_file_the_repo_lacks_and_a_repo_the_hub_lacks_are_missing(
     assert "no such file in acme/Chat-GGUF" in out.stdout
     assert (f"llmux pull: y: acme/nope: no such repository on {hub.url}, or a private one "
             "(set HF_TOKEN if it is yours)") in out.stderr
+
+
+def test_a_gated_repo_is_asked_once_and_every_file_of_it_is_missing(
+        hub: FakeHub, tmp_path: Path) -> None:
+    """Refused once (401 without a token, 403 with one), its other files are not asked
+    for: one message, each file missing."""
+    hub.repos["acme/gated-two"] = FakeRepo({"a.bin": b"a" * 10, "b.bin": b"b" * 10},
+                                           gated=True)
+    config = _config(tmp_path, {"two": _model(f"{tmp_path}/models/two", repo="acme/gated-two")})
+    for token in (None, "hf_not_granted"):
+        out = run_llmux(hub, tmp_path, "pull", "--config", str(config), token=token)
+        assert out.returncode == 1
+        assert out.stderr.count("llmux pull: two: acme/gated-two is gated") == 1, out.stderr
+        assert _rows(out.stdout) == {("two", "a.bin"): "missing", ("two", "b.bin"): "missing"}
+
+
+def test_an_unknown_repo_with_a_token_says_the_token_cannot_read_it(
+        hub: FakeHub, tmp_path: Path) -> None:
+    config = _config(tmp_path, {"y": _model(f"{tmp_path}/m/y", repo="acme/nope")})
+    out = run_llmux(hub, tmp_path, "pull", "--config", str(config), token="hf_someone")
+    assert out.returncode == 1
+    assert (f"llmux pull: y: acme/nope: no such repository on {hub.url}, or a private one "
+            "(your token cannot read it)") in out.stderr
+    assert "hf_someone" not in out.stdout + out.stderr
+
+
+def test_a_revision_the_repo_lacks_is_named(hub: FakeHub, tmp_path: Path) -> None:
+    config = _config(tmp_path, {"w": _model(f"{tmp_path}/m/w", repo="acme/whisper",
+                                            revision="v9")})
+    out = run_llmux(hub, tmp_path, "pull", "--config", str(config))
+    assert out.returncode == 1
+    assert "llmux pull: w: acme/whisper has no revision 'v9'" in out.stderr
+    assert _rows(out.stdout) == {("w", "*"): "missing"}
+    assert not hub.gets
+
+
+def test_a_file_changed_upstream_is_downloaded_again(hub: FakeHub, tmp_path: Path) -> None:
+    """Same size, new content: the etag huggingface_hub recorded tells them apart."""
+    model = _model(f"{tmp_path}/models/w", repo="acme/whisper", files=["config.json"])
+    config = _config(tmp_path, {"w": model})
+    assert run_llmux(hub, tmp_path, "pull", "--config", str(config)).returncode == 0
+    pushed = hub.repos["acme/whisper"]
+    pushed.files["config.json"], pushed.commit = b'{"a": 2}', "f" * 40
+    again = run_llmux(hub, tmp_path, "pull", "--config", str(config))
+    assert again.returncode == 0, again.stderr
+    assert _rows(again.stdout) == {("w", "config.json"): "downloaded"}
+    assert (tmp_path / "models" / "w" / "config.json").read_bytes() == b'{"a": 2}'
+    assert hub.gets["acme/whisper/config.json"] == 2
+
+
+def test_models_without_a_source_are_left_alone(hub: FakeHub, tmp_path: Path) -> None:
+    """Pulled by default: only the models with a source; none has one: nothing to do,
+    and no failure; one named that has none: refused."""
+    local = {"type": "llm", "backend": "fake", "estimated_vram": "1GB",
+             "model_path": f"{tmp_path}/local.gguf"}
+    mixed = _config(tmp_path, {"local": local, **_shipped_models(tmp_path)})
+    out = run_llmux(hub, tmp_path, "pull", "--config", str(mixed))
+    assert out.returncode == 0, out.stderr
+    assert {model for model, _ in _rows(out.stdout)} == {"chat", "whisper"}
+    named = run_llmux(hub, tmp_path, "pull", "local", "--config", str(mixed))
+    assert named.returncode == 2
+    assert "llmux pull: local has no source: in the config: nothing to download" in \
+        named.stderr
+    alone = run_llmux(hub, tmp_path, "pull", "--config", str(_config(tmp_path,
+                                                                     {"local": local})))
+    assert alone.returncode == 0, alone.stderr
+    assert alone.stderr.strip() == ("llmux pull: no physical model in the config has a "
+                                    "source: nothing to do")
 
 
 # --- llmux check-config ------------------------------------------------------------------
@@ -566,6 +638,22 @@ def test_an_unlistable_repo_and_an_absent_file_are_missing() -> None:
     ]
     assert exit_code(rows) == 1
     assert render_rows(rows).endswith("3 files: 1 to download, 2 missing")
+
+
+def test_a_file_the_hub_gives_no_etag_for_is_present_by_its_size() -> None:
+    listing = attrs.evolve(_listing("m"), files=(RemoteFile("a", 10, None),),
+                           local={"a": LocalFile(10, "recorded")})
+    assert _statuses(plan([listing], {"disk": 0})) == {("m", "a"): Status.PRESENT}
+
+
+def test_a_reserve_bigger_than_the_disk_leaves_nothing_not_less() -> None:
+    rows = plan([_listing("m", ("a", 10))], {"disk": 100}, reserve_bytes=1000)
+    assert rows[0].status is Status.NO_SPACE
+    assert rows[0].detail == "m needs 10 B, 0 B free for it"
+
+
+def test_a_summary_of_no_files_says_there_is_nothing_to_do() -> None:
+    assert render_rows([]).endswith("\n0 files: nothing to do")
 
 
 # --- config: source ----------------------------------------------------------------------
