@@ -290,15 +290,30 @@ def cmd_state(args: argparse.Namespace) -> int:
     return 0
 
 
+def physical_for(state: dict[str, Any], name: str) -> str:
+    """The physical model a virtual ``name`` runs on, as the state dump maps them;
+    ``name`` itself if none does (a physical name, or one the server will refuse)."""
+    for model in state["models"]:
+        if name in model.get("virtual_models", ()):
+            return str(model["id"])
+    return name
+
+
 def cmd_move(args: argparse.Namespace) -> int:
     """Reload a model on another device through the admin API."""
-    url = f"{args.url.rstrip('/')}/admin/models/{urllib.parse.quote(args.model, safe='')}/device"
-    request = urllib.request.Request(url, method="POST",
-                                     data=json.dumps({"device": args.device}).encode(),
-                                     headers={"Content-Type": "application/json"})
-    if args.api_key:
-        request.add_header("Authorization", f"Bearer {args.api_key}")
     try:
+        model = args.model
+        if "/" in model:
+            # NOTE: the admin route takes the model as one path segment, and a server
+            # decodes %2F before routing: a virtual name holding "/" is sent as its
+            # physical model's (physical names may not hold "/").
+            model = physical_for(fetch_state(args.url, args.api_key), model)
+        url = f"{args.url.rstrip('/')}/admin/models/{urllib.parse.quote(model, safe='')}/device"
+        request = urllib.request.Request(url, method="POST",
+                                         data=json.dumps({"device": args.device}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        if args.api_key:
+            request.add_header("Authorization", f"Bearer {args.api_key}")
         with urllib.request.urlopen(request, timeout=10) as response:
             json.load(response)
     except urllib.error.HTTPError as exc:
