@@ -301,7 +301,6 @@ class GpuArbiter(Actor[Message]):
             return
         measured = self._probe.footprint(pid, entry.used_baseline) or reported or entry.bytes
         last_peak = self._footprints.get(model, self.device)
-        was = f"was {format_bytes(entry.bytes)} {'measured' if entry.measured else 'estimated'}"
         if last_peak is not None and last_peak > measured:
             self._events.record(
                 model, "measure",
@@ -309,9 +308,11 @@ class GpuArbiter(Actor[Message]):
                 f"keeps {format_bytes(last_peak)}, its peak when last loaded",
             )
         else:
+            was = "measured" if entry.measured else "estimated"
             self._events.record(
                 model, "measure",
-                f"footprint on {self.device}: {format_bytes(measured)} measured ({was})",
+                f"footprint on {self.device}: {format_bytes(measured)} measured "
+                f"(was {format_bytes(entry.bytes)} {was})",
             )
             self._footprints.put(model, self.device, measured)
         entry.bytes, entry.measured = max(measured, last_peak or 0), True
