@@ -31,6 +31,7 @@ from llmux.metrics import STATES, UNLOAD_REASONS, JobWatch, Metrics, token_count
 from llmux.shutdown import RequestGauge
 from tests.conftest import fake_model
 from tests.test_metrics import CHAT, samples, unit_metrics, value
+from tests.test_shutdown_cut_log import http_scope, serve_one
 
 # --- pure: token counts, the text line ---------------------------------------------------
 
@@ -131,11 +132,6 @@ def test_a_request_of_several_jobs_logs_the_first_waits_the_token_sums_and_an_er
 # --- a request through the ASGI wrapper ---------------------------------------------------
 
 
-def http_scope() -> Scope:
-    return {"type": "http", "method": "POST", "path": CHAT, "headers": [],
-            "client": ("127.0.0.1", 1)}
-
-
 async def no_more(_: Message) -> None:
     return None
 
@@ -191,14 +187,9 @@ async def test_a_response_that_ended_before_the_drain_cut_its_handler_is_not_cut
     metrics, _ = unit_metrics()
     gauge = RequestGauge(RequestObserver(answered_then_lingers, metrics))
     answered = anyio.Event()
-
-    async def send(message: Message) -> None:
-        if message["type"] == "http.response.body" and not message.get("more_body"):
-            answered.set()
-
     with caplog.at_level(logging.INFO, "llmux.access"), anyio.fail_after(5):
         async with anyio.create_task_group() as tg:
-            tg.start_soon(gauge, http_scope(), never, send)
+            tg.start_soon(serve_one, gauge, answered)
             await answered.wait()
             gauge.draining.set()
             gauge.cut_all()
