@@ -21,7 +21,7 @@ from typing import Any
 import anyio
 
 from llmux.actors.arbiter import GpuArbiter, ModelSpec
-from llmux.actors.base import Clock
+from llmux.actors.base import Clock, loop_time
 from llmux.actors.devices import DeviceProbe, probe_for
 from llmux.actors.events import EventLog
 from llmux.actors.footprints import FootprintStore
@@ -149,7 +149,7 @@ class Runtime:
         config: Config,
         *,
         probes: Mapping[str, DeviceProbe] | None = None,
-        clock: Clock = anyio.current_time,
+        clock: Clock = loop_time,
         spawn_worker: SpawnWorker = WorkerHandle.spawn,
         state_dir: Path | None = None,
     ) -> None:

@@ -13,6 +13,7 @@ shielded with its own time bound.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 from collections.abc import Callable
@@ -30,6 +31,17 @@ log = logging.getLogger(__name__)
 
 CLEANUP_TIMEOUT_S = 15.0
 MIN_WAIT_S = 0.005
+
+
+def loop_time() -> float:
+    """The running event loop's clock: what ``anyio.current_time()`` returns on asyncio
+    (llmux runs on Hypercorn's asyncio loop), and what cancel scope deadlines are in.
+
+    NOTE: without anyio's look-up of the running backend (through sniffio) on each call,
+    which cost more than the rest of it: the actors read the clock several times per
+    request (a submit, each time a mailbox empties, a job's end).
+    """
+    return asyncio.get_running_loop().time()
 
 
 class Actor(Generic[M]):
@@ -98,7 +110,7 @@ class Actor(Generic[M]):
                     pass
                 delay = self.next_wakeup() - self.clock()
                 if delay != math.inf:
-                    deadline = anyio.current_time() + max(delay, MIN_WAIT_S)
+                    deadline = loop_time() + max(delay, MIN_WAIT_S)
                     if deadline < timer.deadline:
                         timer.deadline = deadline
                 self.handle(await self._inbox.take())
