@@ -22,6 +22,7 @@ from typing import Any, Final
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.metrics import MetricWrapperBase
 
 from llmux.actors.events import Event, EventLog
 from llmux.actors.messages import Failure, Finished, Piece, Reply, Started
@@ -120,10 +121,12 @@ class JobWatch:
         match reply:
             case Started() if self.queue_wait_s is None:
                 self.queue_wait_s = self._elapsed()
-                self._metrics.queue_wait.labels(*self._labels).observe(self.queue_wait_s)
+                self._metrics.child(self._metrics.queue_wait, *self._labels).observe(
+                    self.queue_wait_s)
             case Piece() if self.first_token_s is None:
                 self.first_token_s = self._elapsed()
-                self._metrics.first_token.labels(*self._labels).observe(self.first_token_s)
+                self._metrics.child(self._metrics.first_token, *self._labels).observe(
+                    self.first_token_s)
             case Finished(data=data):
                 usage = data.get("usage") or {}
                 self.tokens_in = token_count(usage.get("prompt_tokens"))
@@ -138,7 +141,7 @@ class JobWatch:
 
     def _count(self, counter: Counter, tokens: int) -> None:
         if tokens > 0:
-            counter.labels(self._model).inc(tokens)
+            self._metrics.child(counter, self._model).inc(tokens)
 
 
 # --- devices and models, read at scrape time -------------------------------------------
@@ -205,6 +208,7 @@ class Metrics:
         self.physical_models = frozenset(config.physical_models)
         self.physical_of = {name: v.physical for name, v in config.virtual_models.items()}
         self._loading_since: dict[str, float] = {}
+        self._children: dict[tuple[MetricWrapperBase, tuple[str, ...]], Any] = {}
         self._killed: set[str] = set()  # models whose worker we signalled: not a crash
         r = self.registry
         self.requests = Counter(
@@ -255,6 +259,17 @@ class Metrics:
 
     # -- HTTP ------------------------------------------------------------------------------
 
+    def child(self, metric: MetricWrapperBase, *values: str) -> Any:
+        """``metric.labels(*values)``, kept for the next time: prometheus_client checks
+        the values and looks them up under a lock on every call, which cost more than
+        the count itself, and each request counts six. Label values are bounded (see
+        above), so this holds no more children than the registry does."""
+        key = (metric, values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*values)
+        return child
+
     def model_label(self, name: str | None) -> str:
         return bounded(name, self.virtual_models)
 
@@ -263,11 +278,11 @@ class Metrics:
         """One ended request; ``route`` must be a route template, ``key`` a key name,
         ``cut`` why the server cut its response short (None: it was not)."""
         model_label = self.model_label(model)
-        self.requests.labels(route, model_label, str(status), key or NO_KEY).inc()
+        self.child(self.requests, route, model_label, str(status), key or NO_KEY).inc()
         if cut is not None:
             self.requests_cut.labels(route, model_label, str(status),
                                      bounded(cut, CUT_REASONS, "other")).inc()
-        self.request_duration.labels(route, model_label).observe(max(0.0, seconds))
+        self.child(self.request_duration, route, model_label).observe(max(0.0, seconds))
 
     def job_watch(self, route: str, model: str | None) -> JobWatch:
         return JobWatch(self, route, self.model_label(model))
