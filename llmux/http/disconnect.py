@@ -104,7 +104,12 @@ class Channel:
 
     def __init__(self, scope: Scope, receive: Receive, watchers: Watchers,
                  body_timeout_s: float) -> None:
-        self._scope = scope
+        # NOTE: what the log names, not the scope, which holds the channel: that cycle
+        # left each request's objects (its scope, channel, record and job watch, ~30 in
+        # all) to the garbage collector, a pass every ~26 requests costing ~20 µs of CPU
+        # a request, instead of freeing them as the request ends.
+        self._method = scope.get("method")
+        self._path = scope.get("path")
         self._receive = receive
         self._watchers = watchers
         self._body_timeout_s = body_timeout_s
@@ -146,7 +151,7 @@ class Channel:
                 with anyio.move_on_after(body_timeout_s):
                     return await self._read(keep=False)
                 log.info("%s %s: the request body stalled for %.0f s",
-                         self._scope.get("method"), self._scope.get("path"), body_timeout_s)
+                         self._method, self._path, body_timeout_s)
                 self.disconnected = True  # the client is as good as gone
                 return disconnect()
             await self._read_ended.wait()
