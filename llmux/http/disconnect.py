@@ -148,8 +148,16 @@ class Channel:
             if not self._reading:
                 if self.body_received or body_timeout_s == math.inf:
                     return await self._read(keep=False)
-                with anyio.move_on_after(body_timeout_s):
-                    return await self._read(keep=False)
+                # NOTE: asyncio's timeout, not anyio's move_on_after, which costs ~4 µs
+                # more: every request reads its body here (Hypercorn, which calls the
+                # app, is asyncio too).
+                stall = asyncio.timeout(body_timeout_s)
+                try:
+                    async with stall:
+                        return await self._read(keep=False)
+                except TimeoutError:
+                    if not stall.expired():
+                        raise
                 log.info("%s %s: the request body stalled for %.0f s",
                          self._method, self._path, body_timeout_s)
                 self.disconnected = True  # the client is as good as gone
