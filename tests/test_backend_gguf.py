@@ -4,15 +4,23 @@ prompt rendering, reply parsing and embedding normalisation."""
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from llmux.backends import load_backend_class
 from llmux.backends.base import InvalidInput, Stream
-from llmux.backends.gguf import GgufBackend, max_tokens, stop_strings, token_bias
+from llmux.backends.gguf import (
+    GgufBackend,
+    max_tokens,
+    mean_vector,
+    stop_strings,
+    token_bias,
+)
 from tests.helpers import drain
 
 HELLO = [{"role": "user", "content": "Hello there"}]
@@ -159,6 +167,46 @@ def test_a_demanded_tool_call_of_a_hermes_model_is_held_by_a_grammar(
         assert '"<tool_call>\\n" call "\\n</tool_call>"' in grammar
 
 
+CLOCK = {"type": "function", "function": {"name": "clock"}}
+
+
+@pytest.mark.parametrize(("tool_choice", "parallel", "names"), [
+    ("required", None, ["weather", "clock"]),
+    ({"type": "function", "function": {"name": "clock"}}, None, ["clock"]),
+    ("required", True, ["weather", "clock"]),
+    ("required", False, ["weather", "clock"]),
+])
+def test_the_grammar_holds_the_demanded_tools_and_repeats_only_when_asked(
+        tool_choice: Any, parallel: bool | None, names: list[str]) -> None:
+    """"required" allows any of the tools, a named function that one only; several calls
+    only with ``parallel_tool_calls: true``; the arguments follow the name in each call."""
+    backend = Scripted("<tool_call>\n{}\n</tool_call>")
+    backend._formats = ("none", "hermes")
+    extra = {} if parallel is None else {"parallel_tool_calls": parallel}
+    infer(backend, "chat", messages=HELLO, tools=[WEATHER, CLOCK], tool_choice=tool_choice,
+          **extra)
+    grammar = backend.completions[0]["tool_grammar"]
+    held = sorted(line.split("::=")[1].strip() for line in grammar.splitlines()
+                  if line.startswith("call-") and line.split("::=")[0].strip()
+                  .endswith("-name"))
+    assert held == sorted(f'"\\"{name}\\""' for name in names)
+    calls = [line for line in grammar.splitlines() if line.startswith("call-")
+             and line.split("::=")[0].strip().count("-") == 1]
+    assert calls == [f'call-{n} ::= "{{" space call-{n}-name-kv "," space '
+                     f'call-{n}-arguments-kv "}}" space' for n in range(len(names))]
+    # clock declares no parameters: its arguments are an object, not any JSON value
+    assert re.search(r"^call-\d-arguments ::= object$", grammar, re.MULTILINE)
+    assert grammar.rstrip().endswith(")*") == (parallel is True)
+
+
+def test_a_named_function_that_is_not_offered_holds_nothing() -> None:
+    backend = Scripted()
+    backend._formats = ("none", "hermes")
+    infer(backend, "chat", messages=HELLO, tools=[WEATHER],
+          tool_choice={"type": "function", "function": {"name": "clock"}})
+    assert backend.completions[0]["tool_grammar"] is None
+
+
 def test_a_demanded_call_after_a_think_the_template_opened_is_a_call() -> None:
     """The template opens ``<think>`` in the prompt and the grammar makes the call come
     first: the thought is closed in the prompt, so the call is not taken for reasoning."""
@@ -235,3 +283,33 @@ def test_logit_bias_is_checked_against_the_vocabulary_when_known() -> None:
         token_bias({"10": 1}, 10)
     with pytest.raises(InvalidInput, match="logit_bias keys are token ids, got 'cat'"):
         token_bias({"cat": 1}, 10)
+    with pytest.raises(InvalidInput, match="logit_bias token -1 is not in this model's "):
+        token_bias({"-1": 1}, 10)  # Python would take it as the last token
+
+
+def test_a_text_without_pooling_is_the_average_of_its_token_vectors() -> None:
+    """The plain mean (the vectors are normalised later, so only a unit test sees a
+    wrong scale)."""
+    assert mean_vector([[1.0, 2.0], [3.0, 6.0], [5.0, 1.0]]) == [3.0, 3.0]
+    assert mean_vector([[4.0, -2.0]]) == [4.0, -2.0]
+    assert mean_vector([]) == []
+
+
+def test_a_single_stop_string_is_one_stop_not_its_characters() -> None:
+    assert stop_strings({"stop": "END"}) == ["END"]
+    assert stop_strings({"stop": ["END", 7]}) == ["END", "7"]
+
+
+@pytest.mark.parametrize("name", ["llama_cpp", "llama_server"])
+def test_the_projector_is_the_models_file_else_the_option(name: str, tmp_path: Path) -> None:
+    """The model's ``files: {mmproj: ...}`` wins over the ``mmproj`` option."""
+    pulled, configured = tmp_path / "pulled.gguf", tmp_path / "configured.gguf"
+    pulled.write_bytes(b"GGUF")
+    configured.write_bytes(b"GGUF")
+    cls = load_backend_class(name)
+    assert issubclass(cls, GgufBackend)
+    spec: dict[str, Any] = {"model_id": "m", "options": {"mmproj": str(configured)}}
+    assert cls(spec)._mmproj_path() == configured
+    assert cls({**spec, "files": {"mmproj": str(pulled)}})._mmproj_path() == pulled
+    assert cls({"model_id": "m", "files": {"mmproj": str(pulled)}})._mmproj_path() == pulled
+    assert cls({"model_id": "m"})._mmproj_path() is None

@@ -22,8 +22,8 @@ import openai
 import psutil
 import pytest
 
-from llmux.backends.llama_server_cli import find_binary, server_argv
-from llmux.backends.llama_server_io import client_refusal
+from llmux.backends.llama_server_cli import check_gpu_support, find_binary, server_argv
+from llmux.backends.llama_server_io import client_refusal, error_message, events
 from tests.conftest import SESSION_MARK, Server, live_workers, wait_until
 from tests.helpers import drain
 
@@ -108,6 +108,81 @@ def test_a_binary_that_is_not_there_is_named() -> None:
     with pytest.raises(ValueError, match=r"^option binary '/nonexistent/llama-server' is "
                                          r"not an executable file$"):
         find_binary({"binary": "/nonexistent/llama-server"})
+
+
+def test_a_binary_that_is_there_but_not_executable_is_refused(tmp_path: Path) -> None:
+    """A file that exists is not enough: llama-server must be executable."""
+    plain = tmp_path / "llama-server"
+    plain.write_text("#!/bin/sh\n")
+    with pytest.raises(ValueError, match=r"is not an executable file$"):
+        find_binary({"binary": str(plain)})
+    plain.chmod(0o755)
+    assert find_binary({"binary": str(plain)}) == str(plain)
+
+
+def test_the_defaults_fill_a_bare_command_line() -> None:
+    """No options: llama.cpp's 4096-token context (null too), quiet logs, no extras."""
+    for options in ({}, {"n_ctx": None}):
+        argv = server_argv("llama-server", "m.gguf", options, "cpu", "a.sock")
+        assert " ".join(argv).count("--ctx-size 4096") == 1
+        assert argv[-2:] == ["--log-verbosity", "2"]  # warnings and errors only
+    verbose = server_argv("llama-server", "m.gguf", {"verbose": True}, "cpu", "a.sock")
+    assert "--log-verbosity" not in verbose
+
+
+def test_cache_types_pooling_and_extra_args_reach_llama_server() -> None:
+    """KV cache types in llama-server's lower case, the pooling of an embedding model,
+    and the operator's extra arguments last, as written."""
+    argv = server_argv("llama-server", "m.gguf", {
+        "type_k": "Q8_0", "type_v": "F16", "embedding": True, "pooling": "mean",
+        "extra_args": ["--jinja", "--seed", "7"]}, "cpu", "a.sock")
+    joined = " ".join(argv)
+    for part in ("--cache-type-k q8_0", "--cache-type-v f16", "--embeddings --pooling mean"):
+        assert part in joined
+    assert argv[-3:] == ["--jinja", "--seed", "7"]
+    assert "--pooling" not in server_argv("llama-server", "m.gguf", {"pooling": "mean"},
+                                          "cpu", "a.sock")  # not an embedding model
+
+
+@pytest.mark.parametrize(("listed", "sees_gpu"), [
+    ("Available devices:\n", False),  # a CPU-only build lists none under its header
+    ("Available devices:\n\n", False),
+    ("Available devices:\n  CUDA0: NVIDIA A10 (22000 MiB, 21000 MiB free)\n", True),
+])
+def test_a_binary_that_sees_no_gpu_is_refused_for_a_gpu(
+        tmp_path: Path, listed: str, sees_gpu: bool) -> None:
+    """``--list-devices``' header line is not a device."""
+    binary = tmp_path / "llama-server"
+    binary.write_text(f"#!/bin/sh\nprintf '{listed}'\n")
+    binary.chmod(0o755)
+    if sees_gpu:
+        check_gpu_support(str(binary), "cuda:0")
+    else:
+        with pytest.raises(ValueError, match=r"^device cuda:0 asks for the GPU, but "):
+            check_gpu_support(str(binary), "cuda:0")
+
+
+def test_an_error_without_a_body_is_named_by_its_status() -> None:
+    assert error_message(503, b"") == "HTTP 503"
+    assert error_message(500, b"not json") == "not json"
+    assert error_message(500, b'["not an object"]') == '["not an object"]'
+    assert str(client_refusal(400, b'["not an object"]')) == '["not an object"]'
+
+
+def test_the_stream_yields_data_and_error_events_and_skips_the_rest() -> None:
+    """``data:`` lines are JSON objects, an ``error:`` line is the error's text; blank
+    lines and comments are not events."""
+    lines = [b'data: {"content": "Hi"}\n', b"\n", b": keep-alive\n",
+             b'error: {"message": "slot failed"}\n', b'data: {"stop": true}\n']
+    assert list(events(lines)) == [  # type: ignore[arg-type]
+        {"content": "Hi"}, {"error": '{"message": "slot failed"}'}, {"stop": True}]
+
+
+def test_a_refusal_that_only_mentions_the_context_is_not_a_context_overflow() -> None:
+    """Both words are needed: "context shift is disabled" keeps llama-server's words."""
+    body = b'{"error": {"code": 400, "message": "context shift is disabled"}}'
+    refusal = client_refusal(400, body)
+    assert (str(refusal), refusal.code) == ("context shift is disabled", None)
 
 
 # -- a live server ----------------------------------------------------------------------

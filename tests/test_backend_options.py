@@ -140,6 +140,9 @@ def test_the_gguf_backends_rules_across_options_and_the_device(
     # only the KV cache types are taken in any case
     ("transformers", "llm", {"dtype": "BFloat16"},
      'dtype: expected one of auto, float32, bfloat16, float16, got "BFloat16"'),
+    # a value that is not a string is refused, not lower-cased
+    ("llama_cpp", "llm", {"type_k": 8},
+     "type_k: expected one of f32, f16, bf16, q8_0, q4_0, q4_1, iq4_nl, q5_0, q5_1, got 8"),
     ("llama_cpp", "llm", {"pooling": "MEAN"},
      'pooling: expected one of none, mean, cls, last, got "MEAN"'),
     ("transformers", "llm", {"dtype": "fp16"},

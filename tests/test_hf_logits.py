@@ -26,6 +26,7 @@ from llmux.backends.hf_logits import (
     Penalties,
     closed_schema,
     guidance_tokenizer,
+    penalties,
     response_grammar,
 )
 from llmux.backends.paths import resolve_model_path
@@ -218,6 +219,32 @@ def test_closing_reaches_nested_object_schemas_but_not_all_of() -> None:
     assert "additionalProperties" not in inner  # the request's own schema is untouched
 
 
+def test_closing_reaches_the_alternatives_and_the_tuple_items() -> None:
+    """Each ``anyOf``/``oneOf`` alternative and each ``prefixItems`` member is closed;
+    a schema without ``properties``, or that says ``additionalProperties``, is kept."""
+    inner = {"type": "object", "properties": {"b": {"type": "string"}}}
+    closed = closed_schema({"anyOf": [inner, {"type": "null"}], "oneOf": [inner],
+                            "prefixItems": [inner],
+                            "patternProperties": {"^x": inner}})
+    assert closed["anyOf"] == [{**inner, "additionalProperties": False}, {"type": "null"}]
+    assert closed["oneOf"][0]["additionalProperties"] is False
+    assert closed["prefixItems"][0]["additionalProperties"] is False
+    assert closed["patternProperties"]["^x"]["additionalProperties"] is False
+    assert "additionalProperties" not in closed  # no properties of its own
+    kept = {**inner, "additionalProperties": {"type": "integer"}}
+    assert closed_schema(kept) == kept
+
+
+def test_a_penalty_must_be_a_number_not_a_boolean() -> None:
+    """A boolean is not a penalty (Python would count True as 1); null is none."""
+    for key in ("presence_penalty", "frequency_penalty"):
+        with pytest.raises(InvalidInput, match=rf"^{key} must be a number, got True$"):
+            penalties({key: True}, 0)
+    assert penalties({"presence_penalty": None, "frequency_penalty": 0}, 3) == []
+    (only,) = penalties({"frequency_penalty": 1}, 3)
+    assert (only.prompt_length, only.presence, only.frequency) == (3, 0.0, 1.0)
+
+
 def test_text_and_absent_formats_have_no_grammar() -> None:
     assert response_grammar(None) is None
     assert response_grammar({"type": "text"}) is None
@@ -238,6 +265,21 @@ def test_end_of_text_is_forbidden_until_the_json_is_whole_and_then_the_only_toke
     assert eos not in allowed_ids(constraint, "")
     assert eos not in allowed_ids(constraint, '{"a": 1')
     assert allowed_ids(constraint, '{"a": 1}') == {eos}
+
+
+def test_logits_beyond_the_tokenizers_tokens_are_never_allowed() -> None:
+    """A model with more logits than tokens (vocabularies padded for speed): the extra
+    ids, past the mask's last 32-bit word too, become -inf, as does every other token
+    the grammar does not allow."""
+    grammar = response_grammar({"type": "json_object"})
+    assert grammar is not None
+    constraint = JsonConstraint.start(byte_level_guidance(), grammar, prompt_length=0)
+    width = len(BYTE_LEVEL) + 100
+    scores = constraint(torch.tensor([[]], dtype=torch.long), torch.zeros(1, width))
+    assert scores.shape == (1, width)
+    assert torch.isinf(scores[0, len(BYTE_LEVEL):]).all()
+    allowed = {int(i) for i in torch.nonzero(scores[0] == 0).flatten()}
+    assert allowed and max(allowed) < len(BYTE_LEVEL)
 
 
 def test_a_schema_that_cannot_be_followed_is_invalid_input(

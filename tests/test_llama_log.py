@@ -53,6 +53,28 @@ def test_verbose_logs_every_level_and_only_the_last_three_errors_are_kept(
     assert records(caplog)[:2] == [(logging.INFO, "model loaded"), (logging.DEBUG, "tensor 0")]
 
 
+def test_a_continued_message_is_one_line_and_blank_lines_are_not_lines() -> None:
+    """Level 5 continues the message before it (at that message's level), without ending
+    its line; empty and blank lines are neither logged nor kept as errors."""
+    log = LlamaLog()
+    log.feed(4, "error loading model:")
+    log.feed(5, " out of")
+    log.feed(5, " memory\n\n   \n")
+    log.feed(4, "\nfailed to load model\n")
+    assert log.take_errors() == ["error loading model: out of memory",
+                                 "failed to load model"]
+
+
+def test_a_level_llama_cpp_does_not_number_is_info(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="llama.cpp")
+    log = LlamaLog()
+    log.verbose = True
+    log.feed(0, "a message of no level\n")
+    log.feed(9, "a level of a newer ggml\n")
+    assert records(caplog) == [(logging.INFO, "a message of no level"),
+                               (logging.INFO, "a level of a newer ggml")]
+
+
 def test_a_load_that_fails_says_what_llama_cpp_said(tmp_path: Path) -> None:
     whole = resolve_model_path(GGUF).read_bytes()
     cut = tmp_path / "cut.gguf"
