@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
 from types import SimpleNamespace
 from typing import Any
 
@@ -82,3 +84,37 @@ def test_nvml_broken_at_start_is_an_error_at_start() -> None:
     nvml.broken = True
     with pytest.raises(NVMLError):
         NvmlProbe(0, nvml)
+
+
+def test_a_worker_counts_its_children_and_never_a_negative_delta() -> None:
+    """Memory of the worker's child processes is the worker's; a process NVML lists
+    without a figure (None) is not counted; a device that freed memory since the grant
+    gives a footprint of 0, not a negative one."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        nvml = ScriptedNvml()
+        probe = NvmlProbe(0, nvml)
+        nvml.processes = [SimpleNamespace(pid=os.getpid(), usedGpuMemory=1 * GB),
+                          SimpleNamespace(pid=child.pid, usedGpuMemory=2 * GB)]
+        assert probe.process_bytes(os.getpid()) == 3 * GB
+        nvml.processes = [SimpleNamespace(pid=os.getpid(), usedGpuMemory=None)]
+        assert probe.process_bytes(os.getpid()) is None
+        assert probe.footprint(os.getpid(), used_at_grant=1 * GB) == 1 * GB
+        assert probe.footprint(os.getpid(), used_at_grant=5 * GB) == 0
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_each_spell_of_failures_warns_once(caplog: pytest.LogCaptureFixture) -> None:
+    """A failure after NVML answered again warns again; repeated failures do not."""
+    nvml = ScriptedNvml()
+    probe = NvmlProbe(0, nvml)
+    with caplog.at_level(logging.INFO, logger="llmux.actors.devices"):
+        for broken in (True, True, False, False, True, True):
+            nvml.broken = broken
+            probe.used_bytes()
+            probe.process_bytes(os.getpid())
+    messages = [r.getMessage().split(" (")[0] for r in caplog.records]
+    assert messages == ["NVML failed for cuda:0", "NVML answers again for cuda:0",
+                        "NVML failed for cuda:0"]

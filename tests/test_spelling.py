@@ -13,6 +13,7 @@ OPTIONS = ["max_length", "batch_size", "language", "flash_attn", "n_ctx"]
     ("max_lenght", "max_length"),  # letters swapped
     ("batchsize", "batch_size"),  # one left out
     ("flash_atn", "flash_attn"),
+    ("bach_sise", "batch_size"),  # two slips (ratio 0.84) still have a match
     ("lang", None),  # a fragment is not a typo
     ("temperature", None),  # nothing like it
     ("n_ctx", "n_ctx"),  # a known name is its own closest (callers ask for unknown ones)
