@@ -236,13 +236,23 @@ def cmd_pull(args: argparse.Namespace) -> int:
         return 130
 
 
-def fetch_state(url: str, api_key: str | None) -> dict[str, Any]:
-    request = urllib.request.Request(url.rstrip("/") + "/admin/state")
+def admin_call(url: str, path: str, api_key: str | None,
+               body: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The JSON answer of the server at ``url`` to a GET of ``path`` (a POST of
+    ``body`` if given), with the admin key if there is one."""
+    request = urllib.request.Request(url.rstrip("/") + path)
+    if body is not None:
+        request.data = json.dumps(body).encode()
+        request.add_header("Content-Type", "application/json")
     if api_key:
         request.add_header("Authorization", f"Bearer {api_key}")
     with urllib.request.urlopen(request, timeout=10) as response:
         data: dict[str, Any] = json.load(response)
     return data
+
+
+def fetch_state(url: str, api_key: str | None) -> dict[str, Any]:
+    return admin_call(url, "/admin/state", api_key)
 
 
 def render_state(state: dict[str, Any], events: int = 20) -> str:
@@ -308,14 +318,8 @@ def cmd_move(args: argparse.Namespace) -> int:
             # decodes %2F before routing: a virtual name holding "/" is sent as its
             # physical model's (physical names may not hold "/").
             model = physical_for(fetch_state(args.url, args.api_key), model)
-        url = f"{args.url.rstrip('/')}/admin/models/{urllib.parse.quote(model, safe='')}/device"
-        request = urllib.request.Request(url, method="POST",
-                                         data=json.dumps({"device": args.device}).encode(),
-                                         headers={"Content-Type": "application/json"})
-        if args.api_key:
-            request.add_header("Authorization", f"Bearer {args.api_key}")
-        with urllib.request.urlopen(request, timeout=10) as response:
-            json.load(response)
+        admin_call(args.url, f"/admin/models/{urllib.parse.quote(model, safe='')}/device",
+                   args.api_key, {"device": args.device})
     except urllib.error.HTTPError as exc:
         print(f"llmux: {error_message(exc)}", file=sys.stderr)
         return 1
