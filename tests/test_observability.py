@@ -28,10 +28,9 @@ from llmux.http.metrics_route import RequestObserver, RequestRecord
 from llmux.http.request_log import printable, render
 from llmux.logging_setup import FIELDS, JsonFormatter, setup_logging, write_record
 from llmux.metrics import STATES, UNLOAD_REASONS, JobWatch, Metrics, token_count
-from llmux.shutdown import RequestGauge
 from tests.conftest import fake_model
 from tests.test_metrics import CHAT, samples, unit_metrics, value
-from tests.test_shutdown_cut_log import http_scope, serve_one
+from tests.test_shutdown_cut_log import http_scope, serve_past_its_body
 
 # --- pure: token counts, the text line ---------------------------------------------------
 
@@ -184,20 +183,10 @@ async def test_a_response_that_ended_before_the_drain_cut_its_handler_is_not_cut
 ) -> None:
     """The drain's cut reaches a handler still running after its response ended: the
     client got all of it, so neither the metric nor the log line say cut."""
-    metrics, _ = unit_metrics()
-    gauge = RequestGauge(RequestObserver(answered_then_lingers, metrics))
-    answered = anyio.Event()
-    with caplog.at_level(logging.INFO, "llmux.access"), anyio.fail_after(5):
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(serve_one, gauge, answered)
-            await answered.wait()
-            gauge.draining.set()
-            gauge.cut_all()
-    got = samples(metrics)
+    _, got, [line] = await serve_past_its_body(answered_then_lingers, caplog, drain=True)
     assert value(got, "llmux_requests_total", route="unmatched", model="", status="200",
                  key="none") == 1
     assert not any(name == "llmux_requests_cut_total" for name, _ in got)
-    [line] = [record.getMessage() for record in caplog.records]
     assert '"POST /v1/chat/completions" 200 key=none duration=' in line
 
 

@@ -16,11 +16,11 @@ import anyio
 import httpx
 import pytest
 
-from llmux.http.disconnect import Message, Receive, Scope, Send
+from llmux.http.disconnect import ASGIApp, Message, Receive, Scope, Send
 from llmux.http.metrics_route import RequestObserver
 from llmux.shutdown import RequestGauge
 from tests.conftest import Server, fake_config, fake_model, live_workers, wait_until
-from tests.test_metrics import CHAT, samples, unit_metrics, value
+from tests.test_metrics import CHAT, Samples, samples, unit_metrics, value
 
 
 def cut_stream(start_server: Any, *args: str) -> Server:
@@ -112,25 +112,35 @@ async def serve_one(gauge: RequestGauge, app_sent: anyio.Event) -> None:
     await gauge(http_scope(), receive, send)
 
 
-@pytest.mark.anyio
-async def test_a_stream_cut_by_the_drain_is_counted_as_cut_beside_its_status(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
+async def serve_past_its_body(app: ASGIApp, caplog: pytest.LogCaptureFixture, *,
+                              drain: bool) -> tuple[RequestGauge, Samples, list[str]]:
+    """Serves one request through ``RequestGauge`` around ``RequestObserver``; once
+    ``app`` sent a body, the drain cuts it (``drain``) or, without a drain, its task is
+    cancelled from outside. Returns the gauge, the metrics and the request log lines."""
     metrics, _ = unit_metrics()
-    gauge = RequestGauge(RequestObserver(stream_forever, metrics))
+    gauge = RequestGauge(RequestObserver(app, metrics))
     sent = anyio.Event()
     with caplog.at_level(logging.INFO, "llmux.access"), anyio.fail_after(5):
         async with anyio.create_task_group() as tg:
             tg.start_soon(serve_one, gauge, sent)
             await sent.wait()
-            gauge.draining.set()
-            gauge.cut_all()
-    got = samples(metrics)
+            if drain:
+                gauge.draining.set()
+                gauge.cut_all()
+            else:
+                tg.cancel_scope.cancel()
+    return gauge, samples(metrics), [record.getMessage() for record in caplog.records]
+
+
+@pytest.mark.anyio
+async def test_a_stream_cut_by_the_drain_is_counted_as_cut_beside_its_status(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    _, got, [line] = await serve_past_its_body(stream_forever, caplog, drain=True)
     assert value(got, "llmux_requests_total", route="unmatched", model="", status="200",
                  key="none") == 1
     assert value(got, "llmux_requests_cut_total", route="unmatched", model="",
                  status="200", reason="shutdown") == 1
-    [line] = [record.getMessage() for record in caplog.records]
     assert '"POST /v1/chat/completions" 200 key=none cut=shutdown duration=' in line
 
 
@@ -155,18 +165,9 @@ async def test_a_stream_cancelled_without_a_drain_is_not_counted_as_cut(
     """Cancelled from outside while no drain runs (Hypercorn ends the task of a client
     that left): neither the gauge's cut count, the metric nor the log line call it cut
     by the shutdown."""
-    metrics, _ = unit_metrics()
-    gauge = RequestGauge(RequestObserver(stream_forever, metrics))
-    sent = anyio.Event()
-    with caplog.at_level(logging.INFO, "llmux.access"), anyio.fail_after(5):
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(serve_one, gauge, sent)
-            await sent.wait()
-            tg.cancel_scope.cancel()
+    gauge, got, [line] = await serve_past_its_body(stream_forever, caplog, drain=False)
     assert (gauge.cut, gauge.in_flight) == (0, 0)
-    got = samples(metrics)
     assert value(got, "llmux_requests_total", route="unmatched", model="", status="200",
                  key="none") == 1
     assert not any(name == "llmux_requests_cut_total" for name, _ in got)
-    [line] = [record.getMessage() for record in caplog.records]
     assert '"POST /v1/chat/completions" 200 ' in line and "cut=" not in line
