@@ -219,9 +219,7 @@ async def test_infers_reach_the_worker_in_the_order_their_jobs_started() -> None
 async def test_a_worker_that_takes_no_frames_is_killed() -> None:
     worker = ScriptedWorker(hold=lambda frame: True)  # its pipe is full: nothing is written
     posted: list[Message] = []
-    io = WorkerIO("m", RunningJobs(2, 5.0), post=posted.append, spawn_worker=scripted(worker),
-                  on_spawned=lambda w: None, on_client_gone=lambda i: None,
-                  on_stopped=lambda j, d: None)
+    io = worker_io(worker, posted, jobs=2)
     async with anyio.create_task_group() as tg:
         tg.start_soon(io.connect(worker))  # type: ignore[arg-type]
         for request_id in range(FRAMES_PER_JOB * 2):  # as many as may wait unwritten
@@ -268,9 +266,7 @@ async def test_a_worker_may_leave_three_frames_per_job_unwritten() -> None:
     for a finished job): 3 x 1 frames wait without a kill, the 4th kills."""
     assert FRAMES_PER_JOB == 3
     worker = ScriptedWorker(hold=lambda frame: True)
-    io = WorkerIO("m", RunningJobs(1, 5.0), post=lambda m: None, spawn_worker=scripted(worker),
-                  on_spawned=lambda w: None, on_client_gone=lambda i: None,
-                  on_stopped=lambda j, d: None)
+    io = worker_io(worker, [])
     io.connect(worker)  # type: ignore[arg-type]
     for request_id in range(3):
         io.send(wp.Cancel(request_id))
@@ -298,10 +294,11 @@ class LoadingWorker(ScriptedWorker):
         return await super().stop(grace_s)
 
 
-def loader(worker: ScriptedWorker, posted: list[Message]) -> WorkerIO:
-    return WorkerIO("m", RunningJobs(1, 5.0), post=posted.append, spawn_worker=scripted(worker),
-                    on_spawned=lambda w: None, on_client_gone=lambda i: None,
-                    on_stopped=lambda j, d: None)
+def worker_io(worker: ScriptedWorker, posted: list[Message], jobs: int = 1) -> WorkerIO:
+    """A WorkerIO for ``worker`` running up to ``jobs`` at once, posting to ``posted``."""
+    return WorkerIO("m", RunningJobs(jobs, 5.0), post=posted.append,
+                    spawn_worker=scripted(worker), on_spawned=lambda w: None,
+                    on_client_gone=lambda i: None, on_stopped=lambda j, d: None)
 
 
 @pytest.mark.parametrize(("answers", "reason"), [
@@ -315,7 +312,7 @@ async def test_a_failed_load_stops_its_worker_and_says_why(
     worker = LoadingWorker(*answers)
     posted: list[Message] = []
     with anyio.fail_after(5):
-        await loader(worker, posted).load(python=sys.executable, spec={}, timeout_s=5)
+        await worker_io(worker, posted).load(python=sys.executable, spec={}, timeout_s=5)
     assert worker.stopped and not worker.killed
     assert isinstance(posted[-1], WorkerLoadFailed)
     assert posted[-1].reason.startswith(reason)
@@ -328,7 +325,7 @@ async def test_a_load_cancelled_midway_kills_its_worker() -> None:
     worker = LoadingWorker(hold=lambda frame: True)  # the Load never goes out
     posted: list[Message] = []
     async with anyio.create_task_group() as tg:
-        tg.start_soon(lambda: loader(worker, posted).load(python=sys.executable, spec={},
+        tg.start_soon(lambda: worker_io(worker, posted).load(python=sys.executable, spec={},
                                                           timeout_s=30))
         await anyio.wait_all_tasks_blocked()
         tg.cancel_scope.cancel()
